@@ -1,0 +1,176 @@
+"""Engine configuration: the model's shape (read from a Hugging Face `config.json`) and the
+engine's own knobs. Both are frozen dataclasses validated once, when built."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import CheckpointError
+from engine.scheduler import SchedulerConfig
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None  # sorted items of the scaling dict
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+    torch_dtype: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    fingerprint: str  # sha256 of the canonical config.json
+
+    @property
+    def rope_params(self) -> dict[str, Any]:
+        return dict(self.rope_scaling or ())
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise CheckpointError("config.json", f"not found in {model_dir}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError("config.json", f"is not valid JSON: {e}") from e
+        gen = Path(model_dir) / "generation_config.json"
+        gen_raw = json.loads(gen.read_text()) if gen.is_file() else {}
+        return cls.from_dict(raw, gen_raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise CheckpointError(
+                "architectures",
+                f"{archs!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}",
+            )
+
+        def need(key: str) -> Any:
+            if key not in raw:
+                raise CheckpointError(key, "missing from config.json")
+            return raw[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        layers = int(need("num_hidden_layers"))
+        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        if heads % kv_heads:
+            raise CheckpointError("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads={heads}")
+        head_dim = int(raw.get("head_dim") or hidden // heads)
+        theta, scaling = _rope(raw)
+        gen = generation or {}
+        eos = gen.get("eos_token_id", raw.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            architecture=arch,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=True if arch == "qwen2" else bool(raw.get("attention_bias", False)),
+            o_bias=False if arch == "qwen2" else bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)) if arch == "llama" else False,
+            sliding_windows=_sliding_windows(arch, raw, layers),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            bos_token_id=gen.get("bos_token_id", raw.get("bos_token_id")),
+            eos_token_ids=eos_ids,
+            fingerprint=hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16],
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Per element size is applied by the caller; this is elements per token."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """Read RoPE settings in either the legacy (`rope_theta` + `rope_scaling`) or the newer
+    (`rope_parameters`) Hugging Face form."""
+    params = raw.get("rope_parameters")
+    key = "rope_parameters" if params else "rope_scaling"
+    scaling = dict(params or raw.get("rope_scaling") or {})
+    theta = float(scaling.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(f"{key}.rope_type", f"{rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    if rope_type == "default":
+        return theta, None
+    scaling["rope_type"] = rope_type
+    scaling.pop("type", None)
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    for k in required[rope_type]:
+        if k not in scaling:
+            raise CheckpointError(f"{key}.{k}", f"required for rope_type {rope_type!r}")
+    return theta, tuple(sorted(scaling.items()))
+
+
+def _sliding_windows(arch: str, raw: dict[str, Any], layers: int) -> tuple[int | None, ...]:
+    window = raw.get("sliding_window")
+    if arch == "mistral":
+        return (window,) * layers
+    if arch == "qwen2" and raw.get("use_sliding_window") and window:
+        first = int(raw.get("max_window_layers", layers))
+        return tuple(window if i >= first else None for i in range(layers))
+    return (None,) * layers
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs to start. `num_kv_blocks` None sizes the pool from
+    `kv_cache_memory_bytes`."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int = 1 << 30
+    max_model_len: int | None = None
+    seed: int = 0
+    attention_backend: str = "torch"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")

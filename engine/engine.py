@@ -1,0 +1,307 @@
+"""The step-level engine both worker pools run.
+
+A request's life here:
+    add_request -> scheduler WAITING -> RUNNING (prefill chunks, then one token a step)
+        -> FINISHED (stop / length / abort), blocks freed into the prefix cache.
+Disaggregation uses the two halves:
+    prefill side:  add_request(prefill_only=True) ... step() until its output says
+                   PREFILL_DONE: the first token is sampled and the prompt's KV sits in
+                   `output.kv_block_ids` (held) until `release(request_id)`;
+    decode side:   reserve(request_id, n) -> block ids; someone writes the prompt's KV into
+                   them (`write_kv`); admit_prefilled(...) puts the request into the running
+                   batch with that KV as if this engine had computed it.
+`step()` is schedule -> execute -> update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig
+from engine.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError, KVCapacityError, UnknownRequestError
+from engine.loader import load_model, resolve_dtype
+from engine.model_runner import KV_LAYOUT, ModelRunner
+from engine.request import FinishReason, Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step. `token_ids` / `text` hold everything generated so far."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    new_token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+    kv_block_ids: list[int] = field(default_factory=list)  # held KV of a prefill-only request
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list["RequestOutput"]:
+        """vLLM-style access (`out.outputs[0].text`): one completion per request."""
+        return [self]
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detok: IncrementalDetokenizer | None
+    new_tokens: list[int] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model, self.model_config = load_model(config.model, config.dtype, config.device)
+        self.tokenizer = Tokenizer(config.model)
+        self.dtype = resolve_dtype(config.dtype, self.model_config)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget()
+        self.runner = ModelRunner(self.model, self.model_config, num_blocks, config.block_size, config.attention_backend, config.seed)
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.pool)
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        self._requests: dict[str, _Tracked] = {}
+        self._reserved: dict[str, list[int]] = {}
+        self.on_layer_done: Callable[[int], None] | None = None
+        logger.info("engine ready: %d KV blocks of %d tokens", num_blocks, config.block_size)
+
+    def _blocks_for_budget(self) -> int:
+        per_block = ModelRunner.block_bytes(self.model_config, self.config.block_size, self.dtype)
+        enough = self.config.scheduler.max_num_seqs * -(-self.max_model_len // self.config.block_size)
+        return max(1, min(self.config.kv_cache_memory_bytes // per_block, enough))
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, *, prefill_only: bool = False) -> None:
+        if request_id in self._requests or request_id in self._reserved:
+            raise DuplicateRequestError(request_id)
+        ids = self.encode_prompt(prompt)
+        self.check_fits(len(ids), params.max_tokens)
+        request = Request(request_id, ids, params, prefill_only=prefill_only)
+        self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer))
+        self.scheduler.add(request)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError("prompt", f"token id {bad!r} is not in the vocabulary [0, {vocab})")
+        if not ids:
+            raise InvalidRequestError("prompt", "is empty")
+        return ids
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        if num_prompt_tokens >= self.max_model_len:
+            raise ContextLengthExceededError(
+                "prompt", f"has {num_prompt_tokens} tokens; the model's context is {self.max_model_len}"
+            )
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise ContextLengthExceededError(
+                "max_tokens",
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {self.max_model_len}",
+            )
+        capacity = self.pool.num_blocks * self.pool.block_size
+        if num_prompt_tokens + max_tokens > capacity:
+            raise ContextLengthExceededError(
+                "max_tokens", f"prompt + max_tokens = {num_prompt_tokens + max_tokens} tokens exceeds this engine's KV cache of {capacity} tokens"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its blocks; also drops a reservation or a held prefill."""
+        blocks = self._reserved.pop(request_id, None)
+        if blocks is not None:
+            self.pool.free(blocks)
+            return
+        if self.scheduler.release(request_id) is not None:
+            return
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            raise UnknownRequestError(request_id)
+        self.scheduler.finish(tracked.request, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        tokens, logprobs, rows = self.runner.execute(out, self.on_layer_done)
+        self.scheduler.on_computed(out)
+        return self._update(out, tokens, logprobs, rows)
+
+    def _update(self, out: SchedulerOutput, tokens: list[int], logprobs: list[float], rows: list[int]) -> list[RequestOutput]:
+        now = time.monotonic()
+        results = []
+        for token, logprob, i in zip(tokens, logprobs, rows):
+            tracked = self._requests[out.scheduled[i].request.request_id]
+            request = tracked.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            reason = self._append(tracked, token, logprob)
+            if reason is not None:
+                self.scheduler.finish(request, reason)
+                del self._requests[request.request_id]
+            results.append(self._output(tracked))
+        return results
+
+    def _append(self, tracked: _Tracked, token: int, logprob: float) -> FinishReason | None:
+        """Record a sampled token; return why the request is finished, if it is."""
+        request, params = tracked.request, tracked.request.params
+        request.output_token_ids.append(token)
+        request.output_logprobs.append(logprob)
+        tracked.new_tokens.append(token)
+        if tracked.detok is not None:
+            delta = tracked.detok.push(token)
+            if delta and self._cut_at_stop_string(tracked.detok, len(delta), params.stop):
+                return FinishReason.STOP
+        if request.prefill_only:
+            return FinishReason.PREFILL_DONE
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return FinishReason.STOP
+        if len(request.output_token_ids) >= params.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    @staticmethod
+    def _cut_at_stop_string(detok: IncrementalDetokenizer, delta_len: int, stops: tuple[str, ...]) -> bool:
+        if not stops:
+            return False
+        text = detok.text
+        for stop in stops:
+            # a stop string can only end inside the new delta
+            idx = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
+            if idx >= 0:
+                detok.text = text[:idx]
+                return True
+        return False
+
+    def _output(self, tracked: _Tracked) -> RequestOutput:
+        r = tracked.request
+        new, tracked.new_tokens = tracked.new_tokens, []
+        return RequestOutput(
+            request_id=r.request_id,
+            prompt_token_ids=r.prompt_token_ids,
+            token_ids=list(r.output_token_ids),
+            new_token_ids=new,
+            text=tracked.detok.text if tracked.detok else "",
+            logprobs=list(r.output_logprobs),
+            finished=r.is_finished,
+            finish_reason=r.finish_reason.value if r.finish_reason else None,
+            num_cached_tokens=r.num_cached_tokens,
+            kv_block_ids=list(r.block_ids) if r.finish_reason is FinishReason.PREFILL_DONE else [],
+            metrics={"arrival": r.arrival_time, "first_token": r.first_token_time or 0.0, "preemptions": r.num_preemptions},
+        )
+
+    # ---- disaggregation: prefill side ----------------------------------------------------
+    def release(self, request_id: str) -> None:
+        """Free the held KV blocks of a finished prefill-only request."""
+        if self.scheduler.release(request_id) is None:
+            raise UnknownRequestError(request_id)
+
+    # ---- disaggregation: decode side -----------------------------------------------------
+    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> list[int]:
+        """Allocate the blocks a prompt's KV will be written into; the caller must later
+        `admit_prefilled` or `abort_request` it."""
+        if request_id in self._requests or request_id in self._reserved:
+            raise DuplicateRequestError(request_id)
+        if num_prompt_tokens <= 0:
+            raise InvalidRequestError("prompt", "is empty")
+        self.check_fits(num_prompt_tokens, max_tokens)
+        blocks = self.pool.allocate(-(-num_prompt_tokens // self.pool.block_size))
+        if blocks is None:
+            raise KVCapacityError(f"no room for {num_prompt_tokens} tokens of KV: {self.pool.num_free} free blocks")
+        self._reserved[request_id] = blocks
+        return blocks
+
+    def admit_prefilled(
+        self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams, first_logprob: float = 0.0
+    ) -> RequestOutput:
+        """Admit a request whose prompt KV now fills its reserved blocks. Returns its output
+        after the first token (already finished if that token ends it)."""
+        blocks = self._reserved.pop(request_id, None)
+        if blocks is None:
+            raise UnknownRequestError(request_id)
+        ids = list(prompt_token_ids)
+        if len(blocks) != -(-len(ids) // self.pool.block_size):
+            self.pool.free(blocks)
+            raise InvalidRequestError("prompt_token_ids", f"{len(ids)} tokens do not match the {len(blocks)} reserved blocks")
+        request = Request(request_id, ids, params, block_ids=blocks, num_computed_tokens=len(ids))
+        tracked = _Tracked(request, IncrementalDetokenizer(self.tokenizer))
+        self._requests[request_id] = tracked
+        request.first_token_time = time.monotonic()
+        reason = self._append(tracked, first_token, first_logprob)
+        self.scheduler.add(request)
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+            del self._requests[request_id]
+        return self._output(tracked)
+
+    def score(self, prompt: Prompt) -> torch.Tensor:
+        """Next-token logits [T, vocab] (float32) at every position of a prompt, in one
+        forward pass on blocks borrowed for the call (perplexity, tests against a reference)."""
+        ids = self.encode_prompt(prompt)
+        self.check_fits(len(ids), 1)
+        blocks = self.pool.allocate(-(-len(ids) // self.pool.block_size))
+        if blocks is None:
+            raise KVCapacityError(f"no room for {len(ids)} tokens of KV: {self.pool.num_free} free blocks")
+        try:
+            return self.runner.score(ids, blocks)
+        finally:
+            self.pool.free(blocks)
+
+    # ---- KV access -----------------------------------------------------------------------
+    @property
+    def kv_layout(self) -> dict[str, object]:
+        """What a peer must match to exchange KV blocks with this engine."""
+        return {
+            "model_fingerprint": self.model_config.fingerprint,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "block_size": self.pool.block_size,
+            "layout": KV_LAYOUT,
+            "num_layers": self.model_config.num_layers,
+            "num_kv_heads": self.model_config.num_kv_heads,
+            "head_dim": self.model_config.head_dim,
+        }
+
+    def read_kv(self, layer: int, block_ids: list[int]) -> torch.Tensor:
+        return self.runner.read_blocks(layer, block_ids)
+
+    def write_kv(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
+        self.runner.write_blocks(layer, block_ids, data)
+
+    # ---- counters ------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        reserved = sum(len(b) for b in self._reserved.values())
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "queued_prefill_tokens": sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting),
+            "free_blocks": self.pool.num_free,
+            "used_blocks": self.pool.num_used - reserved,
+            "reserved_blocks": reserved,
+            "total_blocks": self.pool.num_blocks,
+            "cached_blocks": self.pool.num_cached,
+        }

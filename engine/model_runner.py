@@ -1,0 +1,142 @@
+"""Turns one scheduled step into tensors, runs the model and samples.
+
+Owns the KV cache tensor of the whole worker: [layers, num_blocks, 2, block_size, KV heads,
+head dim] (the layout named by `KV_LAYOUT`). Other processes read and write it only through
+block ids (`read_blocks` / `write_blocks`), never by assuming a memory layout of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.attention import AttentionMetadata, get_backend
+from engine.config import ModelConfig
+from engine.model import LlamaForCausalLM
+from engine.sampler import SampleRow, sample
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+KV_LAYOUT = "L,NB,2,BS,KH,D"
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        attention_backend: str = "torch",
+        seed: int = 0,
+        mlp_chunk: int | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.mlp_chunk = mlp_chunk
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        # zeros, not empty: padded decode reads slots no request wrote, and a NaN there would
+        # leak through the masked softmax (0 * NaN = NaN).
+        self.kv_cache = torch.zeros(
+            (config.num_layers, num_blocks, 2, block_size, config.num_kv_heads, config.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.backend = get_backend(attention_backend)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    @staticmethod
+    def block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+
+    # ---- one step ------------------------------------------------------------------------
+    def execute(
+        self, out: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None
+    ) -> tuple[list[int], list[float], list[int]]:
+        """Run the step; returns sampled tokens, their logprobs and the indices (into
+        `out.scheduled`) of the requests they belong to."""
+        input_ids, positions, meta, logits_idx, sampling = self._prepare(out)
+        logits = self.model(
+            input_ids, positions, self.kv_cache, meta, logits_idx, self.backend, on_layer_done, self.mlp_chunk
+        )
+        if not sampling:
+            return [], [], []
+        rows = [SampleRow(out.scheduled[i].request.params, len(out.scheduled[i].request.output_token_ids)) for i in sampling]
+        tokens, logprobs = sample(logits, rows, self.generator)
+        return tokens, logprobs, sampling
+
+    def score(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
+        """Logits [T, vocab] at every position of one sequence written into `block_ids`."""
+        request = Request("score", token_ids, SamplingParams(max_tokens=1), block_ids=block_ids)
+        out = SchedulerOutput([ScheduledRequest(request, len(token_ids), 0)], [])
+        input_ids, positions, meta, _, _ = self._prepare(out)
+        every = torch.arange(len(token_ids), device=self.device)
+        return self.model(input_ids, positions, self.kv_cache, meta, every, self.backend, None, self.mlp_chunk)
+
+    def _prepare(self, out: SchedulerOutput):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        blocks: list[int] = []
+        offsets: list[int] = []
+        query_start = [0]
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_idx: list[int] = []
+        sampling: list[int] = []
+        for i, s in enumerate(out.scheduled):
+            r, start, end = s.request, s.start, s.start + s.num_new_tokens
+            ids.extend(r.token_slice(start, end))
+            rng = range(start, end)
+            pos.extend(rng)
+            table = r.block_ids
+            blocks.extend(table[p // bs] for p in rng)
+            offsets.extend(p % bs for p in rng)
+            query_start.append(query_start[-1] + s.num_new_tokens)
+            context_lens.append(end)
+            tables.append(table)
+            if s.will_sample:
+                logits_idx.append(query_start[-1] - 1)
+                sampling.append(i)
+        decode = [i for i, s in enumerate(out.scheduled) if s.num_new_tokens == 1]
+        prefill = [i for i, s in enumerate(out.scheduled) if s.num_new_tokens > 1]
+        width = max((-(-context_lens[i] // bs) for i in decode), default=0)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start=query_start,
+            context_lens=context_lens,
+            slot_blocks=torch.tensor(blocks, device=dev),
+            slot_offsets=torch.tensor(offsets, device=dev),
+            block_tables=tables,
+            decode_seqs=decode,
+            decode_tokens=torch.tensor([query_start[i] for i in decode], device=dev, dtype=torch.long),
+            decode_block_table=torch.tensor(
+                [tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in decode], device=dev, dtype=torch.long
+            ).view(len(decode), width),
+            decode_context_lens=torch.tensor([context_lens[i] for i in decode], device=dev, dtype=torch.long),
+            prefill_seqs=prefill,
+        )
+        return (
+            torch.tensor(ids, device=dev),
+            torch.tensor(pos, device=dev),
+            meta,
+            torch.tensor(logits_idx, device=dev, dtype=torch.long),
+            sampling,
+        )
+
+    # ---- KV access for transfers ---------------------------------------------------------
+    def read_blocks(self, layer: int, block_ids: list[int]) -> torch.Tensor:
+        """A copy of one layer's KV for these blocks: [n, 2, block_size, KH, D]."""
+        return self.kv_cache[layer, torch.tensor(block_ids, device=self.device)]
+
+    def write_blocks(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write one layer's KV ([n, 2, block_size, KH, D]) into these blocks."""
+        expected = (len(block_ids), *self.kv_cache.shape[2:])
+        if tuple(data.shape) != expected:
+            raise ValueError(f"KV payload has shape {tuple(data.shape)}, expected {expected}")
+        self.kv_cache[layer, torch.tensor(block_ids, device=self.device)] = data.to(self.device, self.dtype)
