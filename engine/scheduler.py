@@ -42,12 +42,12 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start: int  # first position computed this step
+    # True when this step computes the request's last known token, so its logits give the
+    # next token (a mid-prompt chunk samples nothing). Fixed when scheduled.
+    will_sample: bool = False
 
-    @property
-    def will_sample(self) -> bool:
-        """True when this step computes the request's last known token, so its logits give
-        the next token (a mid-prompt chunk samples nothing)."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.will_sample = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass

@@ -1,0 +1,308 @@
+"""Offline generation throughput: this engine's `LLM.generate` against Hugging Face
+`transformers` `generate`, on the same random-weight Llama-shaped model and the same prompts.
+
+Scenarios (greedy, EOS ignored, random prompt token ids from a fixed seed):
+  * 1 request:   one prompt, one output length;
+  * N requests:  N prompts of mixed lengths with mixed output lengths, all submitted at once.
+    The engine batches them continuously; Hugging Face gets one left-padded batch (attention
+    mask, pad token set) and generates the longest `max_new_tokens` for every row.
+
+Throughput is *useful* output tokens per second of wall time (prefill included): only the
+tokens each request asked for count, for both systems, so the rows Hugging Face keeps decoding
+past their own length are work it does but gets no credit for.
+
+    python -m benchmarks.engine_throughput --preset small          # quick look, ~1 min on CPU
+    python -m benchmarks.engine_throughput                         # ~100M parameters
+    python -m benchmarks.engine_throughput --device cuda --dtype bfloat16 --preset 1b --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
+
+logger = logging.getLogger("benchmarks.engine_throughput")
+
+PRESETS: dict[str, TinySpec] = {
+    "small": TinySpec(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4, vocab_size=32000),
+    "100m": TinySpec(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=12, vocab_size=32000),
+    "1b": TinySpec(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8, vocab_size=32000),
+}
+SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
+PAD_ID = 0  # any id: padded positions are masked out
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def useful_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+@dataclass
+class Run:
+    seconds: float
+    outputs: list[list[int]]  # what each request asked for, truncated to its max_tokens
+    computed_tokens: int  # output tokens generated, including those nobody asked for
+    cached_prompt_tokens: int = 0  # prefix-cache hits (must stay 0: prompts are all distinct)
+
+
+# ---- set-up ------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="100m", help="model shape (default: 100m)")
+    for name in SHAPE_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=int, help="override the preset's " + name)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--model-dir", help="checkpoint folder: reused if it has a config.json, else written there; kept")
+    p.add_argument("--num-requests", type=int, default=32, help="requests in the batched scenario")
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"), help="batched prompt lengths")
+    p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"), help="batched output lengths")
+    p.add_argument("--single-prompt-len", type=int, default=128, help="prompt length of the 1-request scenario")
+    p.add_argument("--single-output-len", type=int, default=128, help="output length of the 1-request scenario")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
+    p.add_argument("--block-size", type=int, default=16, help="engine KV block size")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0, help="weights and prompts")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    for lo, hi, flag in (*args.prompt_len, "--prompt-len"), (*args.output_len, "--output-len"):
+        if not 0 < lo <= hi:
+            p.error(f"{flag}: need 0 < MIN <= MAX, got {lo} {hi}")
+    return args
+
+
+def model_spec(args: argparse.Namespace, max_len: int) -> TinySpec:
+    overrides = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
+    positions = max(2048, -(-max_len // 1024) * 1024)
+    return replace(PRESETS[args.preset], **overrides, max_position_embeddings=positions, dtype=args.dtype, seed=args.seed)
+
+
+def prepare_checkpoint(args: argparse.Namespace, max_len: int) -> tuple[Path, bool]:
+    """The checkpoint folder, and whether it is a temporary one to delete at exit."""
+    if args.model_dir and (Path(args.model_dir) / "config.json").is_file():
+        logger.info("using the existing checkpoint in %s (shape flags ignored)", args.model_dir)
+        return Path(args.model_dir), False
+    path = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    spec = model_spec(args, max_len)
+    logger.info("writing a random %s checkpoint to %s", spec, path)
+    write_tiny_checkpoint(path, spec)
+    return path, args.model_dir is None
+
+
+def make_workloads(args: argparse.Namespace, vocab_size: int) -> tuple[Workload, list[Workload]]:
+    """(warm-up, scenarios). Every prompt is distinct, so no scenario hits the prefix cache
+    left by another (or by the warm-up)."""
+    rng = random.Random(args.seed)
+
+    def prompts(lengths: list[int]) -> list[list[int]]:
+        return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in lengths]
+
+    n = args.num_requests
+    warm = Workload("warm-up", prompts([32, 48, 64, 80]), [8, 12, 16, 16])
+    single = Workload("1 request", prompts([args.single_prompt_len]), [args.single_output_len])
+    lens = [rng.randint(*args.prompt_len) for _ in range(n)]
+    outs = [rng.randint(*args.output_len) for _ in range(n)]
+    batched = Workload(f"{n} requests", prompts(lens), outs)
+    return warm, [single, batched]
+
+
+def max_sequence_len(args: argparse.Namespace) -> int:
+    return max(args.single_prompt_len + args.single_output_len, args.prompt_len[1] + args.output_len[1], 96)
+
+
+def kv_blocks_needed(workloads: list[Workload], block_size: int) -> int:
+    """Enough KV blocks for the largest scenario at once, so neither system preempts or
+    recomputes (Hugging Face's cache simply grows)."""
+    return max(sum(-(-(len(p) + m) // block_size) for p, m in zip(w.prompts, w.max_tokens)) for w in workloads)
+
+
+# ---- the two systems ---------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def run_ours(llm: LLM, w: Workload, device: str) -> Run:
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in w.max_tokens]
+    sync(device)
+    start = time.perf_counter()
+    outs = llm.generate(w.prompts, params)
+    sync(device)
+    seconds = time.perf_counter() - start
+    tokens = [list(o.token_ids) for o in outs]
+    cached = sum(o.num_cached_tokens for o in outs)
+    return Run(seconds, tokens, sum(len(t) for t in tokens), cached)
+
+
+def load_hf(model_dir: Path, dtype: str, device: str) -> torch.nn.Module:
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    transformers.utils.logging.disable_progress_bar()
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **{dtype_key: getattr(torch, dtype)}).to(device).eval()
+    # No EOS at all: generate() fills unset values from the model's generation config, so a
+    # None passed to generate() would bring the checkpoint's EOS back.
+    model.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
+    return model
+
+
+def run_hf(model: torch.nn.Module, w: Workload, device: str) -> Run:
+    """One left-padded batch; every row decodes to the longest `max_tokens`."""
+    width = max(len(p) for p in w.prompts)
+    ids = torch.full((len(w.prompts), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(w.prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    new = max(w.max_tokens)
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, do_sample=False)
+    sync(device)
+    seconds = time.perf_counter() - start
+    generated = out[:, width:].tolist()  # [B, new]
+    if any(len(g) != new for g in generated):
+        raise RuntimeError(f"transformers stopped early: {[len(g) for g in generated]} tokens, expected {new}")
+    return Run(seconds, [g[:m] for g, m in zip(generated, w.max_tokens)], len(w.prompts) * new)
+
+
+# ---- report ------------------------------------------------------------------------------
+def scenario_result(w: Workload, ours: Run, hf: Run) -> dict[str, Any]:
+    lens = [len(p) for p in w.prompts]
+    ours_tps, hf_tps = w.useful_tokens / ours.seconds, w.useful_tokens / hf.seconds
+    return {
+        "scenario": w.name,
+        "requests": len(w.prompts),
+        "prompt_tokens": sum(lens),
+        "prompt_len_range": [min(lens), max(lens)],
+        "output_len_range": [min(w.max_tokens), max(w.max_tokens)],
+        "useful_output_tokens": w.useful_tokens,
+        "ours": {"seconds": ours.seconds, "tokens_per_s": ours_tps, "computed_tokens": ours.computed_tokens,
+                 "cached_prompt_tokens": ours.cached_prompt_tokens},
+        "hf": {"seconds": hf.seconds, "tokens_per_s": hf_tps, "computed_tokens": hf.computed_tokens},
+        "ratio_ours_over_hf": ours_tps / hf_tps,
+        "identical_requests": sum(a == b for a, b in zip(ours.outputs, hf.outputs)),
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    head = f"{'scenario':<13} {'prompt len':>10} {'output len':>10} {'useful tok':>10} " \
+           f"{'ours s':>8} {'ours tok/s':>10} {'HF s':>8} {'HF tok/s':>9} {'ours/HF':>8} {'same tokens':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        pl, ol = "{}..{}".format(*r["prompt_len_range"]), "{}..{}".format(*r["output_len_range"])
+        same = f"{r['identical_requests']}/{r['requests']}"
+        print(f"{r['scenario']:<13} {pl:>10} {ol:>10} {r['useful_output_tokens']:>10} "
+              f"{r['ours']['seconds']:>8.2f} {r['ours']['tokens_per_s']:>10.1f} {r['hf']['seconds']:>8.2f} "
+              f"{r['hf']['tokens_per_s']:>9.1f} {r['ratio_ours_over_hf']:>7.2f}x {same:>11}")
+    print("tok/s = useful output tokens / wall seconds of the whole generate call (prefill included);")
+    print("only the tokens each request asked for count, for both systems. HF decodes every row of its")
+    print("padded batch to the longest max_tokens: HF computed " +
+          ", ".join(f"{r['hf']['computed_tokens']} ({r['scenario']})" for r in results) + " output tokens.")
+
+
+def check_first_request(w: Workload, ours: Run, hf: Run, dtype: str) -> bool:
+    """At one request, greedy decoding of the same weights must give the same tokens."""
+    a, b = ours.outputs[0], hf.outputs[0]
+    if a == b:
+        print(f"check: the first request's {len(a)} greedy tokens match Hugging Face's.")
+        return True
+    at = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    why = "near-ties can flip at reduced precision" if dtype != "float32" else "float32 should match: a bug?"
+    print(f"WARNING: greedy tokens differ from Hugging Face at output position {at} of {len(a)} ({why}).")
+    return False
+
+
+def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
+    import transformers
+
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    return {
+        "device": args.device, "device_name": device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "parameters": params,
+    }
+
+
+# ---- main --------------------------------------------------------------------------------
+def benchmark(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    warm, scenarios = make_workloads(args, vocab)
+    blocks = kv_blocks_needed([warm, *scenarios], args.block_size) + args.num_requests
+    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, block_size=args.block_size, num_kv_blocks=blocks,
+              max_num_seqs=max(args.num_requests, 4), max_num_batched_tokens=args.max_num_batched_tokens)
+    hf = load_hf(model_dir, args.dtype, args.device)
+    params = sum(p.numel() for p in hf.parameters())
+    logger.info("model: %.1fM parameters, %s on %s; warming up both", params / 1e6, args.dtype, args.device)
+    run_ours(llm, warm, args.device)
+    run_hf(hf, warm, args.device)
+    results, first_ok = [], True
+    for w in scenarios:
+        logger.info("%s: engine", w.name)
+        ours = run_ours(llm, w, args.device)
+        logger.info("%s: transformers", w.name)
+        theirs = run_hf(hf, w, args.device)
+        if len(w.prompts) == 1:
+            first_ok = check_first_request(w, ours, theirs, args.dtype)
+        results.append(scenario_result(w, ours, theirs))
+    return {"environment": environment(args, params), "first_request_matches": first_ok, "scenarios": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = shlex.join([Path(sys.executable).name, "-m", "benchmarks.engine_throughput", *argv])
+    model_dir, temporary = prepare_checkpoint(args, max_sequence_len(args))
+    try:
+        report = benchmark(args, model_dir)
+    finally:
+        if temporary:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    report = {"command": command, "preset": args.preset, "args": _jsonable(vars(args)), **report}
+    env = report["environment"]
+    print(f"\n$ {command}")
+    print(f"model: {env['parameters'] / 1e6:.1f}M parameters (Llama-shaped, random weights), {env['dtype']}, "
+          f"{env['device']} ({env['device_name']}, {env['threads']} threads), torch {env['torch']}, "
+          f"transformers {env['transformers']}")
+    print_table(report["scenarios"])
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results written to {args.json}")
+    return 0
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Cluster management: pools on Ray, registry in Redis, and the `splitserve` CLI."""
