@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from engine.errors import EngineError
 from engine.tiny_checkpoint import ARCHS, TinySpec
 
 
@@ -93,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, KeyError, OSError) as e:
-        # engine errors subclass these; show the message, not a traceback
+    except (EngineError, ValueError, OSError) as e:
+        # a user's mistake: show the message, not a traceback
         print(f"splitserve: error: {e}", file=sys.stderr)
         return 2
 
