@@ -29,7 +29,7 @@ from engine.loader import load_model, resolve_dtype
 from engine.model_runner import KV_LAYOUT, ModelRunner
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids)
         self._requests: dict[str, _Tracked] = {}
         self._reserved: dict[str, list[int]] = {}
-        self.on_layer_done: Callable[[int], None] | None = None
+        # called as on_layer_done(layer, scheduled) once a step's KV for `layer` is written
+        self.on_layer_done: Callable[[int, list[ScheduledRequest]], None] | None = None
         logger.info("engine ready: %d KV blocks of %d tokens", num_blocks, config.block_size)
 
     def _blocks_for_budget(self) -> int:
@@ -148,7 +149,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        tokens, logprobs, rows = self.runner.execute(out, self.on_layer_done)
+        hook = self.on_layer_done
+        layer_done = None if hook is None else (lambda layer: hook(layer, out.scheduled))
+        tokens, logprobs, rows = self.runner.execute(out, layer_done)
         self.scheduler.on_computed(out)
         return self._update(out, tokens, logprobs, rows)
 

@@ -20,7 +20,7 @@ def engine(llama_dir: Path, **kw) -> LLMEngine:
 def run_disaggregated(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int], params: SamplingParams) -> list[int]:
     prefill.add_request(rid, prompt, params, prefill_only=True)
     layers_done: list[int] = []
-    prefill.on_layer_done = layers_done.append
+    prefill.on_layer_done = lambda layer, scheduled: layers_done.append(layer)
     first = None
     while first is None:
         first = next((o for o in prefill.step() if o.request_id == rid and o.finished), None)

@@ -1,0 +1,35 @@
+"""Open a sender for a transfer descriptor's transport and endpoint (handshake included)."""
+
+from __future__ import annotations
+
+from kv_transfer.errors import TransferError
+from kv_transfer.layout import KVLayout
+from kv_transfer.local import LocalHub
+from kv_transfer.sender import KVSender
+
+TRANSPORTS = ("torch", "grpc", "local")
+
+
+def connect(
+    transport: str,
+    endpoint: str,
+    sender_id: str,
+    layout: KVLayout,
+    *,
+    hub: LocalHub | None = None,
+    device: str = "cpu",
+    timeout: float = 10.0,
+) -> KVSender:
+    if transport == "local":
+        if hub is None:
+            raise TransferError("transport 'local' needs both workers in one process (no LocalHub here)")
+        return hub.connect(endpoint, layout)
+    if transport == "grpc":
+        from kv_transfer.grpc_transport import GrpcSender
+
+        return GrpcSender(endpoint, sender_id, layout, handshake_timeout=timeout)
+    if transport == "torch":
+        from kv_transfer.torch_transport import TorchSender
+
+        return TorchSender(endpoint, sender_id, layout, device=device, handshake_timeout=timeout)
+    raise TransferError(f"unknown KV transport {transport!r}; expected one of {TRANSPORTS}")

@@ -1,0 +1,39 @@
+"""Transfer errors. `status` is the canonical gRPC status name the service edge maps."""
+
+from __future__ import annotations
+
+
+class TransferError(Exception):
+    status = "INTERNAL"
+
+
+class HandshakeError(TransferError):
+    """The peers' KV layouts differ; `field` names the first field that does."""
+
+    status = "FAILED_PRECONDITION"
+
+    def __init__(self, field: str, mine: object, theirs: object) -> None:
+        super().__init__(f"KV handshake refused: {field} differs (receiver {mine!r}, sender {theirs!r})")
+        self.field = field
+
+
+class PayloadError(TransferError):
+    """A payload failed its checks (size, shape, dtype, block ids); the transfer is failed."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class TransferNotFoundError(TransferError):
+    status = "NOT_FOUND"
+
+
+class PeerUnavailableError(TransferError):
+    """The other side cannot be reached or went away mid-transfer."""
+
+    status = "UNAVAILABLE"
+
+
+class HandshakeRefusedError(TransferError):
+    """The sender's view of a refused handshake: the receiver's message names the field."""
+
+    status = "FAILED_PRECONDITION"

@@ -1,0 +1,180 @@
+"""gRPC transport: KV payloads as a client stream, one stream per request.
+
+Works across any network (the fallback when torch.distributed cannot connect). The receiver
+copies each payload's bytes straight into the reserved blocks (or one staging tensor when the
+blocks are not contiguous). The stream's result confirms the commit, so the sender knows the
+KV landed; a stream that breaks fails its request on both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Iterator
+
+import grpc
+
+from kv_transfer.errors import HandshakeError, HandshakeRefusedError, PayloadError, PeerUnavailableError, TransferError
+from kv_transfer.layout import KVLayout
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.sender import KVSender
+from kv_transfer.wire import PayloadHeader, copy_bytes_into, to_bytes
+from proto import kv_pb2, kv_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+_CODES = {"FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION, "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND, "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE}
+
+
+def layout_to_proto(layout: KVLayout) -> kv_pb2.KVLayout:
+    return kv_pb2.KVLayout(**layout.to_dict())
+
+
+def layout_from_proto(msg: kv_pb2.KVLayout) -> KVLayout:
+    return KVLayout(
+        model_fingerprint=msg.model_fingerprint,
+        dtype=msg.dtype,
+        block_size=msg.block_size,
+        layout=msg.layout,
+        num_layers=msg.num_layers,
+        num_kv_heads=msg.num_kv_heads,
+        head_dim=msg.head_dim,
+        protocol_version=msg.protocol_version,
+    )
+
+
+class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
+    """Receiver side. `torch_acceptor(sender_id) -> (store_address, pair_key)` serves the
+    torch.distributed transport's handshake when that transport is enabled."""
+
+    def __init__(self, receiver: KVReceiver, torch_acceptor=None) -> None:
+        self.receiver = receiver
+        self.torch_acceptor = torch_acceptor
+
+    def Handshake(self, request: kv_pb2.HandshakeRequest, context: grpc.ServicerContext) -> kv_pb2.HandshakeResponse:
+        try:
+            self.receiver.handshake(layout_from_proto(request.layout))
+        except HandshakeError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        reply = kv_pb2.HandshakeResponse(receiver_id=self.receiver.receiver_id)
+        if request.transport == "torch":
+            if self.torch_acceptor is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "transport 'torch' is not enabled on this decode worker")
+            reply.store_address, reply.pair_key = self.torch_acceptor(request.sender_id)
+        return reply
+
+    def Push(self, request_iterator: Iterator[kv_pb2.KVMessage], context: grpc.ServicerContext) -> kv_pb2.PushResult:
+        open_requests: set[str] = set()
+        payloads = nbytes = 0
+        try:
+            for msg in request_iterator:
+                kind = msg.WhichOneof("kind")
+                if kind == "payload":
+                    p = msg.payload
+                    header = PayloadHeader(p.request_id, p.layer, tuple(p.block_ids), p.dtype, tuple(p.shape), p.byte_length)
+                    open_requests.add(p.request_id)
+                    self.receiver.receive(header, lambda dest: copy_bytes_into(dest, p.data, header))
+                    payloads += 1
+                    nbytes += p.byte_length
+                elif kind == "commit":
+                    c = msg.commit
+                    open_requests.add(c.request_id)
+                    self.receiver.commit(c.request_id, c.first_token, c.first_logprob, c.num_tokens)
+                    open_requests.discard(c.request_id)
+                elif kind == "abort":
+                    self.receiver.abort(msg.abort.request_id, msg.abort.reason)
+                    open_requests.discard(msg.abort.request_id)
+        except TransferError as e:
+            context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), str(e))
+        except Exception as e:
+            # the stream broke (sender gone, or cancelled): its unfinished transfers fail now,
+            # not at lease expiry
+            for rid in open_requests:
+                self.receiver.table.fail(rid, f"KV stream broke: {type(e).__name__}")
+            raise
+        if open_requests and not context.is_active():
+            for rid in open_requests:
+                self.receiver.table.fail(rid, "KV stream cancelled by the sender")
+        return kv_pb2.PushResult(payloads=payloads, bytes=nbytes)
+
+
+def _rpc_error(e: grpc.RpcError, what: str) -> TransferError:
+    code = e.code() if hasattr(e, "code") else None
+    detail = e.details() if hasattr(e, "details") else str(e)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return PeerUnavailableError(f"{what}: {code.name}: {detail}")
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return PayloadError(f"{what}: {detail}")
+    return TransferError(f"{what}: {code.name if code else 'error'}: {detail}")
+
+
+def handshake(channel: grpc.Channel, sender_id: str, layout: KVLayout, transport: str, timeout: float) -> kv_pb2.HandshakeResponse:
+    stub = kv_pb2_grpc.KVTransferStub(channel)
+    try:
+        return stub.Handshake(
+            kv_pb2.HandshakeRequest(sender_id=sender_id, layout=layout_to_proto(layout), transport=transport), timeout=timeout
+        )
+    except grpc.RpcError as e:
+        if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            raise HandshakeRefusedError(e.details()) from None
+        raise _rpc_error(e, "KV handshake") from None
+
+
+class _Stream:
+    def __init__(self, stub: kv_pb2_grpc.KVTransferStub, timeout: float) -> None:
+        self.queue: queue.Queue[kv_pb2.KVMessage | None] = queue.Queue()
+        self.future = stub.Push.future(iter(self.queue.get, None), timeout=timeout)
+
+
+class GrpcSender(KVSender):
+    def __init__(self, endpoint: str, sender_id: str, layout: KVLayout, timeout: float = 600.0, handshake_timeout: float = 10.0) -> None:
+        self.channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self.timeout = timeout
+        handshake(self.channel, sender_id, layout, "grpc", handshake_timeout)
+        self.stub = kv_pb2_grpc.KVTransferStub(self.channel)
+        self._streams: dict[str, _Stream] = {}
+
+    def send(self, header: PayloadHeader, kv) -> None:
+        stream = self._streams.get(header.request_id)
+        if stream is None:
+            stream = self._streams[header.request_id] = _Stream(self.stub, self.timeout)
+        elif stream.future.done():  # the receiver already refused this stream: say why now
+            self._finish(header.request_id)
+        payload = kv_pb2.KVPayload(
+            request_id=header.request_id,
+            layer=header.layer,
+            block_ids=header.block_ids,
+            dtype=header.dtype,
+            shape=header.shape,
+            byte_length=header.byte_length,
+            data=to_bytes(kv),
+        )
+        stream.queue.put(kv_pb2.KVMessage(payload=payload))
+
+    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
+        stream = self._streams.get(request_id) or self._streams.setdefault(request_id, _Stream(self.stub, self.timeout))
+        commit = kv_pb2.KVCommit(request_id=request_id, first_token=first_token, first_logprob=first_logprob, num_tokens=num_tokens)
+        stream.queue.put(kv_pb2.KVMessage(commit=commit))
+        self._finish(request_id)
+
+    def abort(self, request_id: str, reason: str) -> None:
+        stream = self._streams.get(request_id) or self._streams.setdefault(request_id, _Stream(self.stub, self.timeout))
+        stream.queue.put(kv_pb2.KVMessage(abort=kv_pb2.KVAbort(request_id=request_id, reason=reason)))
+        try:
+            self._finish(request_id)
+        except TransferError as e:
+            logger.debug("abort of %s: %s", request_id, e)
+
+    def _finish(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id)
+        stream.queue.put(None)
+        try:
+            stream.future.result()
+        except grpc.RpcError as e:
+            raise _rpc_error(e, f"KV transfer of {request_id}") from None
+
+    def close(self) -> None:
+        for rid in list(self._streams):
+            self.abort(rid, "sender closed")
+        self.channel.close()

@@ -1,0 +1,43 @@
+"""The KV layout two workers must share to exchange blocks, and the handshake check."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from kv_transfer.errors import HandshakeError
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    model_fingerprint: str
+    dtype: str
+    block_size: int
+    layout: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    protocol_version: int = PROTOCOL_VERSION
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's KV for one block: [2, block_size, KH, D]."""
+        return (2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KVLayout":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check_peer(self, theirs: "KVLayout") -> None:
+        """Raise HandshakeError naming the first field in which `theirs` differs."""
+        order = ["protocol_version", "model_fingerprint", "dtype", "block_size", "layout", "num_layers", "num_kv_heads", "head_dim"]
+        for name in order:
+            mine, other = getattr(self, name), getattr(theirs, name)
+            if mine != other:
+                raise HandshakeError(name, mine, other)

@@ -1,0 +1,137 @@
+"""The sending side: a transport-specific `KVSender`, and `KVPusher`, which runs one
+sender's traffic on its own thread so that transfers overlap the model's compute.
+
+Life cycle of a request in a pusher:
+    push_layer* (KV already copied out of the cache, so blocks may move on) -> commit -> done
+    any send error fails that request (its commit future raises); an error that breaks the
+    connection (PeerUnavailableError) fails every pending request and the pusher.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from kv_transfer.errors import PeerUnavailableError, TransferError
+from kv_transfer.wire import MAX_MESSAGE_BYTES, PayloadHeader
+
+logger = logging.getLogger(__name__)
+
+
+class KVSender(abc.ABC):
+    """Delivers payloads, commits and aborts to one receiver, in order. Called from one thread."""
+
+    @abc.abstractmethod
+    def send(self, header: PayloadHeader, kv: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
+        """Returns once the receiver has the commit (as far as the transport can tell)."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str, reason: str) -> None: ...
+
+    def close(self) -> None:
+        """Release the connection."""
+
+
+@dataclass
+class _Job:
+    request_id: str
+    kind: str  # "payload" | "commit" | "abort"
+    header: PayloadHeader | None = None
+    kv: torch.Tensor | None = None
+    commit: tuple[int, float, int] | None = None
+    reason: str = ""
+    done: Future | None = None
+
+
+class KVPusher:
+    def __init__(self, sender: KVSender, name: str, max_queued: int = 256) -> None:
+        self.sender = sender
+        self.name = name
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(max_queued)
+        self._failed: dict[str, BaseException] = {}
+        self._lock = threading.Lock()
+        self.broken: BaseException | None = None
+        self.bytes_sent = 0
+        self._thread = threading.Thread(target=self._run, name=f"kv-push-{name}", daemon=True)
+        self._thread.start()
+
+    def push(self, request_id: str, layer: int, dst_blocks: list[int], kv: torch.Tensor) -> None:
+        """Queue one layer's KV (`kv` [n, 2, bs, KH, D], already a copy) for `dst_blocks`."""
+        per_block = max(1, kv[0].numel() * kv.element_size())
+        step = max(1, MAX_MESSAGE_BYTES // per_block)
+        for i in range(0, len(dst_blocks), step):
+            part = kv[i : i + step]
+            header = PayloadHeader.for_tensor(request_id, layer, dst_blocks[i : i + step], part)
+            self._put(_Job(request_id, "payload", header=header, kv=part))
+
+    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> Future:
+        """Queue the commit; the future resolves when it is delivered, or raises the request's
+        first send error."""
+        done: Future = Future()
+        self._put(_Job(request_id, "commit", commit=(first_token, first_logprob, num_tokens), done=done))
+        return done
+
+    def abort(self, request_id: str, reason: str) -> None:
+        with self._lock:
+            self._failed.setdefault(request_id, TransferError(f"aborted: {reason}"))
+        self._put(_Job(request_id, "abort", reason=reason))
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+        self.sender.close()
+
+    def _put(self, job: _Job) -> None:
+        if self.broken is not None:
+            if job.done is not None:
+                job.done.set_exception(self.broken)
+            return
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self.broken is not None:
+                if job.done is not None:
+                    job.done.set_exception(self.broken)
+                continue
+            with self._lock:
+                failed = self._failed.get(job.request_id)
+            try:
+                self._do(job, failed)
+            except PeerUnavailableError as e:
+                logger.warning("KV pusher %s lost its receiver: %s", self.name, e)
+                self.broken = e
+                if job.done is not None:
+                    job.done.set_exception(e)
+            except Exception as e:  # one request's failure; the connection lives on
+                logger.warning("KV transfer of %s to %s failed: %s", job.request_id, self.name, e)
+                with self._lock:
+                    self._failed.setdefault(job.request_id, e)
+                if job.done is not None:
+                    job.done.set_exception(e)
+
+    def _do(self, job: _Job, failed: BaseException | None) -> None:
+        if job.kind == "abort":
+            self.sender.abort(job.request_id, job.reason)
+            with self._lock:
+                self._failed.pop(job.request_id, None)
+        elif failed is not None:
+            if job.done is not None:
+                with self._lock:
+                    self._failed.pop(job.request_id, None)
+                job.done.set_exception(failed)
+        elif job.kind == "payload":
+            self.sender.send(job.header, job.kv)
+            self.bytes_sent += job.header.byte_length
+        else:
+            self.sender.commit(job.request_id, *job.commit)
+            job.done.set_result(None)

@@ -1,0 +1,212 @@
+"""The receiver's table of transfers: one entry per reserved request, plain Python.
+
+Life cycle of an entry:
+    RESERVED --first payload--> RECEIVING --commit with every layer of every block--> COMPLETE
+    RESERVED | RECEIVING --bad payload, sender abort, local abort, peer lost--> FAILED
+    RESERVED | RECEIVING --no progress for lease_seconds--> EXPIRED
+The lease counts from the reservation and restarts at each payload, so a long transfer that
+keeps moving is never cut off, and a silent one is. A terminal entry is reported exactly once
+through `on_done`, and only when no payload write into its blocks is still in flight, so the
+owner can free or admit the blocks without racing a writer.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kv_transfer.errors import PayloadError, TransferNotFoundError
+
+
+class TransferState(enum.Enum):
+    RESERVED = "reserved"
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferState.COMPLETE, TransferState.FAILED, TransferState.EXPIRED)
+
+
+@dataclass
+class Transfer:
+    request_id: str
+    block_ids: list[int]
+    num_tokens: int
+    lease_seconds: float
+    deadline: float
+    num_layers: int
+    state: TransferState = TransferState.RESERVED
+    reason: str = ""
+    first_token: int | None = None
+    first_logprob: float = 0.0
+    bytes_received: int = 0
+    payloads: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_payload: float | None = None
+    finished: float | None = None
+    _received: list[set[int]] = field(default_factory=list)
+    _busy: int = 0
+    _reported: bool = False
+
+    def missing(self) -> str | None:
+        """A description of the first layer whose blocks did not all arrive, or None."""
+        want = set(self.block_ids)
+        for layer, got in enumerate(self._received):
+            if got != want:
+                return f"layer {layer} has {len(got & want)} of {len(want)} blocks"
+        return None
+
+
+class TransferTable:
+    def __init__(self, num_layers: int, on_done: Callable[[Transfer], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.num_layers = num_layers
+        self._on_done = on_done
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._transfers: dict[str, Transfer] = {}
+
+    # ---- reservations --------------------------------------------------------------------
+    def reserve(self, request_id: str, block_ids: Sequence[int], num_tokens: int, lease_seconds: float) -> Transfer:
+        now = self._clock()
+        t = Transfer(request_id, list(block_ids), num_tokens, lease_seconds, now + lease_seconds, self.num_layers)
+        t._received = [set() for _ in range(self.num_layers)]
+        with self._lock:
+            if request_id in self._transfers:
+                raise PayloadError(f"request {request_id!r} already has a transfer")
+            self._transfers[request_id] = t
+        return t
+
+    def get(self, request_id: str) -> Transfer | None:
+        with self._lock:
+            return self._transfers.get(request_id)
+
+    def pop(self, request_id: str) -> Transfer | None:
+        with self._lock:
+            return self._transfers.pop(request_id, None)
+
+    def active(self) -> int:
+        with self._lock:
+            return sum(1 for t in self._transfers.values() if not t.state.terminal)
+
+    # ---- payloads ------------------------------------------------------------------------
+    def begin_payload(self, request_id: str, layer: int, block_ids: Sequence[int]) -> Transfer:
+        """Check a payload's target and mark a write in flight; end with `end_payload`."""
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is None:
+                raise TransferNotFoundError(f"no reservation for request {request_id!r}")
+            if t.state.terminal:
+                raise PayloadError(f"request {request_id!r} is {t.state.value} ({t.reason})")
+            bad = self._target_error(t, layer, block_ids)
+            if bad:
+                self._finish(t, TransferState.FAILED, bad)
+                done = self._take_report(t)
+            else:
+                now = self._clock()
+                t.state = TransferState.RECEIVING
+                t.first_payload = t.first_payload or now
+                t.deadline = now + t.lease_seconds
+                t._busy += 1
+                return t
+        self._report(done)
+        raise PayloadError(bad)
+
+    def end_payload(self, t: Transfer, layer: int, block_ids: Sequence[int], nbytes: int, error: str | None = None) -> None:
+        with self._lock:
+            t._busy -= 1
+            if error is not None:
+                self._finish(t, TransferState.FAILED, error)
+            elif not t.state.terminal:
+                t._received[layer].update(block_ids)
+                t.bytes_received += nbytes
+                t.payloads += 1
+            done = self._take_report(t)
+        self._report(done)
+
+    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> Transfer:
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is None:
+                raise TransferNotFoundError(f"no reservation for request {request_id!r}")
+            if not t.state.terminal:
+                missing = t.missing()
+                if num_tokens != t.num_tokens:
+                    self._finish(t, TransferState.FAILED, f"commit for {num_tokens} tokens, reserved {t.num_tokens}")
+                elif missing:
+                    self._finish(t, TransferState.FAILED, f"commit before all KV arrived: {missing}")
+                else:
+                    t.first_token, t.first_logprob = first_token, first_logprob
+                    self._finish(t, TransferState.COMPLETE, "")
+            done = self._take_report(t)
+        self._report(done)
+        return t
+
+    def fail(self, request_id: str, reason: str, state: TransferState = TransferState.FAILED) -> bool:
+        """Fail a transfer that is not finished yet; False if there is none."""
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is None or t.state.terminal:
+                return False
+            self._finish(t, state, reason)
+            done = self._take_report(t)
+        self._report(done)
+        return True
+
+    def expire(self) -> list[Transfer]:
+        """Expire every transfer whose lease ran out; returns them."""
+        now = self._clock()
+        with self._lock:
+            due = [t for t in self._transfers.values() if not t.state.terminal and t.deadline <= now]
+            for t in due:
+                self._finish(t, TransferState.EXPIRED, f"no KV for {t.lease_seconds:g} s (lease expired)")
+            done = [t for t in due if self._take_report(t)]
+        for t in done:
+            self._report(t)
+        return due
+
+    def wait(self, request_id: str, timeout: float) -> Transfer:
+        """Block until the transfer is terminal (or `timeout` passes); returns it."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                t = self._transfers.get(request_id)
+                if t is None:
+                    raise TransferNotFoundError(f"no reservation for request {request_id!r}")
+                left = end - time.monotonic()
+                if t.state.terminal or left <= 0:
+                    return t
+                self._changed.wait(left)
+
+    # ---- internals (lock held) -----------------------------------------------------------
+    def _target_error(self, t: Transfer, layer: int, block_ids: Sequence[int]) -> str | None:
+        if not 0 <= layer < self.num_layers:
+            return f"payload for layer {layer}; the model has {self.num_layers}"
+        if not block_ids:
+            return "payload names no blocks"
+        stray = set(block_ids) - set(t.block_ids)
+        if stray:
+            return f"payload names blocks {sorted(stray)[:4]} not reserved for {t.request_id!r}"
+        return None
+
+    def _finish(self, t: Transfer, state: TransferState, reason: str) -> None:
+        if t.state.terminal:
+            return
+        t.state, t.reason, t.finished = state, reason, self._clock()
+        self._changed.notify_all()
+
+    def _take_report(self, t: Transfer) -> Transfer | None:
+        if t.state.terminal and t._busy == 0 and not t._reported:
+            t._reported = True
+            return t
+        return None
+
+    def _report(self, t: Transfer | None) -> None:
+        if t is not None:
+            self._on_done(t)

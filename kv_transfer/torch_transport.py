@@ -1,0 +1,175 @@
+"""torch.distributed point-to-point transport: gloo between CPU processes, NCCL between GPUs.
+
+No global world: each (sender, receiver) pair gets its own two-rank process group, built on
+first use through the receiver's TCPStore (the address and a fresh pair key come back from
+the gRPC handshake) and reused for every later request, so pools can grow and shrink.
+
+On the pair, messages go in order: [int64 length][JSON header] and, for a payload, the KV
+bytes, received straight into the reserved blocks when they are contiguous.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import threading
+import uuid
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from kv_transfer.errors import PayloadError, PeerUnavailableError, TransferError
+from kv_transfer.grpc_transport import handshake
+from kv_transfer.layout import KVLayout
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.sender import KVSender
+from kv_transfer.wire import PayloadHeader
+
+logger = logging.getLogger(__name__)
+
+SENDER, RECEIVER = 0, 1
+# An idle pair waits in recv; a dead peer is noticed by its closed socket, not by this timeout.
+PAIR_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def new_pair_group(store: dist.Store, rank: int, device: torch.device) -> dist.ProcessGroup:
+    if device.type == "cuda":
+        return dist.ProcessGroupNCCL(store, rank, 2, dist.ProcessGroupNCCL.Options())
+    return dist.ProcessGroupGloo(store, rank, 2, PAIR_TIMEOUT)
+
+
+class _Pair:
+    """One end of a pair's ordered message channel."""
+
+    def __init__(self, pg: dist.ProcessGroup, peer: int, device: torch.device) -> None:
+        self.pg, self.peer, self.device = pg, peer, device
+
+    def send_header(self, header: dict) -> None:
+        data = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
+        self.send_bytes(torch.tensor([data.numel()], dtype=torch.int64))
+        self.send_bytes(data)
+
+    def recv_header(self) -> dict:
+        n = torch.empty(1, dtype=torch.int64, device=self.device)
+        self.recv_bytes(n)
+        data = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+        self.recv_bytes(data)
+        return json.loads(bytes(data.cpu().numpy()).decode())
+
+    def send_bytes(self, t: torch.Tensor) -> None:
+        t = t.contiguous().to(self.device)
+        self.pg.send([t.view(torch.uint8).view(-1)], self.peer, 0).wait()
+
+    def recv_bytes(self, t: torch.Tensor) -> None:
+        if not t.is_contiguous():
+            raise ValueError("receive buffer must be contiguous")
+        self.pg.recv([t.view(torch.uint8).view(-1)], self.peer, 0).wait()
+
+
+class TorchKVServer:
+    """Receiver side: a TCPStore for rendezvous and one receiving thread per sender pair."""
+
+    def __init__(self, receiver: KVReceiver, host: str, device: str = "cpu") -> None:
+        self.receiver = receiver
+        self.host = host
+        self.device = torch.device(device)
+        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        self.address = f"{host}:{self.store.port}"
+        self._threads: list[threading.Thread] = []
+
+    def accept(self, sender_id: str) -> tuple[str, str]:
+        """Start serving a new pair for `sender_id`; returns (store address, pair key)."""
+        pair_key = f"kv/{sender_id}/{uuid.uuid4().hex[:12]}"
+        t = threading.Thread(target=self._serve_pair, args=(pair_key,), name=f"kv-recv-{sender_id}", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self.address, pair_key
+
+    def _serve_pair(self, pair_key: str) -> None:
+        seen: set[str] = set()
+        try:
+            pg = new_pair_group(dist.PrefixStore(pair_key, self.store), RECEIVER, self.device)
+            pair = _Pair(pg, SENDER, self.device)
+            while (header := pair.recv_header())["kind"] != "close":
+                self._handle(pair, header, seen)
+        except Exception as e:  # the sender died or the pair broke: fail what it was sending
+            reason = f"KV sender lost: {str(e).splitlines()[0][:200]}"
+            logger.warning("pair %s: %s", pair_key, reason)
+            for rid in seen:
+                self.receiver.table.fail(rid, reason)
+
+    def _handle(self, pair: _Pair, h: dict, seen: set[str]) -> None:
+        rid = h["request_id"]
+        if h["kind"] == "payload":
+            seen.add(rid)
+            header = PayloadHeader(rid, h["layer"], tuple(h["block_ids"]), h["dtype"], tuple(h["shape"]), h["byte_length"])
+            consumed = False
+
+            def fill(dest: torch.Tensor) -> None:
+                nonlocal consumed
+                consumed = True
+                pair.recv_bytes(dest)
+
+            try:
+                self.receiver.receive(header, fill)
+            except TransferError as e:
+                logger.info("refused KV payload for %s: %s", rid, e)
+            finally:
+                if not consumed:  # keep the channel in step: drain the refused bytes
+                    pair.recv_bytes(torch.empty(h["byte_length"], dtype=torch.uint8, device=self.device))
+        elif h["kind"] == "commit":
+            ack = {"kind": "ack", "request_id": rid, "ok": True, "reason": ""}
+            try:
+                self.receiver.commit(rid, h["first_token"], h["first_logprob"], h["num_tokens"])
+            except TransferError as e:
+                ack.update(ok=False, reason=str(e))
+            seen.discard(rid)
+            pair.send_header(ack)  # the sender waits for the verdict, as with gRPC's stream result
+        elif h["kind"] == "abort":
+            self.receiver.abort(rid, h.get("reason", ""))
+            seen.discard(rid)
+
+
+class TorchSender(KVSender):
+    def __init__(self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0) -> None:
+        with grpc.insecure_channel(endpoint) as channel:
+            reply = handshake(channel, sender_id, layout, "torch", handshake_timeout)
+        host, port = reply.store_address.rsplit(":", 1)
+        try:
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=handshake_timeout))
+            pg = new_pair_group(dist.PrefixStore(reply.pair_key, store), SENDER, torch.device(device))
+        except (RuntimeError, dist.DistStoreError) as e:
+            raise PeerUnavailableError(f"torch.distributed rendezvous at {reply.store_address} failed: {e}") from e
+        self._store = store  # the pair's group needs the store alive
+        self.pair = _Pair(pg, RECEIVER, torch.device(device))
+
+    def send(self, header: PayloadHeader, kv: torch.Tensor) -> None:
+        meta = {"kind": "payload", "request_id": header.request_id, "layer": header.layer, "block_ids": list(header.block_ids),
+                "dtype": header.dtype, "shape": list(header.shape), "byte_length": header.byte_length}
+        self._guarded(lambda: (self.pair.send_header(meta), self.pair.send_bytes(kv)))
+
+    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
+        meta = {"kind": "commit", "request_id": request_id, "first_token": first_token, "first_logprob": first_logprob, "num_tokens": num_tokens}
+        self._guarded(lambda: self.pair.send_header(meta))
+        ack: dict = {}
+        self._guarded(lambda: ack.update(self.pair.recv_header()))
+        if not ack.get("ok"):
+            raise PayloadError(f"KV transfer of {request_id} refused: {ack.get('reason')}")
+
+    def abort(self, request_id: str, reason: str) -> None:
+        self._guarded(lambda: self.pair.send_header({"kind": "abort", "request_id": request_id, "reason": reason}))
+
+    def close(self) -> None:
+        try:
+            self.pair.send_header({"kind": "close", "request_id": ""})
+        except RuntimeError:
+            pass
+
+    @staticmethod
+    def _guarded(fn) -> None:
+        try:
+            fn()
+        except RuntimeError as e:
+            raise PeerUnavailableError(f"torch.distributed KV pair broke: {str(e).splitlines()[0][:200]}") from e

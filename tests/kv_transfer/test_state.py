@@ -1,0 +1,105 @@
+"""The receiver's transfer table: plain Python, a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from kv_transfer.errors import PayloadError, TransferNotFoundError
+from kv_transfer.state import TransferState, TransferTable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def table(layers: int = 2):
+    done = []
+    clock = Clock()
+    return TransferTable(layers, done.append, clock), done, clock
+
+
+def land(t: TransferTable, rid: str, layers: int, blocks: list[int]) -> None:
+    for layer in range(layers):
+        tr = t.begin_payload(rid, layer, blocks)
+        t.end_payload(tr, layer, blocks, 100)
+
+
+def test_complete_after_every_layer_and_commit() -> None:
+    t, done, _ = table()
+    t.reserve("r", [4, 5], 20, lease_seconds=30)
+    land(t, "r", 2, [4, 5])
+    tr = t.commit("r", first_token=7, first_logprob=-0.5, num_tokens=20)
+    assert tr.state is TransferState.COMPLETE and tr.first_token == 7 and tr.bytes_received == 200
+    assert done == [tr]
+
+
+def test_commit_with_a_missing_layer_fails_and_names_it() -> None:
+    t, done, _ = table()
+    t.reserve("r", [4, 5], 20, 30)
+    tr = t.begin_payload("r", 0, [4, 5])
+    t.end_payload(tr, 0, [4, 5], 100)
+    tr = t.commit("r", 1, 0.0, 20)
+    assert tr.state is TransferState.FAILED and "layer 1 has 0 of 2 blocks" in tr.reason
+    assert done == [tr]
+
+
+def test_stray_blocks_and_bad_layers_fail_the_transfer() -> None:
+    t, done, _ = table()
+    t.reserve("r", [4, 5], 20, 30)
+    with pytest.raises(PayloadError, match="not reserved"):
+        t.begin_payload("r", 0, [4, 9])
+    assert t.get("r").state is TransferState.FAILED and len(done) == 1
+    t.reserve("s", [1], 3, 30)
+    with pytest.raises(PayloadError, match="layer 5"):
+        t.begin_payload("s", 5, [1])
+    with pytest.raises(TransferNotFoundError):
+        t.begin_payload("nobody", 0, [1])
+
+
+def test_lease_expires_without_progress_and_restarts_on_payloads() -> None:
+    t, done, clock = table()
+    t.reserve("idle", [1], 3, lease_seconds=10)
+    t.reserve("busy", [2], 3, lease_seconds=10)
+    clock.now = 8
+    tr = t.begin_payload("busy", 0, [2])
+    t.end_payload(tr, 0, [2], 10)
+    clock.now = 12
+    assert [x.request_id for x in t.expire()] == ["idle"]
+    assert t.get("idle").state is TransferState.EXPIRED and "lease expired" in t.get("idle").reason
+    clock.now = 17.9
+    assert t.expire() == []
+    clock.now = 18.1
+    assert [x.request_id for x in t.expire()] == ["busy"]
+    assert [x.request_id for x in done] == ["idle", "busy"]
+
+
+def test_report_waits_for_a_write_in_flight() -> None:
+    t, done, clock = table()
+    t.reserve("r", [1], 3, lease_seconds=1)
+    tr = t.begin_payload("r", 0, [1])  # a write into the blocks is under way...
+    clock.now = 5
+    t.expire()  # ...when the lease runs out: the owner must not free the blocks yet
+    assert tr.state is TransferState.EXPIRED and done == []
+    t.end_payload(tr, 0, [1], 10)
+    assert done == [tr]
+
+
+def test_fail_is_reported_once_and_later_payloads_are_refused() -> None:
+    t, done, _ = table()
+    t.reserve("r", [1], 3, 30)
+    assert t.fail("r", "sender aborted")
+    assert not t.fail("r", "again")
+    with pytest.raises(PayloadError, match="failed"):
+        t.begin_payload("r", 0, [1])
+    assert len(done) == 1 and t.active() == 0
+
+
+def test_commit_with_wrong_token_count_fails() -> None:
+    t, _, _ = table(layers=1)
+    t.reserve("r", [1], 3, 30)
+    land(t, "r", 1, [1])
+    assert t.commit("r", 1, 0.0, num_tokens=4).state is TransferState.FAILED

@@ -1,0 +1,154 @@
+"""Each transport moves KV into exactly the reserved blocks, and refuses what it must.
+
+Both ends run in this process (threads); the worker-process tests live in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+
+from kv_transfer.connect import connect
+from kv_transfer.errors import HandshakeError, HandshakeRefusedError, PayloadError, TransferError
+from kv_transfer.grpc_transport import CHANNEL_OPTIONS, KVTransferServicer
+from kv_transfer.layout import KVLayout
+from kv_transfer.local import LocalHub
+from kv_transfer.receiver import KVReceiver, TensorKVStore
+from kv_transfer.sender import KVPusher
+from kv_transfer.state import TransferState, TransferTable
+from kv_transfer.torch_transport import TorchKVServer
+from kv_transfer.wire import PayloadHeader
+from proto import kv_pb2, kv_pb2_grpc
+
+LAYERS, BLOCKS, BS, KH, D = 3, 32, 4, 2, 8
+LAYOUT = KVLayout("fp-1", "float32", BS, "L,NB,2,BS,KH,D", LAYERS, KH, D)
+
+
+@dataclasses.dataclass
+class Receiving:
+    endpoint: str
+    cache: torch.Tensor
+    table: TransferTable
+    done: list
+
+
+@pytest.fixture(params=["local", "grpc", "torch"])
+def transport(request) -> Iterator[tuple[str, Receiving, LocalHub]]:
+    cache = torch.zeros(LAYERS, BLOCKS, 2, BS, KH, D)
+    done: list = []
+    table = TransferTable(LAYERS, done.append)
+    receiver = KVReceiver("d0", LAYOUT, table, TensorKVStore(cache))
+    hub = LocalHub()
+    server = None
+    if request.param == "local":
+        endpoint = hub.register(receiver)
+    else:
+        torch_server = TorchKVServer(receiver, "127.0.0.1") if request.param == "torch" else None
+        server = grpc.server(futures.ThreadPoolExecutor(8), options=CHANNEL_OPTIONS)
+        kv_pb2_grpc.add_KVTransferServicer_to_server(
+            KVTransferServicer(receiver, torch_server.accept if torch_server else None), server
+        )
+        endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        server.start()
+    yield request.param, Receiving(endpoint, cache, table, done), hub
+    if server is not None:
+        server.stop(0)
+
+
+def send_request(pusher: KVPusher, rid: str, dst: list[int], kv: torch.Tensor, num_tokens: int, split: int = 2) -> None:
+    """Push layer by layer in two chunks (the second re-sends the shared block, as chunked prefill does)."""
+    for layer in range(LAYERS):
+        pusher.push(rid, layer, dst[:split], kv[layer, :split].clone())
+        pusher.push(rid, layer, dst[split - 1 :], kv[layer, split - 1 :].clone())
+    pusher.commit(rid, first_token=11, first_logprob=-1.5, num_tokens=num_tokens).result(timeout=30)
+
+
+def test_kv_lands_in_the_reserved_blocks(transport) -> None:
+    kind, rx, hub = transport
+    pusher = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
+    torch.manual_seed(0)
+    cases = {"contiguous": [3, 4, 5, 6], "scattered": [20, 9, 17, 1]}
+    sent = {}
+    for rid, blocks in cases.items():
+        rx.table.reserve(rid, blocks, num_tokens=15, lease_seconds=30)
+        sent[rid] = torch.randn(LAYERS, len(blocks), 2, BS, KH, D)
+        send_request(pusher, rid, blocks, sent[rid], 15)
+    for rid, blocks in cases.items():
+        t = rx.table.wait(rid, timeout=10)
+        assert t.state is TransferState.COMPLETE, t.reason
+        assert (t.first_token, t.first_logprob) == (11, -1.5)
+        assert torch.equal(rx.cache[:, blocks], sent[rid])
+    untouched = [b for b in range(BLOCKS) if b not in cases["contiguous"] + cases["scattered"]]
+    assert rx.cache[:, untouched].abs().sum() == 0
+    pusher.close()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model_fingerprint", "other-model"), ("dtype", "bfloat16"), ("block_size", 16), ("num_kv_heads", 4), ("protocol_version", 99),
+])
+def test_handshake_refuses_a_different_layout_naming_the_field(transport, field, value) -> None:
+    kind, rx, hub = transport
+    theirs = dataclasses.replace(LAYOUT, **{field: value})
+    with pytest.raises((HandshakeError, HandshakeRefusedError)) as e:
+        connect(kind, rx.endpoint, "p0", theirs, hub=hub)
+    assert field in str(e.value)
+
+
+def test_abort_fails_the_transfer_on_the_receiver(transport) -> None:
+    kind, rx, hub = transport
+    pusher = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
+    rx.table.reserve("r", [1, 2], 8, 30)
+    pusher.push("r", 0, [1, 2], torch.ones(2, 2, BS, KH, D))
+    pusher.abort("r", "prefill failed")
+    t = rx.table.wait("r", timeout=10)
+    assert t.state is TransferState.FAILED and "prefill failed" in t.reason
+    assert len(rx.done) == 1
+    pusher.close()
+
+
+def test_payload_for_unreserved_blocks_fails_the_request_not_the_connection(transport) -> None:
+    kind, rx, hub = transport
+    pusher = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
+    rx.table.reserve("bad", [1, 2], 8, 30)
+    rx.table.reserve("good", [5], 4, 30)
+    pusher.push("bad", 0, [1, 7], torch.ones(2, 2, BS, KH, D))
+    with pytest.raises(TransferError):
+        pusher.commit("bad", 1, 0.0, 8).result(timeout=10)
+    assert rx.table.get("bad").state is TransferState.FAILED and "not reserved" in rx.table.get("bad").reason
+    kv = torch.randn(LAYERS, 1, 2, BS, KH, D)
+    for layer in range(LAYERS):
+        pusher.push("good", layer, [5], kv[layer].clone())
+    pusher.commit("good", 2, 0.0, 4).result(timeout=10)
+    assert rx.table.wait("good", 10).state is TransferState.COMPLETE
+    pusher.close()
+
+
+def test_truncated_grpc_payload_is_refused(transport) -> None:
+    kind, rx, _ = transport
+    if kind != "grpc":
+        pytest.skip("hand-crafted wire messages: gRPC only")
+    rx.table.reserve("r", [1], 4, 30)
+    header = PayloadHeader.for_tensor("r", 0, [1], torch.ones(1, 2, BS, KH, D))
+    payload = kv_pb2.KVPayload(request_id="r", layer=0, block_ids=[1], dtype="float32", shape=header.shape,
+                               byte_length=header.byte_length, data=b"\0" * (header.byte_length - 10))
+    with grpc.insecure_channel(rx.endpoint) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            kv_pb2_grpc.KVTransferStub(ch).Push(iter([kv_pb2.KVMessage(payload=payload)]), timeout=10)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "truncated" in e.value.details()
+    t = rx.table.get("r")
+    assert t.state is TransferState.FAILED and "truncated" in t.reason and rx.done == [t]
+
+
+def test_header_size_mismatch_is_refused_before_any_write(transport) -> None:
+    kind, rx, hub = transport
+    receiver = KVReceiver("x", LAYOUT, rx.table, TensorKVStore(rx.cache))
+    rx.table.reserve("r", [1], 4, 30)
+    bad = PayloadHeader("r", 0, (1,), "float32", (1, 2, BS, KH, D), 12)
+    with pytest.raises(PayloadError, match="declares 12 bytes"):
+        receiver.receive(bad, lambda dest: pytest.fail("must not write"))
+    assert rx.table.get("r").state is TransferState.FAILED
