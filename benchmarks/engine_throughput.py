@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import random
 import shlex
@@ -40,8 +41,8 @@ from engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
 logger = logging.getLogger("benchmarks.engine_throughput")
 
 PRESETS: dict[str, TinySpec] = {
-    "small": TinySpec(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4, vocab_size=32000),
-    "100m": TinySpec(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=12, vocab_size=32000),
+    "small": TinySpec(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=32000),
+    "100m": TinySpec(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4, vocab_size=32000),
     "1b": TinySpec(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8, vocab_size=32000),
 }
 SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
@@ -64,7 +65,7 @@ class Run:
     seconds: float
     outputs: list[list[int]]  # what each request asked for, truncated to its max_tokens
     computed_tokens: int  # output tokens generated, including those nobody asked for
-    cached_prompt_tokens: int = 0  # prefix-cache hits (must stay 0: prompts are all distinct)
+    cached_prompt_tokens: int = 0  # prefix-cache hits (stays 0: every prompt is distinct)
 
 
 # ---- set-up ------------------------------------------------------------------------------
@@ -84,10 +85,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--block-size", type=int, default=16, help="engine KV block size")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per scenario and system (new prompts each); best counts")
     p.add_argument("--seed", type=int, default=0, help="weights and prompts")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.repeats < 1 or args.num_requests < 1:
+        p.error("--repeats and --num-requests must be >= 1")
     for lo, hi, flag in (*args.prompt_len, "--prompt-len"), (*args.output_len, "--output-len"):
         if not 0 < lo <= hi:
             p.error(f"{flag}: need 0 < MIN <= MAX, got {lo} {hi}")
@@ -112,21 +116,20 @@ def prepare_checkpoint(args: argparse.Namespace, max_len: int) -> tuple[Path, bo
     return path, args.model_dir is None
 
 
-def make_workloads(args: argparse.Namespace, vocab_size: int) -> tuple[Workload, list[Workload]]:
-    """(warm-up, scenarios). Every prompt is distinct, so no scenario hits the prefix cache
-    left by another (or by the warm-up)."""
+def make_workloads(args: argparse.Namespace, vocab_size: int) -> tuple[Workload, list[list[Workload]]]:
+    """(warm-up, for each scenario one workload per repeat). Repeats keep the lengths and draw
+    new token ids: every prompt is distinct, so nothing hits the prefix cache another left."""
     rng = random.Random(args.seed)
 
-    def prompts(lengths: list[int]) -> list[list[int]]:
-        return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in lengths]
+    def draw(name: str, prompt_lens: list[int], max_tokens: list[int]) -> Workload:
+        return Workload(name, [[rng.randrange(2, vocab_size) for _ in range(n)] for n in prompt_lens], max_tokens)
 
     n = args.num_requests
-    warm = Workload("warm-up", prompts([32, 48, 64, 80]), [8, 12, 16, 16])
-    single = Workload("1 request", prompts([args.single_prompt_len]), [args.single_output_len])
     lens = [rng.randint(*args.prompt_len) for _ in range(n)]
     outs = [rng.randint(*args.output_len) for _ in range(n)]
-    batched = Workload(f"{n} requests", prompts(lens), outs)
-    return warm, [single, batched]
+    shapes = [("1 request", [args.single_prompt_len], [args.single_output_len]), (f"{n} requests", lens, outs)]
+    warm = draw("warm-up", [32, 48, 64, 80], [8, 12, 16, 16])
+    return warm, [[draw(*shape) for _ in range(args.repeats)] for shape in shapes]
 
 
 def max_sequence_len(args: argparse.Namespace) -> int:
@@ -192,9 +195,19 @@ def run_hf(model: torch.nn.Module, w: Workload, device: str) -> Run:
 
 
 # ---- report ------------------------------------------------------------------------------
-def scenario_result(w: Workload, ours: Run, hf: Run) -> dict[str, Any]:
+def scenario_result(w: Workload, runs: list[tuple[Run, Run]]) -> dict[str, Any]:
+    """Best time of each system over the repeats (the machine only ever adds noise)."""
     lens = [len(p) for p in w.prompts]
-    ours_tps, hf_tps = w.useful_tokens / ours.seconds, w.useful_tokens / hf.seconds
+
+    def side(k: int) -> dict[str, Any]:
+        seconds = [r[k].seconds for r in runs]
+        out = {"seconds": min(seconds), "tokens_per_s": w.useful_tokens / min(seconds), "all_seconds": seconds,
+               "computed_tokens": runs[0][k].computed_tokens}
+        if k == 0:
+            out["cached_prompt_tokens"] = sum(r[0].cached_prompt_tokens for r in runs)
+        return out
+
+    ours, hf = side(0), side(1)
     return {
         "scenario": w.name,
         "requests": len(w.prompts),
@@ -202,11 +215,11 @@ def scenario_result(w: Workload, ours: Run, hf: Run) -> dict[str, Any]:
         "prompt_len_range": [min(lens), max(lens)],
         "output_len_range": [min(w.max_tokens), max(w.max_tokens)],
         "useful_output_tokens": w.useful_tokens,
-        "ours": {"seconds": ours.seconds, "tokens_per_s": ours_tps, "computed_tokens": ours.computed_tokens,
-                 "cached_prompt_tokens": ours.cached_prompt_tokens},
-        "hf": {"seconds": hf.seconds, "tokens_per_s": hf_tps, "computed_tokens": hf.computed_tokens},
-        "ratio_ours_over_hf": ours_tps / hf_tps,
-        "identical_requests": sum(a == b for a, b in zip(ours.outputs, hf.outputs)),
+        "ours": ours,
+        "hf": hf,
+        "ratio_ours_over_hf": ours["tokens_per_s"] / hf["tokens_per_s"],
+        "identical_requests": sum(a == b for o, h in runs for a, b in zip(o.outputs, h.outputs)),
+        "compared_requests": len(runs) * len(w.prompts),
     }
 
 
@@ -217,17 +230,18 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print("-" * len(head))
     for r in results:
         pl, ol = "{}..{}".format(*r["prompt_len_range"]), "{}..{}".format(*r["output_len_range"])
-        same = f"{r['identical_requests']}/{r['requests']}"
+        same = f"{r['identical_requests']}/{r['compared_requests']}"
         print(f"{r['scenario']:<13} {pl:>10} {ol:>10} {r['useful_output_tokens']:>10} "
               f"{r['ours']['seconds']:>8.2f} {r['ours']['tokens_per_s']:>10.1f} {r['hf']['seconds']:>8.2f} "
               f"{r['hf']['tokens_per_s']:>9.1f} {r['ratio_ours_over_hf']:>7.2f}x {same:>11}")
-    print("tok/s = useful output tokens / wall seconds of the whole generate call (prefill included);")
-    print("only the tokens each request asked for count, for both systems. HF decodes every row of its")
-    print("padded batch to the longest max_tokens: HF computed " +
+    print("tok/s: useful output tokens (only those each request asked for, for both systems) per wall second")
+    print("of the whole generate call, prefill included; best of --repeats. HF decodes every row of its padded")
+    print("batch to the longest max_tokens, so it computed " +
           ", ".join(f"{r['hf']['computed_tokens']} ({r['scenario']})" for r in results) + " output tokens.")
+    print("same tokens: requests whose greedy outputs are identical in both systems.")
 
 
-def check_first_request(w: Workload, ours: Run, hf: Run, dtype: str) -> bool:
+def check_first_request(ours: Run, hf: Run, dtype: str) -> bool:
     """At one request, greedy decoding of the same weights must give the same tokens."""
     a, b = ours.outputs[0], hf.outputs[0]
     if a == b:
@@ -242,7 +256,8 @@ def check_first_request(w: Workload, ours: Run, hf: Run, dtype: str) -> bool:
 def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
     import transformers
 
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu
     return {
         "device": args.device, "device_name": device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
@@ -254,7 +269,7 @@ def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
 def benchmark(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     warm, scenarios = make_workloads(args, vocab)
-    blocks = kv_blocks_needed([warm, *scenarios], args.block_size) + args.num_requests
+    blocks = kv_blocks_needed([warm, *(s[0] for s in scenarios)], args.block_size) + args.num_requests
     llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, block_size=args.block_size, num_kv_blocks=blocks,
               max_num_seqs=max(args.num_requests, 4), max_num_batched_tokens=args.max_num_batched_tokens)
     hf = load_hf(model_dir, args.dtype, args.device)
@@ -263,24 +278,28 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     run_ours(llm, warm, args.device)
     run_hf(hf, warm, args.device)
     results, first_ok = [], True
-    for w in scenarios:
-        logger.info("%s: engine", w.name)
-        ours = run_ours(llm, w, args.device)
-        logger.info("%s: transformers", w.name)
-        theirs = run_hf(hf, w, args.device)
-        if len(w.prompts) == 1:
-            first_ok = check_first_request(w, ours, theirs, args.dtype)
-        results.append(scenario_result(w, ours, theirs))
+    for repeats in scenarios:
+        runs = []
+        for i, w in enumerate(repeats):  # interleaved, so a slow spell of the machine hits both
+            logger.info("%s (%d/%d): engine", w.name, i + 1, len(repeats))
+            ours = run_ours(llm, w, args.device)
+            logger.info("%s (%d/%d): transformers", w.name, i + 1, len(repeats))
+            runs.append((ours, run_hf(hf, w, args.device)))
+        if len(repeats[0].prompts) == 1:
+            first_ok = check_first_request(runs[0][0], runs[0][1], args.dtype)
+        results.append(scenario_result(repeats[0], runs))
     return {"environment": environment(args, params), "first_request_matches": first_ok, "scenarios": results}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_cli = argv is None
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = shlex.join([Path(sys.executable).name, "-m", "benchmarks.engine_throughput", *argv])
+    cli = [Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]] if from_cli else ["python", "-m", "benchmarks.engine_throughput", *argv]
+    command = shlex.join(cli)
     model_dir, temporary = prepare_checkpoint(args, max_sequence_len(args))
     try:
         report = benchmark(args, model_dir)

@@ -176,12 +176,12 @@ class LLMEngine:
         request.output_token_ids.append(token)
         request.output_logprobs.append(logprob)
         tracked.new_tokens.append(token)
+        if request.prefill_only:
+            return FinishReason.PREFILL_DONE  # stop conditions are the decode side's to apply
         if tracked.detok is not None:
             delta = tracked.detok.push(token)
             if delta and self._cut_at_stop_string(tracked.detok, len(delta), params.stop):
                 return FinishReason.STOP
-        if request.prefill_only:
-            return FinishReason.PREFILL_DONE
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return FinishReason.STOP
         if len(request.output_token_ids) >= params.max_tokens:

@@ -174,7 +174,10 @@ def _weights(spec: TinySpec, config: dict) -> dict[str, torch.Tensor]:
     def norm() -> torch.Tensor:
         return 1.0 + 0.1 * torch.randn(d, generator=g)
 
-    w = {"model.embed_tokens.weight": torch.randn(v, d, generator=g)}
+    # Tied embeddings double as the output layer: at unit scale a token's own embedding would
+    # dominate the residual stream and greedy decoding would repeat the prompt's last token.
+    embed_scale = 1 / math.sqrt(d) if config["tie_word_embeddings"] else 1.0
+    w = {"model.embed_tokens.weight": torch.randn(v, d, generator=g) * embed_scale}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm()

@@ -19,7 +19,9 @@ def connect(
     hub: LocalHub | None = None,
     device: str = "cpu",
     timeout: float = 10.0,
+    token: str | None = None,
 ) -> KVSender:
+    """`token` is the cluster token the receiver's gRPC server may require."""
     if transport == "local":
         if hub is None:
             raise TransferError("transport 'local' needs both workers in one process (no LocalHub here)")
@@ -27,9 +29,9 @@ def connect(
     if transport == "grpc":
         from kv_transfer.grpc_transport import GrpcSender
 
-        return GrpcSender(endpoint, sender_id, layout, handshake_timeout=timeout)
+        return GrpcSender(endpoint, sender_id, layout, handshake_timeout=timeout, token=token)
     if transport == "torch":
         from kv_transfer.torch_transport import TorchSender
 
-        return TorchSender(endpoint, sender_id, layout, device=device, handshake_timeout=timeout)
+        return TorchSender(endpoint, sender_id, layout, device=device, handshake_timeout=timeout, token=token)
     raise TransferError(f"unknown KV transport {transport!r}; expected one of {TRANSPORTS}")

@@ -20,28 +20,12 @@ from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.wire import PayloadHeader, copy_bytes_into, to_bytes
 from proto import kv_pb2, kv_pb2_grpc
+from proto.convert import layout_from_proto, layout_to_proto
+from proto.server import OPTIONS as CHANNEL_OPTIONS, token_metadata
 
 logger = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 _CODES = {"FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION, "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND, "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE}
-
-
-def layout_to_proto(layout: KVLayout) -> kv_pb2.KVLayout:
-    return kv_pb2.KVLayout(**layout.to_dict())
-
-
-def layout_from_proto(msg: kv_pb2.KVLayout) -> KVLayout:
-    return KVLayout(
-        model_fingerprint=msg.model_fingerprint,
-        dtype=msg.dtype,
-        block_size=msg.block_size,
-        layout=msg.layout,
-        num_layers=msg.num_layers,
-        num_kv_heads=msg.num_kv_heads,
-        head_dim=msg.head_dim,
-        protocol_version=msg.protocol_version,
-    )
 
 
 class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
@@ -109,11 +93,13 @@ def _rpc_error(e: grpc.RpcError, what: str) -> TransferError:
     return TransferError(f"{what}: {code.name if code else 'error'}: {detail}")
 
 
-def handshake(channel: grpc.Channel, sender_id: str, layout: KVLayout, transport: str, timeout: float) -> kv_pb2.HandshakeResponse:
+def handshake(channel: grpc.Channel, sender_id: str, layout: KVLayout, transport: str, timeout: float, token: str | None = None) -> kv_pb2.HandshakeResponse:
     stub = kv_pb2_grpc.KVTransferStub(channel)
     try:
         return stub.Handshake(
-            kv_pb2.HandshakeRequest(sender_id=sender_id, layout=layout_to_proto(layout), transport=transport), timeout=timeout
+            kv_pb2.HandshakeRequest(sender_id=sender_id, layout=layout_to_proto(layout), transport=transport),
+            timeout=timeout,
+            metadata=token_metadata(token),
         )
     except grpc.RpcError as e:
         if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
@@ -122,23 +108,26 @@ def handshake(channel: grpc.Channel, sender_id: str, layout: KVLayout, transport
 
 
 class _Stream:
-    def __init__(self, stub: kv_pb2_grpc.KVTransferStub, timeout: float) -> None:
+    def __init__(self, stub: kv_pb2_grpc.KVTransferStub, timeout: float, metadata: tuple) -> None:
         self.queue: queue.Queue[kv_pb2.KVMessage | None] = queue.Queue()
-        self.future = stub.Push.future(iter(self.queue.get, None), timeout=timeout)
+        self.future = stub.Push.future(iter(self.queue.get, None), timeout=timeout, metadata=metadata)
 
 
 class GrpcSender(KVSender):
-    def __init__(self, endpoint: str, sender_id: str, layout: KVLayout, timeout: float = 600.0, handshake_timeout: float = 10.0) -> None:
+    def __init__(
+        self, endpoint: str, sender_id: str, layout: KVLayout, timeout: float = 600.0, handshake_timeout: float = 10.0, token: str | None = None
+    ) -> None:
         self.channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self.timeout = timeout
-        handshake(self.channel, sender_id, layout, "grpc", handshake_timeout)
+        self.metadata = token_metadata(token)
+        handshake(self.channel, sender_id, layout, "grpc", handshake_timeout, token)
         self.stub = kv_pb2_grpc.KVTransferStub(self.channel)
         self._streams: dict[str, _Stream] = {}
 
     def send(self, header: PayloadHeader, kv) -> None:
         stream = self._streams.get(header.request_id)
         if stream is None:
-            stream = self._streams[header.request_id] = _Stream(self.stub, self.timeout)
+            stream = self._streams[header.request_id] = self._open()
         elif stream.future.done():  # the receiver already refused this stream: say why now
             self._finish(header.request_id)
         payload = kv_pb2.KVPayload(
@@ -152,14 +141,17 @@ class GrpcSender(KVSender):
         )
         stream.queue.put(kv_pb2.KVMessage(payload=payload))
 
+    def _open(self) -> _Stream:
+        return _Stream(self.stub, self.timeout, self.metadata)
+
     def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
-        stream = self._streams.get(request_id) or self._streams.setdefault(request_id, _Stream(self.stub, self.timeout))
+        stream = self._streams.get(request_id) or self._streams.setdefault(request_id, self._open())
         commit = kv_pb2.KVCommit(request_id=request_id, first_token=first_token, first_logprob=first_logprob, num_tokens=num_tokens)
         stream.queue.put(kv_pb2.KVMessage(commit=commit))
         self._finish(request_id)
 
     def abort(self, request_id: str, reason: str) -> None:
-        stream = self._streams.get(request_id) or self._streams.setdefault(request_id, _Stream(self.stub, self.timeout))
+        stream = self._streams.get(request_id) or self._streams.setdefault(request_id, self._open())
         stream.queue.put(kv_pb2.KVMessage(abort=kv_pb2.KVAbort(request_id=request_id, reason=reason)))
         try:
             self._finish(request_id)

@@ -41,3 +41,16 @@ class KVLayout:
             mine, other = getattr(self, name), getattr(theirs, name)
             if mine != other:
                 raise HandshakeError(name, mine, other)
+
+
+@dataclass(frozen=True)
+class TransferDescriptor:
+    """What the decode side tells the prefill side: where a request's KV goes and how."""
+
+    request_id: str
+    block_ids: tuple[int, ...]  # decode-side blocks, in token order
+    transport: str  # "torch" | "grpc" | "local"
+    endpoint: str  # the decode worker's KV endpoint for that transport
+    layout: KVLayout
+    lease_expiry_unix: float
+    decode_worker_id: str

@@ -133,9 +133,11 @@ class TorchKVServer:
 
 
 class TorchSender(KVSender):
-    def __init__(self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0) -> None:
+    def __init__(
+        self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0, token: str | None = None
+    ) -> None:
         with grpc.insecure_channel(endpoint) as channel:
-            reply = handshake(channel, sender_id, layout, "torch", handshake_timeout)
+            reply = handshake(channel, sender_id, layout, "torch", handshake_timeout, token)
         host, port = reply.store_address.rsplit(":", 1)
         try:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=handshake_timeout))

@@ -1,0 +1,1 @@
+"""The decode process: reservations under leases, KV reception, continuous-batching decode."""

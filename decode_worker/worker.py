@@ -1,0 +1,211 @@
+"""The decode worker's core, free of gRPC: reservations, KV landing, token streams.
+
+A request's journey here:
+    reserve()   engine blocks allocated, a transfer entry RESERVED under a lease, a stream opened
+    KV payloads (any transport) land in the blocks; the commit carries the first token
+    transfer COMPLETE  -> admitted into the running batch (engine.admit_prefilled), tokens flow
+    transfer FAILED / EXPIRED -> blocks freed, the stream ends with that status
+    abort()     at any point: transfer failed or request aborted, blocks freed, stream ended
+Every engine call runs on the engine loop thread; transports only write into reserved blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine.engine import RequestOutput
+from engine.engine_loop import EngineLoop
+from engine.errors import UnknownRequestError
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kv_transfer.connect import TRANSPORTS
+from kv_transfer.errors import TransferError
+from kv_transfer.layout import KVLayout, TransferDescriptor
+from kv_transfer.local import LocalHub
+from kv_transfer.receiver import KVReceiver, TensorKVStore
+from kv_transfer.state import Transfer, TransferState, TransferTable
+from kv_transfer.torch_transport import TorchKVServer
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeError(Exception):
+    """A request's decode leg ended without finishing; `status` says how."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class TokenChunk:
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+
+
+@dataclass
+class _Stream:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    chunks: "queue.Queue[TokenChunk | DecodeError]" = field(default_factory=queue.Queue)
+    text_sent: int = 0
+    tokens_sent: int = 0
+    done: bool = False
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        worker_id: str,
+        *,
+        host: str = "127.0.0.1",
+        transports: tuple[str, ...] = ("grpc", "torch"),
+        default_transport: str = "grpc",
+        lease_seconds: float = 30.0,
+        hub: LocalHub | None = None,
+    ) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.transports = transports
+        self.default_transport = default_transport
+        self.layout = KVLayout.from_dict(engine.kv_layout)
+        self.table = TransferTable(engine.model_config.num_layers, self._on_transfer_done)
+        self.receiver = KVReceiver(worker_id, self.layout, self.table, TensorKVStore(engine.runner.kv_cache), engine.config.device)
+        self.torch_server = TorchKVServer(self.receiver, host, engine.config.device) if "torch" in transports else None
+        self.hub = hub
+        self.endpoints: dict[str, str] = {}
+        if hub is not None and "local" in transports:
+            self.endpoints["local"] = hub.register(self.receiver)
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self.loop = EngineLoop(engine, self._on_outputs, idle_hook=self.table.expire, on_crash=self._on_crash, name=f"decode-{worker_id}")
+        self.loop.start()
+
+    def set_rpc_endpoint(self, address: str) -> None:
+        """The worker's gRPC address, which the grpc and torch transports handshake with."""
+        for t in ("grpc", "torch"):
+            if t in self.transports:
+                self.endpoints[t] = address
+
+    # ---- reservations --------------------------------------------------------------------
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transport: str = "", lease_seconds: float = 0.0) -> TransferDescriptor:
+        transport = transport or self.default_transport
+        if transport not in self.endpoints:
+            raise DecodeError("FAILED_PRECONDITION", f"transport {transport!r} is not enabled on decode worker {self.worker_id} (enabled: {sorted(self.endpoints)}; known: {TRANSPORTS})")
+        lease = lease_seconds or self.lease_seconds
+        with self._lock:
+            self._streams[request_id] = _Stream(list(prompt_token_ids), params)
+        try:
+            blocks = self.loop.call(lambda e: e.reserve(request_id, len(prompt_token_ids), params.max_tokens))
+            self.table.reserve(request_id, blocks, len(prompt_token_ids), lease)
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        return TransferDescriptor(request_id, tuple(blocks), transport, self.endpoints[transport], self.layout, time.time() + lease, self.worker_id)
+
+    def _on_transfer_done(self, t: Transfer) -> None:
+        """A transfer reached a final state (on a transport or the loop thread)."""
+        self.loop.submit(lambda engine: self._land(engine, t))
+
+    def _land(self, engine: LLMEngine, t: Transfer) -> None:
+        self.table.pop(t.request_id)
+        with self._lock:
+            stream = self._streams.get(t.request_id)
+        if t.state is TransferState.COMPLETE and stream is not None:
+            out = engine.admit_prefilled(t.request_id, stream.prompt_token_ids, t.first_token, stream.params, t.first_logprob)
+            self._on_outputs([out])
+            return
+        try:
+            engine.abort_request(t.request_id)
+        except UnknownRequestError:
+            pass
+        status = "DEADLINE_EXCEEDED" if t.state is TransferState.EXPIRED else "ABORTED"
+        self._end(t.request_id, DecodeError(status, f"KV transfer {t.state.value}: {t.reason}"))
+
+    # ---- streams -------------------------------------------------------------------------
+    def stream(self, request_id: str, timeout: float):
+        """Yield the request's TokenChunks until it finishes; raises DecodeError on failure."""
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            raise DecodeError("NOT_FOUND", f"no reservation for request {request_id!r} on {self.worker_id}")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = stream.chunks.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.abort(request_id, "decode deadline exceeded")
+                raise DecodeError("DEADLINE_EXCEEDED", f"request {request_id!r} did not finish within {timeout:g} s") from None
+            if isinstance(item, DecodeError):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            new_tokens = out.token_ids[stream.tokens_sent :]
+            chunk = TokenChunk(out.request_id, new_tokens, out.logprobs[stream.tokens_sent :], out.text[stream.text_sent :],
+                               out.finished, out.finish_reason, len(out.prompt_token_ids))
+            stream.tokens_sent, stream.text_sent = len(out.token_ids), len(out.text)
+            if out.finished:
+                self._end(out.request_id, chunk)
+            else:
+                stream.chunks.put(chunk)
+
+    def _end(self, request_id: str, last: "TokenChunk | DecodeError") -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.chunks.put(last)
+
+    # ---- aborts and state ----------------------------------------------------------------
+    def abort(self, request_id: str, reason: str = "aborted") -> bool:
+        """Abort wherever the request is; True if it was known."""
+        if self.table.fail(request_id, reason):
+            return True  # _land frees the blocks and ends the stream
+        with self._lock:
+            known = request_id in self._streams
+
+        def abort_in_engine(engine: LLMEngine) -> bool:
+            try:
+                engine.abort_request(request_id)
+            except UnknownRequestError:
+                return False
+            return True
+
+        found = self.loop.call(abort_in_engine)
+        self._end(request_id, DecodeError("ABORTED", f"request {request_id!r} aborted: {reason}"))
+        return found or known
+
+    def _on_crash(self, exc: BaseException) -> None:
+        with self._lock:
+            ids = list(self._streams)
+        for rid in ids:
+            self._end(rid, DecodeError("INTERNAL", f"decode engine failed: {exc}"))
+
+    def stats(self) -> dict[str, int]:
+        s = self.loop.call(lambda e: e.stats())
+        s["active_transfers"] = self.table.active()
+        return s
+
+    def close(self) -> None:
+        if self.hub is not None:
+            self.hub.unregister(self.worker_id)
+        self.loop.stop()

@@ -1,0 +1,1 @@
+"""The prefill process: prefill-only scheduling, pushing KV to decode workers, first tokens."""

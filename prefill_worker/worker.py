@@ -1,0 +1,201 @@
+"""The prefill worker's core, free of gRPC.
+
+A request's journey here:
+    prefill()  connect (handshake) to the decode side named by the descriptor, once per peer;
+               the request joins the engine's queue as prefill-only
+    each step  after every layer, the KV of the blocks this step filled is copied out and
+               queued on that peer's pusher thread, so sending overlaps the next layers
+    first token sampled -> commit queued behind the request's payloads
+    commit delivered    -> blocks released (into the prefix cache), the caller gets the token
+    any failure         -> the request is aborted here, the decode side is told, the caller
+                           gets the error
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from engine.engine import LLMEngine, RequestOutput
+from engine.engine_loop import EngineLoop
+from engine.errors import UnknownRequestError
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledRequest
+from kv_transfer.connect import connect
+from kv_transfer.errors import TransferError
+from kv_transfer.layout import KVLayout, TransferDescriptor
+from kv_transfer.local import LocalHub
+from kv_transfer.sender import KVPusher
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillError(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class PrefillResult:
+    request_id: str
+    first_token: int
+    first_logprob: float
+    num_cached_tokens: int
+    queue_seconds: float
+    prefill_seconds: float
+
+
+@dataclass
+class _Job:
+    descriptor: TransferDescriptor
+    pusher: KVPusher
+    num_prompt_tokens: int
+    future: Future = field(default_factory=Future)
+    pushed_tokens: int = 0  # KV of tokens before this has been queued for sending
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+
+
+class PrefillWorker:
+    def __init__(self, engine: LLMEngine, worker_id: str, *, hub: LocalHub | None = None, token: str | None = None) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.hub = hub
+        self.token = token
+        self.layout = KVLayout.from_dict(engine.kv_layout)
+        self.block_size = engine.pool.block_size
+        self.num_layers = engine.model_config.num_layers
+        self._jobs: dict[str, _Job] = {}
+        self._pushers: dict[tuple[str, str], KVPusher] = {}
+        self._lock = threading.Lock()
+        engine.on_layer_done = self._on_layer_done
+        self.loop = EngineLoop(engine, self._on_outputs, on_crash=self._on_crash, name=f"prefill-{worker_id}")
+        self.loop.start()
+
+    # ---- requests ------------------------------------------------------------------------
+    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float) -> PrefillResult:
+        if len(descriptor.block_ids) != -(-len(prompt_token_ids) // self.block_size):
+            raise PrefillError("INVALID_ARGUMENT", f"descriptor has {len(descriptor.block_ids)} blocks for a prompt of {len(prompt_token_ids)} tokens (block size {self.block_size})")
+        job = _Job(descriptor, self._pusher(descriptor), len(prompt_token_ids))
+        with self._lock:
+            if request_id in self._jobs:
+                raise PrefillError("ALREADY_EXISTS", f"request {request_id!r} is already being prefilled")
+            self._jobs[request_id] = job
+        try:
+            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, prefill_only=True))
+        except BaseException:
+            with self._lock:
+                self._jobs.pop(request_id, None)
+            raise
+        try:
+            return job.future.result(timeout)
+        except TimeoutError:
+            self.abort(request_id, f"prefill deadline of {timeout:g} s exceeded")
+            raise PrefillError("DEADLINE_EXCEEDED", f"prefill of {request_id!r} did not finish within {timeout:g} s") from None
+
+    def _pusher(self, d: TransferDescriptor) -> KVPusher:
+        key = (d.transport, d.endpoint)
+        with self._lock:
+            pusher = self._pushers.get(key)
+            if pusher is not None and pusher.broken is None:
+                return pusher
+        try:
+            sender = connect(d.transport, d.endpoint, self.worker_id, self.layout, hub=self.hub, device=self.engine.config.device, token=self.token)
+        except TransferError as e:
+            raise PrefillError(e.status, f"cannot reach decode worker {d.decode_worker_id} at {d.endpoint} over {d.transport}: {e}") from e
+        pusher = KVPusher(sender, f"{d.decode_worker_id}/{d.transport}")
+        with self._lock:
+            old = self._pushers.get(key)
+            self._pushers[key] = pusher
+        if old is not None:
+            old.close()
+        return pusher
+
+    # ---- hooks on the engine loop thread -------------------------------------------------
+    def _on_layer_done(self, layer: int, scheduled: list[ScheduledRequest]) -> None:
+        bs = self.block_size
+        for s in scheduled:
+            job = self._jobs.get(s.request.request_id)
+            if job is None:
+                continue
+            end = s.start + s.num_new_tokens
+            first = min(job.pushed_tokens, s.start) // bs  # a cached prefix is sent on the first chunk
+            last = -(-end // bs)
+            kv = self.engine.read_kv(layer, s.request.block_ids[first:last])  # a copy: blocks may move on
+            job.pusher.push(s.request.request_id, layer, list(job.descriptor.block_ids[first:last]), kv)
+            if layer == self.num_layers - 1:
+                job.pushed_tokens = end // bs * bs  # a partly filled block is sent again next chunk
+                job.first_scheduled = job.first_scheduled or time.monotonic()
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            job = self._jobs.get(out.request_id)
+            if job is None or out.finish_reason != "prefill_done":
+                continue
+            done = job.pusher.commit(out.request_id, out.token_ids[0], out.logprobs[0], job.num_prompt_tokens)
+            done.add_done_callback(lambda f, out=out: self._committed(out, f))
+
+    def _committed(self, out: RequestOutput, delivered: Future) -> None:
+        """On a pusher thread: the commit went out (or failed). Free the blocks, answer."""
+        rid = out.request_id
+        self.loop.submit(lambda e: _release(e, rid))
+        with self._lock:
+            job = self._jobs.pop(rid, None)
+        if job is None:
+            return
+        err = delivered.exception()
+        if err is not None:
+            status = getattr(err, "status", "UNAVAILABLE")
+            job.future.set_exception(PrefillError(status, f"KV transfer to {job.descriptor.decode_worker_id} failed: {err}"))
+            return
+        now = time.monotonic()
+        started = job.first_scheduled or now
+        job.future.set_result(PrefillResult(rid, out.token_ids[0], out.logprobs[0], out.num_cached_tokens, started - job.arrival, now - started))
+
+    # ---- aborts and state ----------------------------------------------------------------
+    def abort(self, request_id: str, reason: str = "aborted") -> bool:
+        with self._lock:
+            job = self._jobs.pop(request_id, None)
+        found = self.loop.call(lambda e: _abort(e, request_id))
+        if job is not None:
+            job.pusher.abort(request_id, reason)
+            if not job.future.done():
+                job.future.set_exception(PrefillError("ABORTED", f"prefill of {request_id!r} aborted: {reason}"))
+        return found or job is not None
+
+    def _on_crash(self, exc: BaseException) -> None:
+        with self._lock:
+            jobs, self._jobs = self._jobs, {}
+        for rid, job in jobs.items():
+            job.pusher.abort(rid, "prefill engine failed")
+            if not job.future.done():
+                job.future.set_exception(PrefillError("INTERNAL", f"prefill engine failed: {exc}"))
+
+    def stats(self) -> dict[str, int]:
+        return self.loop.call(lambda e: e.stats())
+
+    def close(self) -> None:
+        self.loop.stop()
+        with self._lock:
+            pushers = list(self._pushers.values())
+        for p in pushers:
+            p.close()
+
+
+def _release(engine: LLMEngine, request_id: str) -> None:
+    try:
+        engine.release(request_id)
+    except UnknownRequestError:
+        pass  # aborted meanwhile
+
+
+def _abort(engine: LLMEngine, request_id: str) -> bool:
+    try:
+        engine.abort_request(request_id)
+    except UnknownRequestError:
+        return False
+    return True

@@ -1,0 +1,63 @@
+"""Generated messages <-> the core's dataclasses, in one place for every service.
+
+Services call these at their edge and work with plain dataclasses inside.
+"""
+
+from __future__ import annotations
+
+from engine.sampling_params import SamplingParams
+from kv_transfer.layout import KVLayout, TransferDescriptor
+from proto import kv_pb2, worker_pb2
+
+
+def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:
+    msg = worker_pb2.SamplingParams(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def params_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
+    """Raises InvalidRequestError naming the bad field."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens, temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p,
+        seed=msg.seed if msg.HasField("seed") else None, stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+    )
+
+
+def layout_to_proto(layout: KVLayout) -> kv_pb2.KVLayout:
+    return kv_pb2.KVLayout(**layout.to_dict())
+
+
+def layout_from_proto(msg: kv_pb2.KVLayout) -> KVLayout:
+    return KVLayout(
+        model_fingerprint=msg.model_fingerprint, dtype=msg.dtype, block_size=msg.block_size, layout=msg.layout,
+        num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim, protocol_version=msg.protocol_version,
+    )
+
+
+def descriptor_to_proto(d: TransferDescriptor) -> worker_pb2.TransferDescriptor:
+    return worker_pb2.TransferDescriptor(
+        request_id=d.request_id, block_ids=list(d.block_ids), transport=d.transport, endpoint=d.endpoint,
+        layout=layout_to_proto(d.layout), lease_expiry_unix=d.lease_expiry_unix, decode_worker_id=d.decode_worker_id,
+    )
+
+
+def descriptor_from_proto(msg: worker_pb2.TransferDescriptor) -> TransferDescriptor:
+    return TransferDescriptor(
+        request_id=msg.request_id, block_ids=tuple(msg.block_ids), transport=msg.transport, endpoint=msg.endpoint,
+        layout=layout_from_proto(msg.layout), lease_expiry_unix=msg.lease_expiry_unix, decode_worker_id=msg.decode_worker_id,
+    )
+
+
+def stats_to_proto(worker_id: str, role: str, stats: dict[str, int], layout: KVLayout) -> worker_pb2.WorkerStats:
+    return worker_pb2.WorkerStats(
+        worker_id=worker_id, role=role, queued_prefill_tokens=stats["queued_prefill_tokens"],
+        running_requests=stats["running"], waiting_requests=stats["waiting"], free_blocks=stats["free_blocks"],
+        used_blocks=stats["used_blocks"], reserved_blocks=stats["reserved_blocks"], total_blocks=stats["total_blocks"],
+        active_transfers=stats.get("active_transfers", 0), layout=layout_to_proto(layout),
+    )

@@ -1,0 +1,1 @@
+"""The public front door: request orchestration over prefill and decode workers."""
