@@ -86,9 +86,21 @@ class KVPusher:
         self._put(_Job(request_id, "abort", reason=reason))
 
     def close(self) -> None:
+        """Finish what is queued, then close the connection; later calls fail at once."""
         self._jobs.put(None)
         self._thread.join(timeout=10)
+        self.broken = self.broken or PeerUnavailableError(f"KV pusher {self.name} closed")
+        self._fail_queued()
         self.sender.close()
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.done is not None and not job.done.done():
+                job.done.set_exception(self.broken)
 
     def _put(self, job: _Job) -> None:
         if self.broken is not None:

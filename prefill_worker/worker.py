@@ -71,6 +71,7 @@ class PrefillWorker:
         self.num_layers = engine.model_config.num_layers
         self._jobs: dict[str, _Job] = {}
         self._pushers: dict[tuple[str, str], KVPusher] = {}
+        self._connecting: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
         engine.on_layer_done = self._on_layer_done
         self.loop = EngineLoop(engine, self._on_outputs, on_crash=self._on_crash, name=f"prefill-{worker_id}")
@@ -98,22 +99,26 @@ class PrefillWorker:
             raise PrefillError("DEADLINE_EXCEEDED", f"prefill of {request_id!r} did not finish within {timeout:g} s") from None
 
     def _pusher(self, d: TransferDescriptor) -> KVPusher:
+        """The pusher for this peer and transport, connecting (with a handshake) on first use
+        or after the last connection broke. Concurrent first requests share one connect."""
         key = (d.transport, d.endpoint)
         with self._lock:
-            pusher = self._pushers.get(key)
+            connecting = self._connecting.setdefault(key, threading.Lock())
+        with connecting:
+            with self._lock:
+                pusher = self._pushers.get(key)
             if pusher is not None and pusher.broken is None:
                 return pusher
-        try:
-            sender = connect(d.transport, d.endpoint, self.worker_id, self.layout, hub=self.hub, device=self.engine.config.device, token=self.token)
-        except TransferError as e:
-            raise PrefillError(e.status, f"cannot reach decode worker {d.decode_worker_id} at {d.endpoint} over {d.transport}: {e}") from e
-        pusher = KVPusher(sender, f"{d.decode_worker_id}/{d.transport}")
-        with self._lock:
-            old = self._pushers.get(key)
-            self._pushers[key] = pusher
-        if old is not None:
-            old.close()
-        return pusher
+            try:
+                sender = connect(d.transport, d.endpoint, self.worker_id, self.layout, hub=self.hub, device=self.engine.config.device, token=self.token)
+            except TransferError as e:
+                raise PrefillError(e.status, f"cannot reach decode worker {d.decode_worker_id} at {d.endpoint} over {d.transport}: {e}") from e
+            fresh = KVPusher(sender, f"{d.decode_worker_id}/{d.transport}")
+            with self._lock:
+                self._pushers[key] = fresh
+        if pusher is not None:
+            pusher.close()  # broken: nothing of use is queued on it any more
+        return fresh
 
     # ---- hooks on the engine loop thread -------------------------------------------------
     def _on_layer_done(self, layer: int, scheduled: list[ScheduledRequest]) -> None:
