@@ -31,6 +31,7 @@ from kv_transfer.state import Transfer, TransferState, TransferTable
 from kv_transfer.torch_transport import TorchKVServer
 
 logger = logging.getLogger(__name__)
+ENDED_STREAM_TTL = 60.0
 
 
 class DecodeError(Exception):
@@ -59,7 +60,7 @@ class _Stream:
     chunks: "queue.Queue[TokenChunk | DecodeError]" = field(default_factory=queue.Queue)
     text_sent: int = 0
     tokens_sent: int = 0
-    done: bool = False
+    ended_at: float | None = None  # kept this long after the end so a late reader learns why
 
 
 class DecodeWorker:
@@ -89,7 +90,7 @@ class DecodeWorker:
             self.endpoints["local"] = hub.register(self.receiver)
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
-        self.loop = EngineLoop(engine, self._on_outputs, idle_hook=self.table.expire, on_crash=self._on_crash, name=f"decode-{worker_id}")
+        self.loop = EngineLoop(engine, self._on_outputs, idle_hook=self._housekeeping, on_crash=self._on_crash, name=f"decode-{worker_id}")
         self.loop.start()
 
     def set_rpc_endpoint(self, address: str) -> None:
@@ -105,6 +106,9 @@ class DecodeWorker:
             raise DecodeError("FAILED_PRECONDITION", f"transport {transport!r} is not enabled on decode worker {self.worker_id} (enabled: {sorted(self.endpoints)}; known: {TRANSPORTS})")
         lease = lease_seconds or self.lease_seconds
         with self._lock:
+            live = self._streams.get(request_id)
+            if live is not None and live.ended_at is None:
+                raise DecodeError("ALREADY_EXISTS", f"request {request_id!r} is already on {self.worker_id}")
             self._streams[request_id] = _Stream(list(prompt_token_ids), params)
         try:
             blocks = self.loop.call(lambda e: e.reserve(request_id, len(prompt_token_ids), params.max_tokens))
@@ -148,6 +152,9 @@ class DecodeWorker:
             except queue.Empty:
                 self.abort(request_id, "decode deadline exceeded")
                 raise DecodeError("DEADLINE_EXCEEDED", f"request {request_id!r} did not finish within {timeout:g} s") from None
+            if isinstance(item, DecodeError) or item.finished:
+                with self._lock:
+                    self._streams.pop(request_id, None)
             if isinstance(item, DecodeError):
                 raise item
             yield item
@@ -158,7 +165,7 @@ class DecodeWorker:
         for out in outputs:
             with self._lock:
                 stream = self._streams.get(out.request_id)
-            if stream is None:
+            if stream is None or stream.ended_at is not None:
                 continue
             new_tokens = out.token_ids[stream.tokens_sent :]
             chunk = TokenChunk(out.request_id, new_tokens, out.logprobs[stream.tokens_sent :], out.text[stream.text_sent :],
@@ -171,9 +178,19 @@ class DecodeWorker:
 
     def _end(self, request_id: str, last: "TokenChunk | DecodeError") -> None:
         with self._lock:
-            stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.chunks.put(last)
+            stream = self._streams.get(request_id)
+            if stream is None or stream.ended_at is not None:
+                return
+            stream.ended_at = time.monotonic()
+        stream.chunks.put(last)
+
+    def _housekeeping(self) -> None:
+        """On the loop thread between steps: expire leases, forget ended streams nobody read."""
+        self.table.expire()
+        cutoff = time.monotonic() - ENDED_STREAM_TTL
+        with self._lock:
+            for rid in [r for r, st in self._streams.items() if st.ended_at is not None and st.ended_at < cutoff]:
+                del self._streams[rid]
 
     # ---- aborts and state ----------------------------------------------------------------
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
@@ -181,7 +198,8 @@ class DecodeWorker:
         if self.table.fail(request_id, reason):
             return True  # _land frees the blocks and ends the stream
         with self._lock:
-            known = request_id in self._streams
+            stream = self._streams.get(request_id)
+            known = stream is not None and stream.ended_at is None
 
         def abort_in_engine(engine: LLMEngine) -> bool:
             try:
@@ -203,6 +221,7 @@ class DecodeWorker:
     def stats(self) -> dict[str, int]:
         s = self.loop.call(lambda e: e.stats())
         s["active_transfers"] = self.table.active()
+        s["kv_bytes_received"] = self.table.bytes_received_total
         return s
 
     def close(self) -> None:

@@ -43,7 +43,7 @@ class ModelConfig:
     torch_dtype: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    fingerprint: str  # sha256 of the canonical config.json
+    fingerprint: str  # config.json alone here; the loader widens it to the weights (checkpoint_fingerprint)
 
     @property
     def rope_params(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ missing, mis-shaped or unknown tensor is a `CheckpointError` naming it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -70,10 +72,31 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") 
     model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _fill(model, config, safetensors_files(model_dir))
+    files = safetensors_files(model_dir)
+    _fill(model, config, files)
+    config = dataclasses.replace(config, fingerprint=checkpoint_fingerprint(config, files))
+    model.config = config
     model.eval()
     logger.info("loaded %s (%s, %d layers) from %s as %s", config.architecture, config.fingerprint, config.num_layers, model_dir, torch_dtype)
     return model, config
+
+
+def checkpoint_fingerprint(config: ModelConfig, files: list[Path], window: int = 1 << 16) -> str:
+    """Identity of a checkpoint (not an integrity check): its config, and of each weight file
+    the size, the safetensors header and three sampled windows of bytes. Two checkpoints of
+    one shape but different weights (fine-tunes, seeds) differ here, at a cost independent
+    of the model's size."""
+    h = hashlib.sha256(config.fingerprint.encode())
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header_len, 1 << 24)))
+            for offset in (8 + header_len, (size + header_len) // 2, max(0, size - window)):
+                f.seek(offset)
+                h.update(f.read(window))
+    return h.hexdigest()[:16]
 
 
 def _fill(model: LlamaForCausalLM, config: ModelConfig, files: list[Path]) -> None:

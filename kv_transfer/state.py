@@ -71,6 +71,8 @@ class TransferTable:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._transfers: dict[str, Transfer] = {}
+        self.bytes_received_total = 0
+        self.transfers_total: dict[str, int] = {s.value: 0 for s in TransferState if s.terminal}
 
     # ---- reservations --------------------------------------------------------------------
     def reserve(self, request_id: str, block_ids: Sequence[int], num_tokens: int, lease_seconds: float) -> Transfer:
@@ -126,6 +128,7 @@ class TransferTable:
             elif not t.state.terminal:
                 t._received[layer].update(block_ids)
                 t.bytes_received += nbytes
+                self.bytes_received_total += nbytes
                 t.payloads += 1
             done = self._take_report(t)
         self._report(done)
@@ -199,6 +202,7 @@ class TransferTable:
         if t.state.terminal:
             return
         t.state, t.reason, t.finished = state, reason, self._clock()
+        self.transfers_total[state.value] += 1
         self._changed.notify_all()
 
     def _take_report(self, t: Transfer) -> Transfer | None:

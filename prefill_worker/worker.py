@@ -25,7 +25,7 @@ from engine.errors import UnknownRequestError
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest
 from kv_transfer.connect import connect
-from kv_transfer.errors import TransferError
+from kv_transfer.errors import HandshakeError, TransferError
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.local import LocalHub
 from kv_transfer.sender import KVPusher
@@ -79,6 +79,10 @@ class PrefillWorker:
 
     # ---- requests ------------------------------------------------------------------------
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float) -> PrefillResult:
+        try:  # refuse a mismatched peer before any work, naming the field that differs
+            self.layout.check_peer(descriptor.layout)
+        except HandshakeError as e:
+            raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
         if len(descriptor.block_ids) != -(-len(prompt_token_ids) // self.block_size):
             raise PrefillError("INVALID_ARGUMENT", f"descriptor has {len(descriptor.block_ids)} blocks for a prompt of {len(prompt_token_ids)} tokens (block size {self.block_size})")
         job = _Job(descriptor, self._pusher(descriptor), len(prompt_token_ids))

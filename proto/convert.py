@@ -60,4 +60,5 @@ def stats_to_proto(worker_id: str, role: str, stats: dict[str, int], layout: KVL
         running_requests=stats["running"], waiting_requests=stats["waiting"], free_blocks=stats["free_blocks"],
         used_blocks=stats["used_blocks"], reserved_blocks=stats["reserved_blocks"], total_blocks=stats["total_blocks"],
         active_transfers=stats.get("active_transfers", 0), layout=layout_to_proto(layout),
+        kv_bytes_received=stats.get("kv_bytes_received", 0),
     )

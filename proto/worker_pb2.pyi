@@ -130,7 +130,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "queued_prefill_tokens", "running_requests", "waiting_requests", "free_blocks", "used_blocks", "reserved_blocks", "total_blocks", "active_transfers", "layout")
+    __slots__ = ("worker_id", "role", "queued_prefill_tokens", "running_requests", "waiting_requests", "free_blocks", "used_blocks", "reserved_blocks", "total_blocks", "active_transfers", "layout", "kv_bytes_received")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class WorkerStats(_message.Message):
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     queued_prefill_tokens: int
@@ -153,4 +154,5 @@ class WorkerStats(_message.Message):
     total_blocks: int
     active_transfers: int
     layout: _kv_pb2.KVLayout
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., active_transfers: _Optional[int] = ..., layout: _Optional[_Union[_kv_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+    kv_bytes_received: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., active_transfers: _Optional[int] = ..., layout: _Optional[_Union[_kv_pb2.KVLayout, _Mapping]] = ..., kv_bytes_received: _Optional[int] = ...) -> None: ...
