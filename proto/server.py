@@ -59,7 +59,7 @@ def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((TOKEN_HEADER, token),) if token else ()
 
 
-def wait_for_termination(server: grpc.Server, on_stop: Callable[[], None], grace: float = 5.0) -> None:
+def wait_for_termination(server: grpc.Server, on_stop: Callable[[], None], grace: float = 2.0) -> None:
     """Block until SIGTERM/SIGINT, then stop accepting calls, let running ones end, clean up."""
     import signal
     import threading

@@ -128,10 +128,9 @@ def test_payload_for_unreserved_blocks_fails_the_request_not_the_connection(tran
     pusher.close()
 
 
+@pytest.mark.parametrize("transport", ["grpc"], indirect=True)  # hand-crafted wire messages
 def test_truncated_grpc_payload_is_refused(transport) -> None:
     kind, rx, _ = transport
-    if kind != "grpc":
-        pytest.skip("hand-crafted wire messages: gRPC only")
     rx.table.reserve("r", [1], 4, 30)
     header = PayloadHeader.for_tensor("r", 0, [1], torch.ones(1, 2, BS, KH, D))
     payload = kv_pb2.KVPayload(request_id="r", layer=0, block_ids=[1], dtype="float32", shape=header.shape,
@@ -144,11 +143,11 @@ def test_truncated_grpc_payload_is_refused(transport) -> None:
     assert t.state is TransferState.FAILED and "truncated" in t.reason and rx.done == [t]
 
 
-def test_header_size_mismatch_is_refused_before_any_write(transport) -> None:
-    kind, rx, hub = transport
-    receiver = KVReceiver("x", LAYOUT, rx.table, TensorKVStore(rx.cache))
-    rx.table.reserve("r", [1], 4, 30)
+def test_header_size_mismatch_is_refused_before_any_write() -> None:
+    table = TransferTable(LAYERS, lambda t: None)
+    receiver = KVReceiver("x", LAYOUT, table, TensorKVStore(torch.zeros(LAYERS, BLOCKS, 2, BS, KH, D)))
+    table.reserve("r", [1], 4, 30)
     bad = PayloadHeader("r", 0, (1,), "float32", (1, 2, BS, KH, D), 12)
     with pytest.raises(PayloadError, match="declares 12 bytes"):
         receiver.receive(bad, lambda dest: pytest.fail("must not write"))
-    assert rx.table.get("r").state is TransferState.FAILED
+    assert table.get("r").state is TransferState.FAILED
