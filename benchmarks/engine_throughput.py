@@ -255,7 +255,7 @@ def check_first_request(ours: Run, hf: Run, dtype: str) -> bool:
     return False
 
 
-def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
+def environment(args: argparse.Namespace, params: int, load_at_start: float) -> dict[str, Any]:
     import transformers
 
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
@@ -264,11 +264,14 @@ def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
         "device": args.device, "device_name": device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "parameters": params,
+        # other work on the machine skews both systems' times, and not equally
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
     }
 
 
 # ---- main --------------------------------------------------------------------------------
 def benchmark(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    load_at_start = os.getloadavg()[0]
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     warm, scenarios = make_workloads(args, vocab)
     blocks = kv_blocks_needed([warm, *(s[0] for s in scenarios)], args.block_size) + args.num_requests
@@ -290,7 +293,7 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         if k == 0:  # the single request
             first_ok = check_first_request(runs[0][0], runs[0][1], args.dtype)
         results.append(scenario_result(repeats[0], runs))
-    return {"environment": environment(args, params), "first_request_matches": first_ok, "scenarios": results}
+    return {"environment": environment(args, params, load_at_start), "first_request_matches": first_ok, "scenarios": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n$ {command}")
     print(f"model: {env['parameters'] / 1e6:.1f}M parameters (Llama-shaped, random weights), {env['dtype']}, "
           f"{env['device']} ({env['device_name']}, {env['threads']} threads), torch {env['torch']}, "
-          f"transformers {env['transformers']}")
+          f"transformers {env['transformers']}; load average {env['load_average_1min']['start']:.1f} at start, "
+          f"{env['load_average_1min']['end']:.1f} at end")
     print_table(report["scenarios"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

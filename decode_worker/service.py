@@ -36,6 +36,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 yield worker_pb2.TokenChunk(
                     request_id=rid, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text,
                     finished=c.finished, finish_reason=c.finish_reason or "", num_prompt_tokens=c.num_prompt_tokens,
+                    kv_transfer_seconds=c.kv_transfer_seconds, kv_bytes=c.kv_bytes,
                 )
         except Exception as e:
             finished = True  # the worker already cleaned up

@@ -51,6 +51,8 @@ class TokenChunk:
     finished: bool
     finish_reason: str | None
     num_prompt_tokens: int
+    kv_transfer_seconds: float = 0.0  # first chunk only
+    kv_bytes: int = 0  # first chunk only
 
 
 @dataclass
@@ -61,6 +63,8 @@ class _Stream:
     text_sent: int = 0
     tokens_sent: int = 0
     ended_at: float | None = None  # kept this long after the end so a late reader learns why
+    kv_transfer_seconds: float = 0.0
+    kv_bytes: int = 0
 
 
 class DecodeWorker:
@@ -90,6 +94,7 @@ class DecodeWorker:
             self.endpoints["local"] = hub.register(self.receiver)
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        self.accepting = True  # False once draining: running requests finish, no new ones
         self.loop = EngineLoop(engine, self._on_outputs, idle_hook=self._housekeeping, on_crash=self._on_crash, name=f"decode-{worker_id}")
         self.loop.start()
 
@@ -102,6 +107,8 @@ class DecodeWorker:
     # ---- reservations --------------------------------------------------------------------
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transport: str = "", lease_seconds: float = 0.0) -> TransferDescriptor:
         transport = transport or self.default_transport
+        if not self.accepting:
+            raise DecodeError("UNAVAILABLE", f"decode worker {self.worker_id} is draining")
         if transport not in self.endpoints:
             raise DecodeError("FAILED_PRECONDITION", f"transport {transport!r} is not enabled on decode worker {self.worker_id} (enabled: {sorted(self.endpoints)}; known: {TRANSPORTS})")
         lease = lease_seconds or self.lease_seconds
@@ -128,6 +135,8 @@ class DecodeWorker:
         with self._lock:
             stream = self._streams.get(t.request_id)
         if t.state is TransferState.COMPLETE and stream is not None:
+            stream.kv_transfer_seconds = (t.finished or 0.0) - (t.first_payload or t.finished or 0.0)
+            stream.kv_bytes = t.bytes_received
             out = engine.admit_prefilled(t.request_id, stream.prompt_token_ids, t.first_token, stream.params, t.first_logprob)
             self._on_outputs([out])
             return
@@ -170,6 +179,8 @@ class DecodeWorker:
             new_tokens = out.token_ids[stream.tokens_sent :]
             chunk = TokenChunk(out.request_id, new_tokens, out.logprobs[stream.tokens_sent :], out.text[stream.text_sent :],
                                out.finished, out.finish_reason, len(out.prompt_token_ids))
+            if stream.tokens_sent == 0:
+                chunk.kv_transfer_seconds, chunk.kv_bytes = stream.kv_transfer_seconds, stream.kv_bytes
             stream.tokens_sent, stream.text_sent = len(out.token_ids), len(out.text)
             if out.finished:
                 self._end(out.request_id, chunk)

@@ -30,11 +30,35 @@ from engine.model_runner import KV_LAYOUT, ModelRunner
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+
+
+def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt (text or ids), checked: non-empty, every id in the vocabulary."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt) if prompt else []
+    else:
+        ids = list(prompt)
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt", f"token id {bad!r} is not in the vocabulary [0, {vocab_size})")
+    if not ids:
+        raise InvalidRequestError("prompt", "is empty")
+    return ids
+
+
+def check_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """The prompt, and the prompt plus `max_tokens`, must fit the model's context."""
+    if num_prompt_tokens >= max_model_len:
+        raise ContextLengthExceededError("prompt", f"has {num_prompt_tokens} tokens; the model's context is {max_model_len}")
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthExceededError(
+            "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {max_model_len}"
+        )
 
 
 @dataclass
@@ -100,28 +124,10 @@ class LLMEngine:
         self.scheduler.add(request)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt) if prompt else []
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError("prompt", f"token id {bad!r} is not in the vocabulary [0, {vocab})")
-        if not ids:
-            raise InvalidRequestError("prompt", "is empty")
-        return ids
+        return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        if num_prompt_tokens >= self.max_model_len:
-            raise ContextLengthExceededError(
-                "prompt", f"has {num_prompt_tokens} tokens; the model's context is {self.max_model_len}"
-            )
-        if num_prompt_tokens + max_tokens > self.max_model_len:
-            raise ContextLengthExceededError(
-                "max_tokens",
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {self.max_model_len}",
-            )
+        check_fits(num_prompt_tokens, max_tokens, self.max_model_len)
         capacity = self.pool.num_blocks * self.pool.block_size
         if num_prompt_tokens + max_tokens > capacity:
             raise ContextLengthExceededError(
@@ -180,26 +186,15 @@ class LLMEngine:
             return FinishReason.PREFILL_DONE  # stop conditions are the decode side's to apply
         if tracked.detok is not None:
             delta = tracked.detok.push(token)
-            if delta and self._cut_at_stop_string(tracked.detok, len(delta), params.stop):
+            cut = cut_at_stop_string(tracked.detok.text, len(delta), params.stop) if delta and params.stop else None
+            if cut is not None:
+                tracked.detok.text = cut
                 return FinishReason.STOP
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return FinishReason.STOP
         if len(request.output_token_ids) >= params.max_tokens:
             return FinishReason.LENGTH
         return None
-
-    @staticmethod
-    def _cut_at_stop_string(detok: IncrementalDetokenizer, delta_len: int, stops: tuple[str, ...]) -> bool:
-        if not stops:
-            return False
-        text = detok.text
-        for stop in stops:
-            # a stop string can only end inside the new delta
-            idx = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
-            if idx >= 0:
-                detok.text = text[:idx]
-                return True
-        return False
 
     def _output(self, tracked: _Tracked) -> RequestOutput:
         r = tracked.request

@@ -64,3 +64,13 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         self.text += delta
         return delta
+
+
+def cut_at_stop_string(text: str, delta_len: int, stops: tuple[str, ...]) -> str | None:
+    """If a stop string ends inside the last `delta_len` characters of `text`, the text before
+    it; else None. The same rule serves the engine and the router, so both cut alike."""
+    for stop in stops:
+        idx = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
+        if idx >= 0:
+            return text[:idx]
+    return None

@@ -72,6 +72,7 @@ class PrefillWorker:
         self._jobs: dict[str, _Job] = {}
         self._pushers: dict[tuple[str, str], KVPusher] = {}
         self._connecting: dict[tuple[str, str], threading.Lock] = {}
+        self.accepting = True  # False once draining: queued prefills finish, no new ones
         self._lock = threading.Lock()
         engine.on_layer_done = self._on_layer_done
         self.loop = EngineLoop(engine, self._on_outputs, on_crash=self._on_crash, name=f"prefill-{worker_id}")
@@ -79,6 +80,8 @@ class PrefillWorker:
 
     # ---- requests ------------------------------------------------------------------------
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float) -> PrefillResult:
+        if not self.accepting:
+            raise PrefillError("UNAVAILABLE", f"prefill worker {self.worker_id} is draining")
         try:  # refuse a mismatched peer before any work, naming the field that differs
             self.layout.check_peer(descriptor.layout)
         except HandshakeError as e:

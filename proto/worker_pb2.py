@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import kv_pb2 as proto_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/worker.proto\x12\x11splitserve.worker\x1a\x0eproto/kv.proto\"\xad\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xbe\x01\n\x12TransferDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\'\n\x06layout\x18\x05 \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x19\n\x11lease_expiry_unix\x18\x06 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x07 \x01(\t\"\x9b\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x15\n\rlease_seconds\x18\x05 \x01(\x02\"#\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x97\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\x05\"\xac\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x39\n\ndescriptor\x18\x04 \x01(\x0b\x32%.splitserve.worker.TransferDescriptor\"\x9c\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xb8\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\x03\x12\x18\n\x10running_requests\x18\x04 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x05 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x07 \x01(\x05\x12\x17\n\x0freserved_blocks\x18\x08 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\t \x01(\x05\x12\x18\n\x10\x61\x63tive_transfers\x18\n \x01(\x05\x12\'\n\x06layout\x18\x0b \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x19\n\x11kv_bytes_received\x18\x0c \x01(\x03\x32\xc6\x02\n\x0c\x44\x65\x63odeWorker\x12S\n\x07Reserve\x12!.splitserve.worker.ReserveRequest\x1a%.splitserve.worker.TransferDescriptor\x12K\n\x06\x44\x65\x63ode\x12 .splitserve.worker.DecodeRequest\x1a\x1d.splitserve.worker.TokenChunk0\x01\x12J\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a .splitserve.worker.AbortResponse\x12H\n\x05Stats\x12\x1f.splitserve.worker.StatsRequest\x1a\x1e.splitserve.worker.WorkerStats2\xf7\x01\n\rPrefillWorker\x12P\n\x07Prefill\x12!.splitserve.worker.PrefillRequest\x1a\".splitserve.worker.PrefillResponse\x12J\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a .splitserve.worker.AbortResponse\x12H\n\x05Stats\x12\x1f.splitserve.worker.StatsRequest\x1a\x1e.splitserve.worker.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/worker.proto\x12\x11splitserve.worker\x1a\x0eproto/kv.proto\"\xad\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xbe\x01\n\x12TransferDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\'\n\x06layout\x18\x05 \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x19\n\x11lease_expiry_unix\x18\x06 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x07 \x01(\t\"\x9b\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x15\n\rlease_seconds\x18\x05 \x01(\x02\"#\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xc6\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\x05\x12\x1b\n\x13kv_transfer_seconds\x18\x08 \x01(\x01\x12\x10\n\x08kv_bytes\x18\t \x01(\x03\"\xac\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x39\n\ndescriptor\x18\x04 \x01(\x0b\x32%.splitserve.worker.TransferDescriptor\"\x9c\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xb8\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\x03\x12\x18\n\x10running_requests\x18\x04 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x05 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x07 \x01(\x05\x12\x17\n\x0freserved_blocks\x18\x08 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\t \x01(\x05\x12\x18\n\x10\x61\x63tive_transfers\x18\n \x01(\x05\x12\'\n\x06layout\x18\x0b \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x19\n\x11kv_bytes_received\x18\x0c \x01(\x03\x32\xc6\x02\n\x0c\x44\x65\x63odeWorker\x12S\n\x07Reserve\x12!.splitserve.worker.ReserveRequest\x1a%.splitserve.worker.TransferDescriptor\x12K\n\x06\x44\x65\x63ode\x12 .splitserve.worker.DecodeRequest\x1a\x1d.splitserve.worker.TokenChunk0\x01\x12J\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a .splitserve.worker.AbortResponse\x12H\n\x05Stats\x12\x1f.splitserve.worker.StatsRequest\x1a\x1e.splitserve.worker.WorkerStats2\xf7\x01\n\rPrefillWorker\x12P\n\x07Prefill\x12!.splitserve.worker.PrefillRequest\x1a\".splitserve.worker.PrefillResponse\x12J\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a .splitserve.worker.AbortResponse\x12H\n\x05Stats\x12\x1f.splitserve.worker.StatsRequest\x1a\x1e.splitserve.worker.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,21 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=584
   _globals['_DECODEREQUEST']._serialized_end=619
   _globals['_TOKENCHUNK']._serialized_start=622
-  _globals['_TOKENCHUNK']._serialized_end=773
-  _globals['_PREFILLREQUEST']._serialized_start=776
-  _globals['_PREFILLREQUEST']._serialized_end=948
-  _globals['_PREFILLRESPONSE']._serialized_start=951
-  _globals['_PREFILLRESPONSE']._serialized_end=1107
-  _globals['_ABORTREQUEST']._serialized_start=1109
-  _globals['_ABORTREQUEST']._serialized_end=1159
-  _globals['_ABORTRESPONSE']._serialized_start=1161
-  _globals['_ABORTRESPONSE']._serialized_end=1191
-  _globals['_STATSREQUEST']._serialized_start=1193
-  _globals['_STATSREQUEST']._serialized_end=1207
-  _globals['_WORKERSTATS']._serialized_start=1210
-  _globals['_WORKERSTATS']._serialized_end=1522
-  _globals['_DECODEWORKER']._serialized_start=1525
-  _globals['_DECODEWORKER']._serialized_end=1851
-  _globals['_PREFILLWORKER']._serialized_start=1854
-  _globals['_PREFILLWORKER']._serialized_end=2101
+  _globals['_TOKENCHUNK']._serialized_end=820
+  _globals['_PREFILLREQUEST']._serialized_start=823
+  _globals['_PREFILLREQUEST']._serialized_end=995
+  _globals['_PREFILLRESPONSE']._serialized_start=998
+  _globals['_PREFILLRESPONSE']._serialized_end=1154
+  _globals['_ABORTREQUEST']._serialized_start=1156
+  _globals['_ABORTREQUEST']._serialized_end=1206
+  _globals['_ABORTRESPONSE']._serialized_start=1208
+  _globals['_ABORTRESPONSE']._serialized_end=1238
+  _globals['_STATSREQUEST']._serialized_start=1240
+  _globals['_STATSREQUEST']._serialized_end=1254
+  _globals['_WORKERSTATS']._serialized_start=1257
+  _globals['_WORKERSTATS']._serialized_end=1569
+  _globals['_DECODEWORKER']._serialized_start=1572
+  _globals['_DECODEWORKER']._serialized_end=1898
+  _globals['_PREFILLWORKER']._serialized_start=1901
+  _globals['_PREFILLWORKER']._serialized_end=2148
 # @@protoc_insertion_point(module_scope)

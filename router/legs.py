@@ -1,6 +1,8 @@
-"""Running one request's two legs: Reserve on a decode worker, Prefill on a prefill worker,
-then the decode stream. Every call has a deadline; when either leg fails the other is aborted
-explicitly, and the caller gets one definite `StatusError`, never a hang.
+"""The calls of one request's two legs, each with a deadline and each turning a gRPC failure
+into a `StatusError`: reserve (decode side), prefill, the decode stream, and aborts.
+
+`stream_disaggregated` chains them for one fixed pair (tests and tools use it); the router's
+orchestrator chains the same calls with routing, retries and metrics around them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import grpc
 
 from engine.sampling_params import SamplingParams
 from proto import worker_pb2, worker_pb2_grpc
-from proto.convert import descriptor_from_proto, params_to_proto
+from proto.convert import params_to_proto
 from proto.server import OPTIONS, token_metadata
 from proto.status import StatusError
 
@@ -34,6 +36,47 @@ class WorkerClient:
 
     def close(self) -> None:
         self.channel.close()
+
+    # ---- decode side ---------------------------------------------------------------------
+    def reserve(self, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams, transport: str, timeout: float) -> worker_pb2.TransferDescriptor:
+        req = worker_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, transport=transport)
+        try:
+            return self.decode.Reserve(req, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise StatusError.from_rpc(e, f"reserve on {self.address}") from None
+
+    def decode_stream(self, request_id: str, timeout: float) -> Iterator[worker_pb2.TokenChunk]:
+        """Yield the decode worker's chunks; cancels the stream if the consumer leaves."""
+        stream = self.decode.Decode(worker_pb2.DecodeRequest(request_id=request_id), timeout=timeout, metadata=self.metadata)
+        try:
+            for chunk in stream:
+                yield chunk
+                if chunk.finished:
+                    return
+        except grpc.RpcError as e:
+            raise StatusError.from_rpc(e, f"decode on {self.address}") from None
+        finally:
+            stream.cancel()  # no-op once finished; otherwise the decode side aborts the request
+
+    def abort_decode(self, request_id: str, reason: str) -> None:
+        self._abort(self.decode, request_id, reason)
+
+    # ---- prefill side --------------------------------------------------------------------
+    def prefill_call(self, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams, descriptor: worker_pb2.TransferDescriptor, timeout: float) -> worker_pb2.PrefillResponse:
+        req = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, descriptor=descriptor)
+        try:
+            return self.prefill.Prefill(req, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise StatusError.from_rpc(e, f"prefill on {self.address}") from None
+
+    def abort_prefill(self, request_id: str, reason: str) -> None:
+        self._abort(self.prefill, request_id, reason)
+
+    def _abort(self, stub, request_id: str, reason: str) -> None:
+        try:
+            stub.Abort(worker_pb2.AbortRequest(request_id=request_id, reason=reason), timeout=ABORT_TIMEOUT, metadata=self.metadata)
+        except grpc.RpcError as e:  # the leg may be gone; its own leases clean up
+            logger.warning("abort of %s on %s failed: %s", request_id, self.address, e.code())
 
 
 @dataclass
@@ -57,42 +100,25 @@ def stream_disaggregated(
     timeout: float = 60.0,
     timings: dict[str, float] | None = None,
 ) -> Iterator[worker_pb2.TokenChunk]:
-    """Yield the request's token chunks (the first holds the prefill's first token)."""
+    """Reserve -> Prefill -> Decode on one pair; yields the decode worker's chunks (the first
+    holds the prefill's first token). A failed leg aborts the other."""
     t = timings if timings is not None else {}
     start = time.monotonic()
     deadline = start + timeout
     left = lambda: max(0.001, deadline - time.monotonic())  # noqa: E731
     p = params_to_proto(params)
-    try:
-        d = decode.decode.Reserve(
-            worker_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, params=p, transport=transport),
-            timeout=left(), metadata=decode.metadata,
-        )
-    except grpc.RpcError as e:
-        raise StatusError.from_rpc(e, f"reserve on {decode.address}") from None
+    d = decode.reserve(request_id, prompt_token_ids, p, transport, left())
     t["reserve"] = time.monotonic() - start
-
     try:
-        pre = prefill.prefill.Prefill(
-            worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, params=p, descriptor=d),
-            timeout=left(), metadata=prefill.metadata,
-        )
-    except grpc.RpcError as e:
-        _abort(decode.decode, decode, request_id, "prefill leg failed")
-        raise StatusError.from_rpc(e, f"prefill on {prefill.address}") from None
-    t.update(prefill=time.monotonic() - start - t["reserve"], prefill_queue=pre.queue_seconds, prefill_compute=pre.prefill_seconds, ttft=time.monotonic() - start)
-
-    stream = decode.decode.Decode(worker_pb2.DecodeRequest(request_id=request_id), timeout=left(), metadata=decode.metadata)
+        pre = prefill.prefill_call(request_id, prompt_token_ids, p, d, left())
+    except StatusError:
+        decode.abort_decode(request_id, "prefill leg failed")
+        raise
+    t.update(prefill_queue=pre.queue_seconds, prefill=pre.prefill_seconds, ttft=time.monotonic() - start)
     try:
-        for chunk in stream:
-            yield chunk
-            if chunk.finished:
-                break
-    except grpc.RpcError as e:
-        _abort(prefill.prefill, prefill, request_id, "decode leg failed")
-        raise StatusError.from_rpc(e, f"decode on {decode.address}") from None
-    except GeneratorExit:  # the consumer left: cancel the stream so the decode side aborts
-        stream.cancel()
+        yield from decode.decode_stream(request_id, left())
+    except StatusError:
+        prefill.abort_prefill(request_id, "decode leg failed")
         raise
     t["e2e"] = time.monotonic() - start
 
@@ -109,10 +135,3 @@ def run_disaggregated(
         if chunk.finished:
             result.finish_reason = chunk.finish_reason
     return result
-
-
-def _abort(stub, client: WorkerClient, request_id: str, reason: str) -> None:
-    try:
-        stub.Abort(worker_pb2.AbortRequest(request_id=request_id, reason=reason), timeout=ABORT_TIMEOUT, metadata=client.metadata)
-    except grpc.RpcError as e:  # the other leg may be gone; its own leases clean up
-        logger.warning("abort of %s on %s failed: %s", request_id, client.address, e.code())

@@ -111,7 +111,7 @@ def test_client_leaving_the_stream_aborts_the_request(prefill: WorkerClient, dec
 
     chunks = stream_disaggregated(prefill, decode, "walk-away", [9] * 40, SamplingParams(max_tokens=3000, ignore_eos=True), timeout=60)
     next(chunks)
-    chunks.close()  # cancels the decode stream
+    chunks.close()  # closes the decode stream, which cancels it
     assert_drained(decode)
 
 

@@ -1,0 +1,202 @@
+"""`cluster.yaml`: a tree of frozen dataclasses, loaded and validated once.
+
+Validation is strict and says where: an unknown key, a wrong type or a value outside its
+allowed set is a `ConfigError` naming the dotted key (e.g. `decode.replicas`) and what is
+allowed. See `cluster.example.yaml` for every key with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    status = "INVALID_ARGUMENT"
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # "auto" is resolved by the pool: 1 per worker when CUDA is present
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = ""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class PrefillPool:
+    replicas: int = 1
+    resources: Resources = field(default_factory=Resources)
+    max_prefill_chunk: int = 512
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int = 1 << 30  # bytes
+    cp_degree: int = 1
+
+
+@dataclass(frozen=True)
+class DecodePool:
+    replicas: int = 1
+    resources: Resources = field(default_factory=Resources)
+    max_running_requests: int = 64
+    kv_cache_memory: int = 1 << 30  # bytes
+
+
+@dataclass(frozen=True)
+class KVTransferSection:
+    transport: Literal["torch", "grpc", "local"] = "grpc"
+    lease_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_ms: float = 5000.0
+    tpot_ms: float = 500.0
+
+
+@dataclass(frozen=True)
+class RouterSection:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+    request_timeout_s: float = 600.0
+    max_retries: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = "splitserve"
+    model: ModelSection = field(default_factory=ModelSection)
+    prefill: PrefillPool = field(default_factory=PrefillPool)
+    decode: DecodePool = field(default_factory=DecodePool)
+    kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
+    block_size: int = 16
+    slo: SLO = field(default_factory=SLO)
+    redis_url: str | None = None  # None: `splitserve serve` starts one for the run
+    ray_address: str | None = None  # None: a local Ray instance
+    router: RouterSection = field(default_factory=RouterSection)
+    api_keys: list[str] = field(default_factory=list)
+    cluster_token: str | None = None
+    heartbeat_seconds: float = 1.0
+    heartbeat_ttl_seconds: float = 5.0
+    max_restarts: int = 5  # per worker, by Ray, before the controller replaces it
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("block_size", self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, "a power of two > 0"),
+            ("prefill.replicas", self.prefill.replicas >= 0, ">= 0"),
+            ("decode.replicas", self.decode.replicas >= 0, ">= 0"),
+            ("prefill.cp_degree", self.prefill.cp_degree >= 1, ">= 1"),
+            ("prefill.max_prefill_chunk", self.prefill.max_prefill_chunk > 0, "> 0"),
+            ("prefill.max_num_batched_tokens", self.prefill.max_num_batched_tokens > 0, "> 0"),
+            ("decode.max_running_requests", self.decode.max_running_requests > 0, "> 0"),
+            ("kv_transfer.lease_seconds", self.kv_transfer.lease_seconds > 0, "> 0"),
+            ("router.http_port", 0 <= self.router.http_port < 65536, "a port in 0..65535 (0 = any free)"),
+            ("router.grpc_port", 0 <= self.router.grpc_port < 65536, "a port in 0..65535 (0 = any free)"),
+            ("router.max_retries", self.router.max_retries >= 0, ">= 0"),
+            ("heartbeat_ttl_seconds", self.heartbeat_ttl_seconds > self.heartbeat_seconds > 0, "> heartbeat_seconds > 0"),
+            ("name", bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(key, f"must be {allowed}")
+
+
+def load_cluster_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "must be a mapping at the top level")
+    return parse_cluster_config(raw, overrides)
+
+
+def parse_cluster_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> ClusterConfig:
+    """Build a validated config; `overrides` maps dotted keys to values (e.g. CLI flags)."""
+    raw = _merge(raw, overrides or {})
+    config = _build(ClusterConfig, raw, "")
+    if not config.model.path:
+        raise ConfigError("model.path", "is required: a Hugging Face checkpoint folder")
+    return config
+
+
+def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for dotted, value in overrides.items():
+        node = out
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else node
+            if not isinstance(node, dict):
+                raise ConfigError(dotted, "cannot override inside a non-mapping")
+        node[last] = value
+    return out
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "cluster.yaml"
+    if not isinstance(raw, dict):
+        raise ConfigError(where, f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(prefix + str(unknown[0]), f"unknown key; allowed keys here: {', '.join(names)}")
+    kwargs = {name: _value(hints[name], raw[name], prefix + name) for name in names if name in raw}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix:
+            raise ConfigError(prefix + e.key, str(e).split(": ", 1)[1]) from None
+        raise
+
+
+def _value(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _value(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"{value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__}")
+        return [_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, str) and value[-3:] in ("KiB", "MiB", "GiB"):
+        return _bytes(value, key)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(key, f"must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _bytes(text: str, key: str) -> int:
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+    try:
+        return int(float(text[:-3]) * units[text[-3:]])
+    except ValueError:
+        raise ConfigError(key, f"{text!r} is not a size like '512MiB'") from None

@@ -1,0 +1,100 @@
+"""The controller: a reconcile loop that makes the running pools match the targets in Redis.
+
+Each pass (idempotent): stop workers that finished draining; then, per role, start workers
+while fewer than the target are serving, or ask the newest to drain while more are. Users
+change targets with `splitserve scale` / `drain` (through the router's admin service); the
+controller only ever compares and acts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from cluster.config import ClusterConfig, Resources
+from cluster.ray_backend import WorkerBackend
+from cluster.registry import Registry
+from cluster.worker_runtime import WorkerSpec
+
+logger = logging.getLogger(__name__)
+ROLES = ("prefill", "decode")
+
+
+def worker_spec(config: ClusterConfig, role: str, worker_id: str, redis_url: str, device: str) -> WorkerSpec:
+    pool = config.prefill if role == "prefill" else config.decode
+    return WorkerSpec(
+        role=role, worker_id=worker_id, cluster=config.name, redis_url=redis_url, model=config.model.path,
+        dtype=config.model.dtype, device=device, block_size=config.block_size, kv_cache_memory=pool.kv_cache_memory,
+        max_model_len=config.model.max_model_len,
+        max_num_seqs=config.decode.max_running_requests if role == "decode" else 256,
+        max_num_batched_tokens=config.prefill.max_num_batched_tokens,
+        max_prefill_chunk=config.prefill.max_prefill_chunk if role == "prefill" else None,
+        transport=config.kv_transfer.transport, lease_seconds=config.kv_transfer.lease_seconds,
+        host=config.router.host, token=config.cluster_token,
+        heartbeat_seconds=config.heartbeat_seconds, heartbeat_ttl_seconds=config.heartbeat_ttl_seconds,
+    )
+
+
+class Controller:
+    def __init__(self, config: ClusterConfig, backend: WorkerBackend, registry: Registry, redis_url: str, device: str = "cpu",
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.config = config
+        self.backend = backend
+        self.registry = registry
+        self.redis_url = redis_url
+        self.device = device
+        self._on_error = on_error
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        registry.init_targets({"prefill": config.prefill.replicas, "decode": config.decode.replicas})
+
+    def resources(self, role: str) -> Resources:
+        r = (self.config.prefill if role == "prefill" else self.config.decode).resources
+        if self.device == "cuda" and r.num_gpus == 0:
+            return Resources(r.num_cpus, 1.0)  # a GPU worker asks Ray for its GPU
+        return r
+
+    def reconcile(self) -> None:
+        alive = self.backend.alive()
+        records = {r.worker_id: r for r in self.registry.workers()}
+        draining = self.registry.draining()
+        for wid in [w for w in alive if records.get(w) is not None and records[w].state == "drained"]:
+            logger.info("stopping drained worker %s", wid)
+            self.backend.stop(wid)
+            self.registry.forget(wid)
+            del alive[wid]
+        targets = self.registry.targets()
+        for role in ROLES:
+            serving = sorted((w for w, r in alive.items() if r == role and w not in draining), key=_seq)
+            want = targets.get(role, 0)
+            for _ in range(want - len(serving)):
+                wid = f"{self.config.name}-{role}-{self.registry.next_seq()}"
+                logger.info("starting %s worker %s", role, wid)
+                self.backend.start(worker_spec(self.config, role, wid, self.redis_url, self.device), self.resources(role))
+            for wid in serving[want:]:
+                logger.info("draining %s worker %s (scale down)", role, wid)
+                self.registry.request_drain(wid)
+
+    def start(self, period: float = 0.5) -> None:
+        self._thread = threading.Thread(target=self._run, args=(period,), name="controller", daemon=True)
+        self._thread.start()
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                self.reconcile()
+            except Exception as e:  # keep reconciling: Redis or Ray may be back next pass
+                logger.warning("reconcile failed: %s", e)
+                if self._on_error is not None:
+                    self._on_error(e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+def _seq(worker_id: str) -> int:
+    tail = worker_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

@@ -1,0 +1,139 @@
+"""The cluster's shared state in Redis: who serves, how loaded, what the pools should be.
+
+Keys (all under `splitserve:{cluster}:`, so clusters can share one Redis):
+    worker:{id}   JSON `WorkerRecord`, rewritten by the worker's heartbeat with a TTL: a worker
+                  that stops beating vanishes from routing by itself, and one that beats again
+                  after a Redis restart is back at the next beat
+    target        hash role -> replicas the controller reconciles towards
+    drain         set of worker ids asked to drain
+    seq           counter for worker names
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    address: str
+    state: str = "ready"  # "starting" | "ready" | "draining" | "drained"
+    model_fingerprint: str = ""
+    layout: dict = field(default_factory=dict)
+    load: dict = field(default_factory=dict)  # engine stats: running, waiting, queued_prefill_tokens, blocks...
+    heartbeat: float = 0.0  # unix time of the last beat
+    pid: int = 0
+    restarts: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "WorkerRecord":
+        return cls(**json.loads(text))
+
+
+class Registry:
+    def __init__(self, redis_url: str, cluster: str, ttl_seconds: float = 5.0) -> None:
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.prefix = f"splitserve:{cluster}:"
+        self.ttl_ms = int(ttl_seconds * 1000)
+
+    # ---- workers -------------------------------------------------------------------------
+    def publish(self, record: WorkerRecord) -> None:
+        record.heartbeat = time.time()
+        self.redis.set(self.prefix + "worker:" + record.worker_id, record.to_json(), px=self.ttl_ms)
+
+    def forget(self, worker_id: str) -> None:
+        self.redis.delete(self.prefix + "worker:" + worker_id)
+        self.redis.srem(self.prefix + "drain", worker_id)
+
+    def workers(self) -> list[WorkerRecord]:
+        keys = sorted(self.redis.scan_iter(match=self.prefix + "worker:*", count=500))
+        if not keys:
+            return []
+        return [WorkerRecord.from_json(v) for v in self.redis.mget(keys) if v is not None]
+
+    # ---- desired state -------------------------------------------------------------------
+    def targets(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.prefix + "target").items()}
+
+    def set_target(self, role: str, replicas: int) -> None:
+        self.redis.hset(self.prefix + "target", role, replicas)
+
+    def init_targets(self, targets: dict[str, int]) -> None:
+        """Set targets that are not set yet (a restarted controller keeps what users scaled to)."""
+        for role, n in targets.items():
+            self.redis.hsetnx(self.prefix + "target", role, n)
+
+    def request_drain(self, worker_id: str) -> None:
+        self.redis.sadd(self.prefix + "drain", worker_id)
+
+    def draining(self) -> set[str]:
+        return {m.decode() for m in self.redis.smembers(self.prefix + "drain")}
+
+    def next_seq(self) -> int:
+        return int(self.redis.incr(self.prefix + "seq"))
+
+    def clear(self) -> None:
+        for key in self.redis.scan_iter(match=self.prefix + "*", count=500):
+            self.redis.delete(key)
+
+
+class Heartbeat:
+    """A worker's beat: publishes its record with fresh load every `period` seconds and
+    tells the worker when it is asked to drain. Redis being away is logged, not fatal."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        record: WorkerRecord,
+        load: Callable[[], dict],
+        on_drain: Callable[[], None],
+        period: float = 1.0,
+    ) -> None:
+        self.registry = registry
+        self.record = record
+        self._load = load
+        self._on_drain = on_drain
+        self._period = period
+        self._stop = threading.Event()
+        self._down_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{record.worker_id}", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def beat(self) -> None:
+        try:
+            self.record.load = self._load()
+            if self.record.state == "ready" and self.record.worker_id in self.registry.draining():
+                self._on_drain()
+            self.registry.publish(self.record)
+            if self._down_since is not None:
+                logger.info("registry reachable again after %.1f s; re-registered %s", time.monotonic() - self._down_since, self.record.worker_id)
+                self._down_since = None
+        except redis.RedisError as e:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                logger.warning("registry unreachable (%s); will keep trying", e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self.beat()
