@@ -35,13 +35,11 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import platform
 import shlex
 import signal
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -69,30 +67,8 @@ GOALS = {"torch": 0.80, "grpc": 0.40}  # fraction of raw gloo
 OVERLAP_OK = 2.0  # a gap within this many layers' transfer time counts as overlapped
 
 
-@dataclass(frozen=True)
-class Payload:
-    tokens: int
-    layers: int
-    kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: str
-
-    @property
-    def blocks(self) -> int:
-        return -(-self.tokens // self.block_size)
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # [L, NB, 2, BS, KH, D]
-        return (self.layers, self.blocks, 2, self.block_size, self.kv_heads, self.head_dim)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
-
-    @property
-    def layout(self) -> KVLayout:
-        return KVLayout("kv-bench", self.dtype, self.block_size, "L,NB,2,BS,KH,D", self.layers, self.kv_heads, self.head_dim)
+def kv_layout(a: argparse.Namespace) -> KVLayout:
+    return KVLayout("kv-bench", a.dtype, a.block_size, "L,NB,2,BS,KH,D", a.layers, a.kv_heads, a.head_dim)
 
 
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -106,17 +82,16 @@ def digest(kv: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-# ---- the decode side ---------------------------------------------------------------------
 class ReceiverSide:
-    """The decode side: a paged cache [L, NB, 2, BS, KH, D], its transfer table and receiver;
-    `serve` adds the gRPC KVTransfer service with TorchKVServer, and the raw gloo rank."""
+    """The decode side: a paged cache [L, NB, 2, BS, KH, D] with its transfer table and receiver;
+    `serve` adds the gRPC KVTransfer service with TorchKVServer. Driven by method name."""
 
-    def __init__(self, p: Payload, serve: bool, timeout_s: float) -> None:
-        self.p, self.timeout = p, timedelta(seconds=timeout_s)
-        self.cache = torch.zeros(p.shape, dtype=DTYPES[p.dtype])
-        self.table = TransferTable(p.layers, lambda t: None)
-        self.receiver = KVReceiver("kv-bench-decode", p.layout, self.table, TensorKVStore(self.cache))
-        self.endpoint, self.raw = "", None
+    def __init__(self, a: argparse.Namespace, serve: bool) -> None:
+        self.a, self.timeout = a, timedelta(seconds=a.timeout)
+        self.cache = torch.zeros((a.layers, a.blocks, 2, a.block_size, a.kv_heads, a.head_dim), dtype=DTYPES[a.dtype])
+        self.table = TransferTable(a.layers, lambda t: None)
+        self.receiver = KVReceiver("kv-bench-decode", kv_layout(a), self.table, TensorKVStore(self.cache))
+        self.endpoint = ""
         if serve:
             servicer = KVTransferServicer(self.receiver, TorchKVServer(self.receiver, HOST).accept)
             add = lambda s: kv_pb2_grpc.add_KVTransferServicer_to_server(servicer, s)  # noqa: E731
@@ -129,7 +104,7 @@ class ReceiverSide:
     def reserve(self, rid: str, clear: bool) -> None:
         if clear:  # so that the byte check cannot pass on an earlier transfer's bytes
             self.cache.zero_()
-        self.table.reserve(rid, range(self.p.blocks), self.p.tokens, self.timeout.total_seconds())
+        self.table.reserve(rid, range(self.a.blocks), self.a.tokens, self.a.timeout)
 
     def finish(self, rid: str) -> tuple[str, str, int]:
         t = self.table.pop(rid)
@@ -139,18 +114,18 @@ class ReceiverSide:
         return digest(self.cache)
 
     def raw_connect(self, port: int) -> None:
-        store = dist.TCPStore(HOST, port, is_master=False, timeout=self.timeout)
-        self.raw = (store, dist.ProcessGroupGloo(dist.PrefixStore("raw", store), 1, 2, self.timeout))
+        self.store = dist.TCPStore(HOST, port, is_master=False, timeout=self.timeout)
+        self.raw_pg = dist.ProcessGroupGloo(dist.PrefixStore("raw", self.store), 1, 2, self.timeout)
 
     def raw_recv(self) -> None:
-        self.raw[1].recv([flat_bytes(self.cache)], 0, 0).wait()
-        self.raw[1].send([torch.ones(1, dtype=torch.int64)], 0, 1).wait()
+        self.raw_pg.recv([flat_bytes(self.cache)], 0, 0).wait()
+        self.raw_pg.send([torch.ones(1, dtype=torch.int64)], 0, 1).wait()
 
 
-def _receiver_process(conn: Connection, p: Payload, timeout_s: float) -> None:
+def _receiver_process(conn: Connection, a: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; it stops us
     try:
-        side = ReceiverSide(p, serve=True, timeout_s=timeout_s)
+        side = ReceiverSide(a, serve=True)
         reply: tuple[str, Any] = ("ok", side.endpoint)
         while True:
             conn.send(reply)
@@ -171,11 +146,11 @@ def _receiver_process(conn: Connection, p: Payload, timeout_s: float) -> None:
 class RemoteReceiver:
     """A `ReceiverSide` in a spawned process, driven over a Pipe (the control channel)."""
 
-    def __init__(self, p: Payload, timeout_s: float) -> None:
+    def __init__(self, a: argparse.Namespace) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.timeout_s = timeout_s
-        self.proc = ctx.Process(target=_receiver_process, args=(child, p, timeout_s), name="kv-bench-receiver", daemon=True)
+        self.timeout = a.timeout
+        self.proc = ctx.Process(target=_receiver_process, args=(child, a), name="kv-bench-receiver", daemon=True)
         self.proc.start()
         child.close()
         self.endpoint = self.reply()
@@ -184,16 +159,15 @@ class RemoteReceiver:
         self.conn.send((method, *args))
 
     def reply(self) -> Any:
-        if not self.conn.poll(self.timeout_s):
-            raise TimeoutError(f"receiver process silent for {self.timeout_s:g} s")
+        if not self.conn.poll(self.timeout):
+            raise TimeoutError(f"receiver process silent for {self.timeout:g} s")
         status, value = self.conn.recv()
         if status != "ok":
             raise RuntimeError(f"receiver process: {value}")
         return value
 
     def call(self, method: str, *args: Any) -> Any:
-        self.send(method, *args)
-        return self.reply()
+        return self.send(method, *args) or self.reply()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -204,49 +178,43 @@ class RemoteReceiver:
             self.proc.join(5)
 
 
-# ---- the prefill side --------------------------------------------------------------------
-class SimulatedCompute:
-    """Stands in for one layer's prefill compute: a float32 matmul loop (run with one thread)."""
+def simulated_compute(seconds: float) -> tuple[Callable[[], float], int]:
+    """Stands in for one layer's prefill compute: a float32 matmul loop calibrated to `seconds`."""
+    a, out = torch.randn(128, 128), torch.empty(128, 128)
 
-    def __init__(self, seconds: float) -> None:
-        self.a, self.out = torch.randn(128, 128), torch.empty(128, 128)
-        self.iters = max(1, round(seconds / statistics.median(self._time(50) / 50 for _ in range(5))))
-
-    def _time(self, n: int) -> float:
+    def run(n: int) -> float:
         start = time.perf_counter()
         for _ in range(n):
-            torch.mm(self.a, self.a, out=self.out)
+            torch.mm(a, a, out=out)
         return time.perf_counter() - start
 
-    def __call__(self) -> None:
-        self._time(self.iters)
+    iters = max(1, round(seconds / statistics.median(run(50) / 50 for _ in range(5))))
+    return lambda: run(iters), iters
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, p: Payload, stack: contextlib.ExitStack) -> None:
-        self.args, self.p, self.n, self.verified = args, p, 0, []
-        self.kv = torch.randn(p.shape, dtype=DTYPES[p.dtype], generator=torch.Generator().manual_seed(0))
-        self.digest = digest(self.kv)
-        self.sides: dict[str, Any] = {}
-        self.pushers: dict[str, KVPusher] = {}
-        for t in args.transports:
+    """The prefill side: the sent KV [L, NB, 2, BS, KH, D], one pusher per transport, the raw rank."""
+
+    def __init__(self, a: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+        self.a, self.n, self.verified, self.sides, self.pushers = a, 0, [], {}, {}
+        shape = (a.layers, a.blocks, 2, a.block_size, a.kv_heads, a.head_dim)
+        self.kv = torch.randn(shape, dtype=DTYPES[a.dtype], generator=torch.Generator().manual_seed(0))
+        self.nbytes, self.digest = self.kv.numel() * self.kv.element_size(), digest(self.kv)
+        for t in a.transports:
             if t == "local":
-                hub, self.local = LocalHub(), ReceiverSide(p, serve=False, timeout_s=args.timeout)
-                self.sides[t], sender = self.local, connect(t, hub.register(self.local.receiver), "kv-bench-prefill", p.layout, hub=hub)
+                hub, self.local = LocalHub(), ReceiverSide(a, serve=False)
+                self.sides[t], endpoint = self.local, hub.register(self.local.receiver)
             else:
                 if not hasattr(self, "remote"):
-                    self.remote = RemoteReceiver(p, args.timeout)
+                    self.remote = RemoteReceiver(a)
                     stack.callback(self.remote.close)
-                    self._raw_connect()
-                self.sides[t], sender = self.remote, connect(t, self.remote.endpoint, "kv-bench-prefill", p.layout, timeout=args.timeout)
-            self.pushers[t] = KVPusher(sender, f"bench-{t}")
+                    self.store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False)
+                    self.remote.send("raw_connect", self.store.port)
+                    self.raw_pg = dist.ProcessGroupGloo(dist.PrefixStore("raw", self.store), 0, 2, timedelta(seconds=a.timeout))
+                    self.remote.reply()
+                self.sides[t], hub, endpoint = self.remote, None, self.remote.endpoint
+            self.pushers[t] = KVPusher(connect(t, endpoint, "kv-bench-prefill", kv_layout(a), hub=hub, timeout=a.timeout), t)
             stack.callback(self.pushers[t].close)  # runs before the receiver process stops
-
-    def _raw_connect(self) -> None:
-        self.store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False)
-        self.remote.send("raw_connect", self.store.port)
-        self.raw_pg = dist.ProcessGroupGloo(dist.PrefixStore("raw", self.store), 0, 2, timedelta(seconds=self.args.timeout))
-        self.remote.reply()
 
     def raw(self, name: str) -> float:
         if name == "tensor copy":
@@ -262,74 +230,69 @@ class Bench:
         self.remote.reply()
         return seconds
 
-    def request(self, t: str, verify: bool = False, compute: Callable[[], None] | None = None) -> dict[str, float]:
+    def request(self, t: str, verify: bool = False, compute: Callable[[], float] | None = None) -> dict[str, float]:
         """One request as the prefill worker sends it; times run to the commit's ack."""
         self.n += 1
-        rid, side, pusher, dst = f"bench-{t}-{self.n}", self.sides[t], self.pushers[t], list(range(self.p.blocks))
+        rid, side, pusher, dst = f"bench-{t}-{self.n}", self.sides[t], self.pushers[t], list(range(self.a.blocks))
         side.call("reserve", rid, verify)
         start = end_compute = time.perf_counter()
         computed = 0.0
-        for layer in range(self.p.layers):
+        for layer in range(self.a.layers):
             if compute is not None:
                 began = time.perf_counter()
                 compute()
                 end_compute = time.perf_counter()
                 computed += end_compute - began
             pusher.push(rid, layer, dst, self.kv[layer])  # [NB, 2, BS, KH, D], never written: as good as a copy
-        pusher.commit(rid, 1, -0.5, self.p.tokens).result(timeout=self.args.timeout)
+        pusher.commit(rid, 1, -0.5, self.a.tokens).result(timeout=self.a.timeout)
         acked = time.perf_counter()
         state, reason, got = side.call("finish", rid)
-        if state != "complete" or got != self.p.nbytes:
-            raise RuntimeError(f"{t}: transfer {rid} ended {state} with {got} of {self.p.nbytes} bytes ({reason})")
-        if verify:
-            if side.call("digest") != self.digest:
-                raise RuntimeError(f"{t}: the receiver's cache differs from the bytes sent")
-            self.verified.append(t)
+        if state != "complete" or got != self.nbytes:
+            raise RuntimeError(f"{t}: transfer {rid} ended {state} with {got} of {self.nbytes} bytes ({reason})")
+        if verify and side.call("digest") != self.digest:
+            raise RuntimeError(f"{t}: the receiver's cache differs from the bytes sent")
+        self.verified += [t] if verify else []
         return {"seconds": acked - start, "gap": acked - end_compute, "compute": computed}
 
     def bandwidth(self) -> dict[str, list[float]]:
-        names = sorted({BASELINE[t] for t in self.args.transports}, reverse=True) + self.args.transports
+        names = sorted({BASELINE[t] for t in self.a.transports}, reverse=True) + self.a.transports
         runs: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(-1, self.args.repeats):  # round -1 warms up and checks the bytes; not timed
-            logger.info("%s: %s", "warm-up" if r < 0 else f"repeat {r + 1}/{self.args.repeats}", ", ".join(names))
+        for r in range(-1, self.a.repeats):  # round -1 warms up and checks the bytes; not timed
+            logger.info("%s: %s", f"repeat {r + 1}/{self.a.repeats}" if r >= 0 else "warm-up", ", ".join(names))
             for n in names:
                 s = self.request(n, verify=r < 0)["seconds"] if n in TRANSPORTS else self.raw(n)
-                runs[n].extend([s] if r >= 0 else [])
+                runs[n] += [s] if r >= 0 else []
         return runs
 
     def overlap(self, layer_s: dict[str, float]) -> list[dict[str, Any]]:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the compute keeps to one core, as a GPU would keep off the CPU
+        threads, out = torch.get_num_threads(), []
+        torch.set_num_threads(1)  # the compute keeps to one core (a GPU would keep off the CPU)
         try:
-            out = []
-            for t in self.args.transports:
-                compute = SimulatedCompute(layer_s[t])
-                logger.info("overlap %s: %d matmuls a layer for %.2f ms", t, compute.iters, layer_s[t] * 1e3)
-                runs = [self.request(t, compute=compute) for _ in range(self.args.repeats)]
+            for t in self.a.transports:
+                compute, iters = simulated_compute(layer_s[t])
+                logger.info("overlap %s: %d matmuls a layer for %.2f ms", t, iters, layer_s[t] * 1e3)
+                runs = [self.request(t, compute=compute) for _ in range(self.a.repeats)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                out.append({"transport": t, "compute_per_layer_s": med["compute"] / self.p.layers, "transfer_per_layer_s": layer_s[t],
-                            "gap_s": med["gap"], "gap_in_layers": med["gap"] / layer_s[t], "request_s": med["seconds"],
-                            "all_gaps_s": [r["gap"] for r in runs]})
-            return out
+                out.append({"transport": t, "compute_per_layer_s": med["compute"] / self.a.layers, "transfer_per_layer_s": layer_s[t],
+                            "gap_s": med["gap"], "gap_in_layers": med["gap"] / layer_s[t], "all_gaps_s": [r["gap"] for r in runs]})
         finally:
             torch.set_num_threads(threads)
+        return out
 
 
-# ---- report ------------------------------------------------------------------------------
-def summarize(p: Payload, runs: dict[str, list[float]]) -> list[dict[str, Any]]:
+def summarize(nbytes: int, runs: dict[str, list[float]]) -> list[dict[str, Any]]:
     med = {n: statistics.median(s) for n, s in runs.items()}
-    rows = [{"name": n, "seconds": med[n], "gb_per_s": p.nbytes / med[n] / 1e9, "all_seconds": runs[n]} for n in runs]
+    rows = [{"name": n, "seconds": med[n], "gb_per_s": nbytes / med[n] / 1e9, "all_seconds": runs[n]} for n in runs]
     for r in rows:
         if r["name"] in TRANSPORTS:
-            base = BASELINE[r["name"]]
-            r.update(baseline=base, ratio=med[base] / r["seconds"], goal=GOALS.get(r["name"]))
+            r.update(baseline=BASELINE[r["name"]], ratio=med[BASELINE[r["name"]]] / r["seconds"], goal=GOALS.get(r["name"]))
     return rows
 
 
-def print_report(p: Payload, rows: list[dict[str, Any]], overlap: list[dict[str, Any]], verified: list[str], repeats: int) -> None:
-    mib = p.nbytes / 2**20
-    print(f"payload: KV of {p.tokens} tokens = {p.layers} layers x {p.blocks} blocks x [2, {p.block_size}, {p.kv_heads}, "
-          f"{p.head_dim}] {p.dtype} = {mib:.1f} MiB ({mib / p.layers:.1f} MiB a layer); median of {repeats} requests")
+def print_report(a: argparse.Namespace, nbytes: int, rows: list[dict[str, Any]], overlap: list[dict[str, Any]], verified: list[str]) -> None:
+    mib = nbytes / 2**20
+    print(f"payload: KV of {a.tokens} tokens = {a.layers} layers x {a.blocks} blocks x [2, {a.block_size}, {a.kv_heads}, "
+          f"{a.head_dim}] {a.dtype} = {mib:.1f} MiB ({mib / a.layers:.1f} MiB a layer); median of {a.repeats} requests")
     head = f"{'transport':<18} {'s/request':>9} {'GB/s':>6}   {'vs raw':<14} {'ratio':>5}   goal"
     print(head + "\n" + "-" * (len(head) + 22))
     for r in rows:
@@ -339,7 +302,7 @@ def print_report(p: Payload, rows: list[dict[str, Any]], overlap: list[dict[str,
             line += f"   {r['baseline']:<14} {r['ratio']:>5.0%}   {goal}"
         print(line)
     print("s/request: first push -> commit acknowledged by the receiver (a separate process; local: in-process).")
-    print(f"check: every request COMPLETE with all {p.nbytes} bytes; received bytes == sent bytes (blake2b) for {', '.join(verified)}.")
+    print(f"check: every request COMPLETE with all {nbytes} bytes; received bytes == sent bytes (blake2b) for {', '.join(verified)}.")
     if not overlap:
         return
     print("\nlayer-wise overlap -- prefill compute is SIMULATED: a one-thread CPU matmul loop per layer, calibrated to one layer's")
@@ -347,30 +310,28 @@ def print_report(p: Payload, rows: list[dict[str, Any]], overlap: list[dict[str,
     head = f"{'transport':<10} {'compute/layer':>13} {'transfer/layer':>14} {'gap':>10} {'gap/layer':>9} {'whole payload':>13}   goal: gap ~ 1 layer"
     print(head + "\n" + "-" * len(head))
     for o in overlap:
-        verdict = "ok" if o["gap_in_layers"] <= OVERLAP_OK else "MISSED"
         print(f"{o['transport']:<10} {o['compute_per_layer_s'] * 1e3:>10.2f} ms {o['transfer_per_layer_s'] * 1e3:>11.2f} ms "
-              f"{o['gap_s'] * 1e3:>7.2f} ms {o['gap_in_layers']:>8.1f}x {o['transfer_per_layer_s'] * p.layers * 1e3:>10.1f} ms"
-              f"   {verdict} (<= {OVERLAP_OK:g} layers)")
+              f"{o['gap_s'] * 1e3:>7.2f} ms {o['gap_in_layers']:>8.1f}x {o['transfer_per_layer_s'] * a.layers * 1e3:>10.1f} ms   "
+              f"{'ok' if o['gap_in_layers'] <= OVERLAP_OK else 'MISSED'} (<= {OVERLAP_OK:g} layers)")
     print("On a CPU-only machine the simulated compute and the transfer share the cores: a gap above one layer may be contention.")
 
 
-# ---- main --------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="timed requests per transport and baseline (median; default 3)")
-    p.add_argument("--tokens", type=int, default=4096, help="prompt tokens whose KV is sent (default 4096)")
-    for flag, default in (("--layers", 32), ("--kv-heads", 8), ("--head-dim", 128), ("--block-size", 16)):
+    for flag, default in (("--tokens", 4096), ("--layers", 32), ("--kv-heads", 8), ("--head-dim", 128), ("--block-size", 16)):
         p.add_argument(flag, type=int, default=default, help=f"default {default}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated subset of local,torch,grpc")
     p.add_argument("--no-overlap", action="store_true", help="skip the layer-wise overlap measurement")
     p.add_argument("--timeout", type=float, default=600, help="limit for the whole run, in seconds (default 600)")
     p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args(argv)
-    args.transports = list(dict.fromkeys(t for t in args.transports.split(",") if t))
-    if not args.transports or set(args.transports) - set(TRANSPORTS) or args.repeats < 1 or args.tokens < 1:
-        p.error(f"--transports must name some of {','.join(TRANSPORTS)}; --repeats and --tokens must be >= 1")
-    return args
+    a = p.parse_args(argv)
+    a.transports = list(dict.fromkeys(t for t in a.transports.split(",") if t))
+    if not a.transports or set(a.transports) - set(TRANSPORTS) or min(a.repeats, a.tokens, a.layers, a.block_size) < 1:
+        p.error(f"--transports must name some of {','.join(TRANSPORTS)}; sizes and --repeats must be >= 1")
+    a.blocks = -(-a.tokens // a.block_size)
+    return a
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -379,28 +340,26 @@ def _stop(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cli = ["python", "-m", "benchmarks.kv_transfer", *(sys.argv[1:] if argv is None else argv)]
-    args = parse_args(cli[3:])
+    a = parse_args(cli[3:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    p = Payload(args.tokens, args.layers, args.kv_heads, args.head_dim, args.block_size, args.dtype)
     signal.signal(signal.SIGALRM, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    signal.alarm(math.ceil(args.timeout))
+    signal.alarm(math.ceil(a.timeout))
     try:
         with contextlib.ExitStack() as stack:  # stops the pushers, then the receiver process
-            bench = Bench(args, p, stack)
-            rows = summarize(p, bench.bandwidth())
-            layer_s = {r["name"]: r["seconds"] / p.layers for r in rows}
-            overlap = [] if args.no_overlap else bench.overlap(layer_s)
+            bench = Bench(a, stack)
+            rows = summarize(bench.nbytes, bench.bandwidth())
+            overlap = [] if a.no_overlap else bench.overlap({r["name"]: r["seconds"] / a.layers for r in rows})
     finally:
         signal.alarm(0)
-    env = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-    print(f"\n$ {shlex.join(cli)}\ntorch {env['torch']}, {env['cpus']} CPUs, {env['threads']} threads; everything on {HOST}")
-    print_report(p, rows, overlap, bench.verified, args.repeats)
-    if args.json:
-        report = {"command": shlex.join(cli), "payload": {**asdict(p), "bytes": p.nbytes}, "environment": env,
+    print(f"\n$ {shlex.join(cli)}\ntorch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads; on {HOST}")
+    print_report(a, bench.nbytes, rows, overlap, bench.verified)
+    if a.json:
+        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+        report = {"command": shlex.join(cli), "args": args, "bytes": bench.nbytes, "torch": torch.__version__, "cpus": os.cpu_count(),
                   "results": rows, "overlap": overlap, "verified": bench.verified}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.json}")
+        a.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results written to {a.json}")
     return 0
 
 

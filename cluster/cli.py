@@ -1,7 +1,11 @@
 """The `splitserve` command line.
 
-    splitserve model init-tiny DIR [--arch llama|qwen2|mistral] [size flags]
-    splitserve generate --model DIR [PROMPT ...]     offline generation with the engine
+    splitserve serve --model DIR           everything on this machine: Redis, Ray, pools, router
+    splitserve up -f cluster.yaml          on an existing Ray cluster and Redis
+    splitserve status | scale prefill=N decode=M | drain WORKER | down     (via the router)
+    splitserve bench ...                   load generator: TTFT/TPOT/ITL/E2E and goodput
+    splitserve model init-tiny DIR         a random-weight checkpoint, offline
+    splitserve generate --model DIR [PROMPT ...]     offline generation with one engine
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import EngineError
+from proto.client import SplitserveError
 from engine.tiny_checkpoint import ARCHS, TinySpec
 
 
@@ -51,6 +56,94 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_cluster(config, embedded_redis: bool) -> int:
+    from cluster.serve import start_cluster, wait_for_signal
+
+    running = start_cluster(config, embedded_redis=embedded_redis, fresh=embedded_redis)
+    try:
+        r = running.router
+        print(f"splitserve ready: http {r.http_address}  grpc {r.grpc_address}  "
+              f"(model {config.model.path}, {config.prefill.replicas} prefill, {config.decode.replicas} decode, transport {config.kv_transfer.transport})", flush=True)
+        wait_for_signal()
+        print("splitserve: shutting down", flush=True)
+    finally:
+        running.stop()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.config import load_cluster_config, parse_cluster_config
+
+    overrides = {
+        "model.path": args.model, "model.dtype": args.dtype, "router.http_port": args.http_port, "router.grpc_port": args.grpc_port,
+        "prefill.replicas": args.prefill, "decode.replicas": args.decode, "kv_transfer.transport": args.transport,
+        "router.host": args.host, "name": args.name,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = load_cluster_config(args.config, overrides) if args.config else parse_cluster_config({}, overrides)
+    return _run_cluster(config, embedded_redis=config.redis_url is None)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster.config import load_cluster_config
+
+    return _run_cluster(load_cluster_config(args.file), embedded_redis=False)
+
+
+def _client(args: argparse.Namespace):
+    from proto.client import Client
+
+    return Client(args.router, api_key=args.api_key)
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.status()
+    targets = " ".join(f"{k}={v}" for k, v in sorted(st.targets.items()))
+    print(f"cluster {st.cluster}  model {st.model}  targets {targets}")
+    cols = ("WORKER", "ROLE", "STATE", "RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED", "BEAT_AGE", "ADDRESS")
+    rows = [(w.worker_id, w.role, w.state, w.running, w.queued_prefill_tokens, w.used_blocks, w.free_blocks, w.reserved_blocks, f"{w.heartbeat_age:.1f}s", w.address)
+            for w in sorted(st.workers, key=lambda w: (w.role, w.worker_id))]
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    for row in (cols, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    wanted: dict[str, int] = {}
+    for item in args.pools:
+        role, _, n = item.partition("=")
+        if role not in ("prefill", "decode") or not n.isdigit():
+            print(f"splitserve: error: {item!r}: expected prefill=N or decode=N", file=sys.stderr)
+            return 2
+        wanted[role] = int(n)
+    with _client(args) as c:
+        st = c.scale(**wanted)
+    print("targets " + " ".join(f"{k}={v}" for k, v in sorted(st.targets.items())))
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.drain(args.worker)
+    print(f"draining {args.worker}: it takes no new requests, finishes its running ones, then stops")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.shutdown()
+    print("scaling every pool to 0: workers drain and stop; stop the `up`/`serve` process to remove the router")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from cluster.bench import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -77,6 +170,41 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--shard-size", type=int, default=None, help="bytes per safetensors shard")
     tiny.set_defaults(func=_init_tiny)
 
+    serve = sub.add_parser("serve", help="run a whole cluster on this machine (embedded Redis and Ray)")
+    serve.add_argument("--model", help="Hugging Face checkpoint folder (or model.path in --config)")
+    serve.add_argument("--config", "-f", help="cluster.yaml; flags override it")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--host", help="address to serve on (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port (0 = any free; default 8000)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (0 = any free; default 50051)")
+    serve.add_argument("--prefill", type=int, help="prefill workers (default 1)")
+    serve.add_argument("--decode", type=int, help="decode workers (default 1)")
+    serve.add_argument("--transport", choices=["torch", "grpc", "local"], help="KV transport (default grpc)")
+    serve.add_argument("--name", help="cluster name (namespaces Redis keys and Ray actors)")
+    serve.set_defaults(func=_serve)
+
+    up = sub.add_parser("up", help="run the controller and a router for cluster.yaml on an existing Ray cluster and Redis")
+    up.add_argument("-f", "--file", required=True)
+    up.set_defaults(func=_up)
+
+    def admin(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--router", default="127.0.0.1:50051", help="the router's gRPC address")
+        p.add_argument("--api-key", default=None)
+        p.set_defaults(func=func)
+        return p
+
+    admin("status", "table of workers: role, state, load, blocks, address", _status)
+    admin("scale", "set pool sizes, e.g. `scale prefill=2 decode=3`", _scale).add_argument("pools", nargs="+", metavar="ROLE=N")
+    admin("drain", "stop sending work to a worker; it finishes what it runs, then exits", _drain).add_argument("worker")
+    admin("down", "scale every pool to zero", _down)
+
+    from cluster.bench import add_bench_args
+
+    bench = sub.add_parser("bench", help="load generator against the gRPC or HTTP API")
+    add_bench_args(bench)
+    bench.set_defaults(func=_bench)
+
     gen = sub.add_parser("generate", help="offline generation with one in-process engine")
     gen.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -94,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except SplitserveError as e:
+        print(f"splitserve: error: {e.status}: {e}", file=sys.stderr)
+        return 1
     except (EngineError, ValueError, OSError) as e:
         # a user's mistake: show the message, not a traceback
         print(f"splitserve: error: {e}", file=sys.stderr)

@@ -1,0 +1,83 @@
+"""Running a cluster from this process: `splitserve serve` (everything embedded: Redis, a local
+Ray, the pools and the router) and `splitserve up` (an existing Ray cluster and Redis).
+
+Life cycle: start Redis if needed -> Ray -> controller (starts the pools, then keeps them at
+their targets) -> router -> print the ready line -> wait for SIGINT/SIGTERM -> stop the router,
+the controller and every worker, Ray and Redis, in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from cluster.config import ClusterConfig
+from cluster.controller import Controller
+from cluster.ray_backend import RayBackend
+from cluster.redis_server import EmbeddedRedis
+from cluster.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Running:
+    config: ClusterConfig
+    redis: EmbeddedRedis | None
+    backend: RayBackend
+    controller: Controller
+    router: object
+
+    def stop(self) -> None:
+        for step, fn in (("router", self.router.stop), ("controller", self.controller.stop), ("workers and Ray", self.backend.shutdown)):
+            try:
+                fn()
+            except Exception as e:  # keep shutting the rest down
+                logger.warning("stopping %s: %s", step, e)
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool) -> Running:
+    from router.app import Router
+
+    redis_server = EmbeddedRedis(config.router.host) if embedded_redis else None
+    redis_url = redis_server.url if redis_server else config.redis_url
+    if not redis_url:
+        raise ValueError("redis_url: required by `splitserve up` (an existing Redis); `splitserve serve` starts its own")
+    backend = None
+    try:
+        registry = Registry(redis_url, config.name, config.heartbeat_ttl_seconds)
+        if fresh:
+            registry.clear()  # a new run: no stale targets or workers from an earlier one
+        workers = config.prefill.replicas + config.decode.replicas
+        backend = RayBackend(config.ray_address, f"splitserve-{config.name}", num_cpus=None if config.ray_address else max(4, 2 * workers),
+                             max_restarts=config.max_restarts)
+        controller = Controller(config, backend, registry, redis_url, resolve_device(config.model.device))
+        controller.reconcile()  # the first pools, before the router takes traffic
+        controller.start()
+        router = Router(config, redis_url)
+    except BaseException:
+        if backend is not None:
+            backend.shutdown()
+        if redis_server is not None:
+            redis_server.stop()
+        raise
+    return Running(config, redis_server, backend, controller, router)
+
+
+def wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()

@@ -1,0 +1,250 @@
+"""The Python client SDK for a splitserve router's gRPC API, sync and asyncio.
+
+    from proto.client import Client
+    with Client("127.0.0.1:50051") as c:
+        print(c.generate("Hello", max_tokens=16, temperature=0).text)
+        for chunk in c.generate_stream("Hello", max_tokens=16):
+            print(chunk.text, end="", flush=True)
+
+Every call has a deadline (`timeout`, default 600 s). Failures raise a subclass of
+`SplitserveError` chosen by the gRPC status: InvalidArgumentError (bad input, naming the
+field), UnauthenticatedError, NotFoundError, ResourceExhaustedError, UnavailableError,
+DeadlineExceededError, AbortedError, InternalError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+from proto import public_pb2, public_pb2_grpc
+
+
+class SplitserveError(Exception):
+    status = "UNKNOWN"
+
+    def __init__(self, message: str, request_id: str = "") -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class InvalidArgumentError(SplitserveError):
+    status = "INVALID_ARGUMENT"
+
+
+class UnauthenticatedError(SplitserveError):
+    status = "UNAUTHENTICATED"
+
+
+class NotFoundError(SplitserveError):
+    status = "NOT_FOUND"
+
+
+class ResourceExhaustedError(SplitserveError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class UnavailableError(SplitserveError):
+    status = "UNAVAILABLE"
+
+
+class DeadlineExceededError(SplitserveError):
+    status = "DEADLINE_EXCEEDED"
+
+
+class AbortedError(SplitserveError):
+    status = "ABORTED"
+
+
+class InternalError(SplitserveError):
+    status = "INTERNAL"
+
+
+_BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, UnauthenticatedError, NotFoundError, ResourceExhaustedError,
+                                          UnavailableError, DeadlineExceededError, AbortedError, InternalError)}
+_BY_STATUS["FAILED_PRECONDITION"] = InvalidArgumentError
+_BY_STATUS["CANCELLED"] = AbortedError
+
+
+def error_from_rpc(e: grpc.RpcError, request_id: str = "") -> SplitserveError:
+    code = e.code()
+    cls = _BY_STATUS.get(code.name if code else "", SplitserveError)
+    err = cls(e.details() or (code.name if code else "error"), request_id)
+    err.status = code.name if code else "UNKNOWN"
+    return err
+
+
+@dataclass
+class GenerateChunk:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float | str | int] = field(default_factory=dict)
+
+
+def _request(prompt: str | list[int], request_id: str | None, model: str, max_tokens: int, temperature: float, top_p: float,
+             top_k: int, seed: int | None, stop: list[str] | None, stop_token_ids: list[int] | None, ignore_eos: bool) -> public_pb2.GenerateRequest:
+    params = public_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
+    if seed is not None:
+        params.seed = seed
+    req = public_pb2.GenerateRequest(request_id=request_id or "", model=model, params=params)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+def _chunk(msg: public_pb2.GenerateResponse) -> GenerateChunk:
+    return GenerateChunk(msg.request_id, list(msg.token_ids), msg.text, list(msg.logprobs), msg.finished, msg.finish_reason or None)
+
+
+def _add(done: Completion, msg: public_pb2.GenerateResponse) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    done.request_id = msg.request_id
+    done.text += msg.text
+    done.token_ids.extend(msg.token_ids)
+    done.logprobs.extend(msg.logprobs)
+    if msg.finished:
+        done.finish_reason = msg.finish_reason
+        done.usage = MessageToDict(msg.usage, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        done.timings = MessageToDict(msg.timings, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+class Client:
+    def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = public_pb2_grpc.GenerationStub(self.channel)
+        self.admin = public_pb2_grpc.AdminStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.timeout = timeout
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate_stream(self, prompt: str | list[int], *, request_id: str | None = None, model: str = "", max_tokens: int = 16,
+                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                        stop: list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                        timeout: float | None = None) -> Iterator[GenerateChunk]:
+        req = _request(prompt, request_id, model, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos)
+        call = self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata)
+        try:
+            for msg in call:
+                yield _chunk(msg)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, req.request_id) from None
+        finally:
+            call.cancel()  # leaving early aborts the request on the server
+
+    def generate(self, prompt: str | list[int], **kw) -> Completion:
+        req = _request(prompt, kw.pop("request_id", None), kw.pop("model", ""), kw.pop("max_tokens", 16), kw.pop("temperature", 1.0),
+                       kw.pop("top_p", 1.0), kw.pop("top_k", 0), kw.pop("seed", None), kw.pop("stop", None), kw.pop("stop_token_ids", None),
+                       kw.pop("ignore_eos", False))
+        timeout = kw.pop("timeout", None) or self.timeout
+        if kw:
+            raise TypeError(f"unexpected arguments: {sorted(kw)}")
+        done = Completion(req.request_id)
+        try:
+            for msg in self.stub.Generate(req, timeout=timeout, metadata=self.metadata):
+                _add(done, msg)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, req.request_id) from None
+        return done
+
+    def abort(self, request_id: str) -> bool:
+        return self._call(self.stub.Abort, public_pb2.AbortRequest(request_id=request_id)).found
+
+    def timings(self, request_id: str) -> public_pb2.Timings:
+        return self._call(self.stub.GetTimings, public_pb2.TimingsRequest(request_id=request_id))
+
+    # ---- administration ------------------------------------------------------------------
+    def status(self) -> public_pb2.ClusterStatus:
+        return self._call(self.admin.Status, public_pb2.StatusRequest())
+
+    def scale(self, prefill: int | None = None, decode: int | None = None) -> public_pb2.ClusterStatus:
+        req = public_pb2.ScaleRequest()
+        if prefill is not None:
+            req.prefill = prefill
+        if decode is not None:
+            req.decode = decode
+        return self._call(self.admin.Scale, req)
+
+    def drain(self, worker_id: str) -> bool:
+        return self._call(self.admin.Drain, public_pb2.DrainRequest(worker_id=worker_id)).found
+
+    def shutdown(self) -> None:
+        self._call(self.admin.Shutdown, public_pb2.ShutdownRequest())
+
+    def _call(self, method, request, timeout: float = 30.0):
+        try:
+            return method(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
+
+class AsyncClient:
+    """The asyncio twin of `Client` for generation."""
+
+    def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = public_pb2_grpc.GenerationStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.timeout = timeout
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def generate_stream(self, prompt: str | list[int], *, request_id: str | None = None, model: str = "", max_tokens: int = 16,
+                              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                              stop: list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                              timeout: float | None = None) -> AsyncIterator[GenerateChunk]:
+        req = _request(prompt, request_id, model, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos)
+        call = self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata)
+        try:
+            async for msg in call:
+                yield _chunk(msg)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, req.request_id) from None
+        finally:
+            call.cancel()
+
+    async def generate(self, prompt: str | list[int], **kw) -> Completion:
+        done = Completion(kw.get("request_id") or "")
+        async for chunk in self.generate_stream(prompt, **kw):
+            done.request_id = chunk.request_id
+            done.text += chunk.text
+            done.token_ids.extend(chunk.token_ids)
+            done.logprobs.extend(chunk.logprobs)
+            if chunk.finished:
+                done.finish_reason = chunk.finish_reason
+        return done

@@ -1,0 +1,106 @@
+"""The router's view of the cluster: a snapshot of ready workers refreshed from the registry,
+a channel per worker, and the router's own count of its requests on each worker.
+
+Life cycle: start() polls the source every `poll_seconds` in the background; snapshot() is a
+cheap read. If the registry is unreachable the last snapshot is kept for `stale_seconds`
+(workers keep serving while Redis restarts), then routing stops with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from cluster.registry import WorkerRecord
+from router.legs import WorkerClient
+from router.policy import Snapshot, WorkerLoad
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterView:
+    def __init__(
+        self,
+        source: Callable[[], list[WorkerRecord]],
+        *,
+        token: str | None = None,
+        model_fingerprint: str | None = None,
+        poll_seconds: float = 0.25,
+        stale_seconds: float = 30.0,
+    ) -> None:
+        self._source = source
+        self._token = token
+        self._fingerprint = model_fingerprint
+        self._poll = poll_seconds
+        self._stale = stale_seconds
+        self._records: list[WorkerRecord] = []
+        self._fresh_at = 0.0
+        self._clients: dict[str, WorkerClient] = {}
+        self._inflight: Counter[str] = Counter()
+        self._inflight_tokens: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cluster-view", daemon=True)
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for c in self._clients.values():
+            c.close()
+
+    def refresh(self) -> bool:
+        try:
+            records = self._source()
+        except Exception as e:  # Redis away: keep the last view for a while
+            logger.debug("registry read failed: %s", e)
+            return False
+        wrong = [r.worker_id for r in records if self._fingerprint and r.model_fingerprint and r.model_fingerprint != self._fingerprint]
+        if wrong:
+            logger.warning("ignoring workers serving another model: %s", wrong)
+        with self._lock:
+            self._records = [r for r in records if r.worker_id not in wrong]
+            self._fresh_at = time.monotonic()
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll):
+            self.refresh()
+
+    # ---- reads ---------------------------------------------------------------------------
+    def records(self) -> list[WorkerRecord]:
+        with self._lock:
+            return list(self._records) if time.monotonic() - self._fresh_at < self._stale else []
+
+    def snapshot(self) -> Snapshot:
+        loads = [self._load(r) for r in self.records() if r.state == "ready"]
+        return Snapshot(tuple(w for w in loads if w.role == "prefill"), tuple(w for w in loads if w.role == "decode"))
+
+    def _load(self, r: WorkerRecord) -> WorkerLoad:
+        s = r.load
+        with self._lock:
+            inflight, tokens = self._inflight[r.worker_id], self._inflight_tokens[r.worker_id]
+        return WorkerLoad(
+            r.worker_id, r.role, r.address, queued_prefill_tokens=s.get("queued_prefill_tokens", 0), running=s.get("running", 0),
+            used_blocks=s.get("used_blocks", 0), reserved_blocks=s.get("reserved_blocks", 0), free_blocks=s.get("free_blocks", 0),
+            total_blocks=s.get("total_blocks", 0), inflight=inflight, inflight_prompt_tokens=tokens,
+        )
+
+    def client(self, worker: WorkerLoad) -> WorkerClient:
+        with self._lock:
+            c = self._clients.get(worker.address)
+            if c is None:
+                c = self._clients[worker.address] = WorkerClient(worker.address, self._token)
+            return c
+
+    # ---- the router's own accounting -----------------------------------------------------
+    def add_inflight(self, worker_id: str, n: int = 1, prompt_tokens: int = 0) -> None:
+        with self._lock:
+            self._inflight[worker_id] += n
+            self._inflight_tokens[worker_id] += prompt_tokens

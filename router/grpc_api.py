@@ -1,0 +1,142 @@
+"""The router's public gRPC services: Generation (streaming) and Admin (for the CLI).
+
+Messages are converted here and nowhere else; errors become status codes through
+proto.status; a caller that goes away aborts its request's two legs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from cluster.registry import Registry, WorkerRecord
+from engine.sampling_params import SamplingParams
+from proto import public_pb2, public_pb2_grpc
+from proto.status import grpc_code
+from router.orchestrator import Chunk, GenerateInput, Orchestrator, timings_to_proto
+
+logger = logging.getLogger(__name__)
+API_KEY_HEADER = "authorization"
+
+
+def params_from_public(p: public_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=p.max_tokens or 16,
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_k=p.top_k,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+    )
+
+
+def chunk_to_public(c: Chunk) -> public_pb2.GenerateResponse:
+    msg = public_pb2.GenerateResponse(
+        request_id=c.request_id, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text, finished=c.finished, finish_reason=c.finish_reason or ""
+    )
+    if c.usage is not None:
+        msg.usage.CopyFrom(public_pb2.Usage(**c.usage))
+    if c.timings is not None:
+        msg.timings.CopyFrom(timings_to_proto(c.timings))
+    return msg
+
+
+def check_api_key(context: grpc.ServicerContext, api_keys: frozenset[str]) -> None:
+    if not api_keys:
+        return
+    meta = dict(context.invocation_metadata() or ())
+    key = meta.get(API_KEY_HEADER, "").removeprefix("Bearer ").strip()
+    if key not in api_keys:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (send 'authorization: Bearer KEY')")
+
+
+class GenerationService(public_pb2_grpc.GenerationServicer):
+    def __init__(self, orchestrator: Orchestrator, api_keys: frozenset[str]) -> None:
+        self.orch = orchestrator
+        self.api_keys = api_keys
+
+    def Generate(self, request: public_pb2.GenerateRequest, context: grpc.ServicerContext):
+        check_api_key(context, self.api_keys)
+        kind = request.WhichOneof("prompt")
+        prompt = request.text if kind == "text" else list(request.token_ids.ids) if kind == "token_ids" else ""
+        try:
+            stream = self.orch.generate(GenerateInput(prompt, params_from_public(request.params), request.request_id, request.model))
+        except Exception as e:
+            context.abort(grpc_code(e), str(e))
+        context.add_callback(stream.close)  # the caller left (or the call ended): abort the legs if still running
+        try:
+            for chunk in stream:
+                yield chunk_to_public(chunk)
+        except Exception as e:
+            context.abort(grpc_code(e), str(e))
+
+    def Abort(self, request: public_pb2.AbortRequest, context: grpc.ServicerContext) -> public_pb2.AbortResponse:
+        check_api_key(context, self.api_keys)
+        return public_pb2.AbortResponse(found=self.orch.abort(request.request_id))
+
+    def GetTimings(self, request: public_pb2.TimingsRequest, context: grpc.ServicerContext) -> public_pb2.Timings:
+        check_api_key(context, self.api_keys)
+        t = self.orch.timings(request.request_id)
+        if t is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no timings for request {request.request_id!r} (unknown, running, or too old)")
+        return timings_to_proto(t)
+
+
+def worker_info(r: WorkerRecord, now: float) -> public_pb2.WorkerInfo:
+    s = r.load
+    return public_pb2.WorkerInfo(
+        worker_id=r.worker_id, role=r.role, state=r.state, address=r.address, running=s.get("running", 0), waiting=s.get("waiting", 0),
+        queued_prefill_tokens=s.get("queued_prefill_tokens", 0), used_blocks=s.get("used_blocks", 0), free_blocks=s.get("free_blocks", 0),
+        reserved_blocks=s.get("reserved_blocks", 0), total_blocks=s.get("total_blocks", 0), heartbeat_age=max(0.0, now - r.heartbeat), restarts=r.restarts,
+    )
+
+
+class AdminService(public_pb2_grpc.AdminServicer):
+    """Reads and writes the cluster's desired state in Redis; the controller acts on it."""
+
+    def __init__(self, registry: Registry, cluster: str, model: str, api_keys: frozenset[str]) -> None:
+        self.registry = registry
+        self.cluster = cluster
+        self.model = model
+        self.api_keys = api_keys
+
+    def Status(self, request, context) -> public_pb2.ClusterStatus:
+        import time
+
+        check_api_key(context, self.api_keys)
+        now = time.time()
+        try:
+            workers = self.registry.workers()
+            targets = self.registry.targets()
+        except Exception as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"registry unreachable: {e}")
+        return public_pb2.ClusterStatus(cluster=self.cluster, model=self.model, workers=[worker_info(w, now) for w in workers], targets=targets)
+
+    def Scale(self, request: public_pb2.ScaleRequest, context) -> public_pb2.ClusterStatus:
+        check_api_key(context, self.api_keys)
+        for role in ("prefill", "decode"):
+            if request.HasField(role):
+                n = getattr(request, role)
+                if n < 0:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{role}: replicas must be >= 0, got {n}")
+                self.registry.set_target(role, n)
+        return self.Status(public_pb2.StatusRequest(), context)
+
+    def Drain(self, request: public_pb2.DrainRequest, context) -> public_pb2.DrainResponse:
+        check_api_key(context, self.api_keys)
+        record = next((w for w in self.registry.workers() if w.worker_id == request.worker_id), None)
+        if record is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"worker_id: no worker {request.worker_id!r} in cluster {self.cluster!r}")
+        targets = self.registry.targets()
+        self.registry.set_target(record.role, max(0, targets.get(record.role, 1) - 1))  # do not replace it
+        self.registry.request_drain(record.worker_id)
+        return public_pb2.DrainResponse(found=True)
+
+    def Shutdown(self, request, context) -> public_pb2.ShutdownResponse:
+        check_api_key(context, self.api_keys)
+        for role in ("prefill", "decode"):
+            self.registry.set_target(role, 0)
+        return public_pb2.ShutdownResponse()

@@ -1,0 +1,316 @@
+"""Per-request orchestration: validate, route, run the two legs, stream, account.
+
+A request's journey through `Orchestrator.generate`:
+    validate (prompt, context, sampling, model name)   -> INVALID_ARGUMENT naming the field
+    route: the policy picks (prefill P, decode D) from the cluster snapshot
+    reserve on D, prefill on P                          -> retried on another worker when a
+                                                           worker is unreachable (bounded)
+    first token (from P) streamed at once, then D's tokens; text is detokenized here
+    finish, failure of a leg (the other is aborted), client gone (both aborted)
+Every step's time goes into the request's `Timings`, logged once per request and kept for
+`timings(request_id)`; metrics are updated as the request moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from engine.config import ModelConfig
+from engine.engine import check_fits, encode_prompt
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
+from proto.convert import params_to_proto
+from proto.status import StatusError
+from router.cluster_view import ClusterView
+from router.legs import WorkerClient
+from router.metrics import RouterMetrics
+from router.policy import RouteRequest, RoutingPolicy, WorkerLoad
+
+logger = logging.getLogger(__name__)
+RETRYABLE = {"UNAVAILABLE"}
+TIMINGS_KEPT = 4096
+
+
+@dataclass
+class GenerateInput:
+    prompt: str | list[int]
+    params: SamplingParams
+    request_id: str = ""
+    model: str = ""
+
+
+@dataclass
+class Timings:
+    request_id: str
+    route: float = 0.0
+    reserve: float = 0.0
+    prefill_queue: float = 0.0
+    prefill: float = 0.0
+    transfer: float = 0.0
+    first_decode: float = 0.0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    retries: int = 0
+    kv_bytes: int = 0
+    outcome: str = "running"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Chunk:
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    timings: Timings | None = None
+
+
+@dataclass
+class _Legs:
+    prefill: WorkerClient | None = None
+    decode: WorkerClient | None = None
+    aborted: bool = False
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        view: ClusterView,
+        policy: RoutingPolicy,
+        metrics: RouterMetrics,
+        tokenizer: Tokenizer,
+        model_config: ModelConfig,
+        model_name: str,
+        *,
+        max_model_len: int | None = None,
+        transport: str = "",
+        timeout: float = 600.0,
+        max_retries: int = 1,
+    ) -> None:
+        self.view = view
+        self.policy = policy
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.model_name = model_name
+        self.max_model_len = min(max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+        self.transport = transport
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._legs: dict[str, _Legs] = {}
+        self._timings: OrderedDict[str, Timings] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---- the request ---------------------------------------------------------------------
+    def validate(self, inp: GenerateInput) -> list[int]:
+        if inp.model and inp.model != self.model_name:
+            raise InvalidRequestError("model", f"{inp.model!r} is not served here; this cluster serves {self.model_name!r}")
+        ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, inp.prompt)
+        check_fits(len(ids), inp.params.max_tokens, self.max_model_len)
+        return ids
+
+    def generate(self, inp: GenerateInput) -> Iterator[Chunk]:
+        """Validate synchronously (raises before the first chunk), then stream."""
+        prompt = self.validate(inp)
+        rid = inp.request_id or f"req-{uuid.uuid4().hex}"
+        with self._lock:
+            if rid in self._legs:
+                raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
+            self._legs[rid] = _Legs()
+        return self._run(rid, prompt, inp.params)
+
+    def _run(self, rid: str, prompt: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        t = Timings(rid)
+        arrival = time.monotonic()
+        deadline = arrival + self.timeout
+        left = lambda: max(0.001, deadline - time.monotonic())  # noqa: E731
+        legs = self._legs[rid]
+        held: list[tuple[str, int, int]] = []  # (worker id, inflight, prompt tokens) to give back
+        self.metrics.running.inc()
+        try:
+            pre, p_worker, d_worker = self._dispatch(rid, prompt, params, t, legs, held, left)
+            t.ttft = time.monotonic() - arrival
+            self.metrics.ttft.observe(t.ttft)
+            self._give_back(held, p_worker.worker_id)
+            text = _Text(self.tokenizer, params.stop)
+            first = Chunk(rid, [pre.first_token], [pre.first_logprob], text.push(pre.first_token))
+            yield first
+            last_emit = time.monotonic()
+            emitted, seen = 1, []
+            for chunk in legs.decode.decode_stream(rid, left()):
+                now = time.monotonic()
+                if not seen:
+                    t.transfer, t.kv_bytes = chunk.kv_transfer_seconds, chunk.kv_bytes
+                    self.metrics.kv_seconds.observe(t.transfer)
+                    self.metrics.kv_bytes.inc(t.kv_bytes)
+                seen.extend(chunk.token_ids)
+                new = seen[emitted:]
+                if new and emitted == 1:
+                    t.first_decode = now - last_emit
+                if new:
+                    for _ in new:
+                        self.metrics.itl.observe((now - last_emit) / len(new))
+                    emitted, last_emit = len(seen), now
+                out = Chunk(rid, new, list(chunk.logprobs)[-len(new):] if new else [], "".join(text.push(tok) for tok in new))
+                if chunk.finished:
+                    t.e2e = now - arrival
+                    t.outcome = "ok"
+                    out.finished, out.finish_reason = True, chunk.finish_reason
+                    out.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(seen), "cached_tokens": pre.num_cached_tokens}
+                    out.timings = t
+                    self.metrics.e2e.observe(t.e2e)
+                    self.metrics.prompt_tokens.inc(len(prompt))
+                    self.metrics.generation_tokens.inc(len(seen))
+                if new or out.finished:
+                    yield out
+                if chunk.finished:
+                    return
+            raise StatusError("INTERNAL", f"decode stream of {rid} ended without finishing")
+        except GeneratorExit:
+            t.outcome = "cancelled"
+            self._abort_legs(rid, legs, "client went away")
+            raise
+        except StatusError as e:
+            t.outcome = e.status
+            self._abort_legs(rid, legs, f"request failed: {e}")
+            raise
+        except BaseException as e:
+            t.outcome = getattr(e, "status", "INTERNAL")
+            self._abort_legs(rid, legs, f"request failed: {e}")
+            raise
+        finally:
+            self._give_back(held)
+            self.metrics.running.dec()
+            self.metrics.requests.labels(t.outcome if t.outcome != "running" else "INTERNAL").inc()
+            t.e2e = t.e2e or time.monotonic() - arrival
+            self._finish(rid, t)
+
+    def _dispatch(self, rid, prompt, params, t: Timings, legs: _Legs, held, left):
+        """Route, reserve and prefill, moving to other workers while one is unreachable.
+        Returns (prefill response, prefill worker, decode worker)."""
+        p_params = params_to_proto(params)
+        exclude: set[str] = set()
+        for attempt in range(self.max_retries + 1):
+            if legs.aborted:
+                raise StatusError("ABORTED", f"request {rid} aborted")
+            start = time.monotonic()
+            p_worker, d_worker = self.policy.choose(self.view.snapshot(), RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude)))
+            t.route += time.monotonic() - start
+            t.prefill_worker, t.decode_worker, t.retries = p_worker.worker_id, d_worker.worker_id, attempt
+            self._hold(held, p_worker, len(prompt))
+            self._hold(held, d_worker, 0)
+            legs.prefill, legs.decode = self.view.client(p_worker), self.view.client(d_worker)
+            start = time.monotonic()
+            try:
+                desc = legs.decode.reserve(rid, prompt, p_params, self.transport, min(left(), 30.0))
+            except StatusError as e:
+                if e.status in RETRYABLE and attempt < self.max_retries:
+                    self._retry("decode", d_worker, exclude, e)
+                    continue
+                raise
+            t.reserve = time.monotonic() - start
+            self.metrics.route.observe(t.route + t.reserve)
+            try:
+                pre = legs.prefill.prefill_call(rid, prompt, p_params, desc, left())
+            except StatusError as e:
+                legs.decode.abort_decode(rid, "prefill leg failed")
+                if e.status in RETRYABLE and attempt < self.max_retries and not legs.aborted:
+                    self._retry("prefill", p_worker, exclude, e)
+                    continue
+                raise
+            t.prefill_queue, t.prefill = pre.queue_seconds, pre.prefill_seconds
+            self.metrics.queue.observe(t.prefill_queue)
+            self.metrics.prefill.observe(t.prefill)
+            return pre, p_worker, d_worker
+        raise AssertionError("unreachable")
+
+    def _retry(self, leg: str, worker: WorkerLoad, exclude: set[str], err: StatusError) -> None:
+        logger.warning("%s worker %s unavailable (%s); retrying elsewhere", leg, worker.worker_id, err)
+        exclude.add(worker.worker_id)
+        self.metrics.retries.labels(leg).inc()
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    def _hold(self, held: list, worker: WorkerLoad, tokens: int) -> None:
+        self.view.add_inflight(worker.worker_id, 1, tokens)
+        held.append((worker.worker_id, 1, tokens))
+
+    def _give_back(self, held: list, only: str | None = None) -> None:
+        """Return in-flight counts (all, or just the prompt tokens of `only` once prefilled)."""
+        for i, (wid, n, tokens) in enumerate(held):
+            if only is None:
+                self.view.add_inflight(wid, -n, -tokens)
+            elif wid == only and tokens:
+                self.view.add_inflight(wid, 0, -tokens)
+                held[i] = (wid, n, 0)
+        if only is None:
+            held.clear()
+
+    def _abort_legs(self, rid: str, legs: _Legs, reason: str) -> None:
+        if legs.decode is not None:
+            legs.decode.abort_decode(rid, reason)
+        if legs.prefill is not None:
+            legs.prefill.abort_prefill(rid, reason)
+
+    def _finish(self, rid: str, t: Timings) -> None:
+        with self._lock:
+            self._legs.pop(rid, None)
+            self._timings[rid] = t
+            while len(self._timings) > TIMINGS_KEPT:
+                self._timings.popitem(last=False)
+        logger.info("request %s %s", rid, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in t.to_dict().items() if k != "request_id"))
+
+    def abort(self, rid: str) -> bool:
+        with self._lock:
+            legs = self._legs.get(rid)
+        if legs is None:
+            return False
+        legs.aborted = True
+        self._abort_legs(rid, legs, "aborted by client")
+        return True
+
+    def timings(self, rid: str) -> Timings | None:
+        with self._lock:
+            return self._timings.get(rid)
+
+
+class _Text:
+    """The router's detokenizer: the same rule as the engine's, so texts agree."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = stops
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        delta = self.detok.push(token)
+        if delta and self.stops:
+            cut = cut_at_stop_string(self.detok.text, len(delta), self.stops)
+            if cut is not None:
+                self.detok.text, self.stopped = cut, True
+        out = self.detok.text[self.sent :]
+        self.sent = len(self.detok.text)
+        return out
+
+
+def timings_to_proto(t: Timings):
+    from proto import public_pb2
+
+    return public_pb2.Timings(**t.to_dict())
+
