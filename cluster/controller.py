@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 
 from cluster.config import ClusterConfig, Resources
@@ -47,7 +48,8 @@ class Controller:
         self._on_error = on_error
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        registry.init_targets({"prefill": config.prefill.replicas, "decode": config.decode.replicas})
+        self._targets = {"prefill": config.prefill.replicas, "decode": config.decode.replicas}
+        registry.init_targets(self._targets)
 
     def resources(self, role: str) -> Resources:
         r = (self.config.prefill if role == "prefill" else self.config.decode).resources
@@ -65,11 +67,15 @@ class Controller:
             self.registry.forget(wid)
             del alive[wid]
         targets = self.registry.targets()
+        if any(role not in targets for role in ROLES):  # Redis lost its data (restart): restore
+            self.registry.init_targets(self._targets)
+            targets = {**self._targets, **targets}
+        self._targets = targets
         for role in ROLES:
-            serving = sorted((w for w, r in alive.items() if r == role and w not in draining), key=_seq)
+            serving = [w for w, r in alive.items() if r == role and w not in draining]  # oldest first
             want = targets.get(role, 0)
             for _ in range(want - len(serving)):
-                wid = f"{self.config.name}-{role}-{self.registry.next_seq()}"
+                wid = f"{self.config.name}-{role}-{uuid.uuid4().hex[:6]}"
                 logger.info("starting %s worker %s", role, wid)
                 self.backend.start(worker_spec(self.config, role, wid, self.redis_url, self.device), self.resources(role))
             for wid in serving[want:]:
@@ -94,7 +100,3 @@ class Controller:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-
-def _seq(worker_id: str) -> int:
-    tail = worker_id.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else 0

@@ -6,7 +6,6 @@ Keys (all under `splitserve:{cluster}:`, so clusters can share one Redis):
                   after a Redis restart is back at the next beat
     target        hash role -> replicas the controller reconciles towards
     drain         set of worker ids asked to drain
-    seq           counter for worker names
 """
 
 from __future__ import annotations
@@ -82,9 +81,6 @@ class Registry:
 
     def draining(self) -> set[str]:
         return {m.decode() for m in self.redis.smembers(self.prefix + "drain")}
-
-    def next_seq(self) -> int:
-        return int(self.redis.incr(self.prefix + "seq"))
 
     def clear(self) -> None:
         for key in self.redis.scan_iter(match=self.prefix + "*", count=500):

@@ -90,7 +90,7 @@ def worker_info(r: WorkerRecord, now: float) -> public_pb2.WorkerInfo:
     return public_pb2.WorkerInfo(
         worker_id=r.worker_id, role=r.role, state=r.state, address=r.address, running=s.get("running", 0), waiting=s.get("waiting", 0),
         queued_prefill_tokens=s.get("queued_prefill_tokens", 0), used_blocks=s.get("used_blocks", 0), free_blocks=s.get("free_blocks", 0),
-        reserved_blocks=s.get("reserved_blocks", 0), total_blocks=s.get("total_blocks", 0), heartbeat_age=max(0.0, now - r.heartbeat), restarts=r.restarts,
+        reserved_blocks=s.get("reserved_blocks", 0), total_blocks=s.get("total_blocks", 0), heartbeat_age=max(0.0, now - r.heartbeat), restarts=r.restarts, pid=r.pid,
     )
 
 

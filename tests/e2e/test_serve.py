@@ -1,0 +1,149 @@
+"""`splitserve serve` on a tiny checkpoint, driven as users drive it: the official `openai`
+client over HTTP, the gRPC SDK, curl-like raw requests for bad input, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.tokenizer import Tokenizer
+from proto.client import AsyncClient, Client, InvalidArgumentError
+from router.http_api import render_chat
+from tests.e2e.serve_proc import start_serve
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "def step(self):", "Prefill reads the whole prompt at once and"]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is disaggregated serving?"}]
+
+
+@pytest.fixture(scope="module")
+def served(e2e_model: Path):
+    serve = start_serve("--model", str(e2e_model), "--dtype", "float32")
+    yield serve
+    serve.stop()
+
+
+@pytest.fixture(scope="module")
+def single(e2e_model: Path) -> LLM:
+    return LLM(str(e2e_model), dtype="float32")
+
+
+def greedy(llm: LLM, prompt, max_tokens: int = 12):
+    return llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
+
+
+@pytest.fixture(scope="module")
+def oai(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.http + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_openai_completions_match_the_single_engine(oai: openai.OpenAI, single: LLM) -> None:
+    model = oai.models.list().data[0].id
+    for prompt in PROMPTS:
+        expected = greedy(single, prompt)
+        r = oai.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+        assert r.choices[0].text == expected.text
+        assert r.usage.completion_tokens == len(expected.token_ids) and r.usage.prompt_tokens == len(single.tokenizer.encode(prompt))
+        streamed = oai.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == expected.text
+
+
+def test_openai_chat_matches_the_single_engine(oai: openai.OpenAI, single: LLM, e2e_model: Path) -> None:
+    tok = Tokenizer(e2e_model)
+    ids = tok.encode(render_chat(tok.config["chat_template"], MESSAGES, bos_token="<s>", eos_token="</s>"), add_special_tokens=False)
+    expected = greedy(single, ids)
+    model = oai.models.list().data[0].id
+    r = oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == expected.text and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ids)
+    chunks = list(oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_grpc_sdk_sync_and_async(served, single: LLM) -> None:
+    expected = greedy(single, PROMPTS[1])
+    with Client(served.grpc) as c:
+        done = c.generate(PROMPTS[1], max_tokens=12, temperature=0)
+        assert done.text == expected.text and done.token_ids == expected.token_ids
+        assert done.usage["completion_tokens"] == 12 and done.timings["ttft"] > 0
+        assert "".join(ch.text for ch in c.generate_stream(PROMPTS[1], max_tokens=12, temperature=0)) == expected.text
+        t = c.timings(done.request_id)  # the breakdown stays retrievable by request id
+        assert t.outcome == "ok" and t.prefill_worker and t.decode_worker and 0 < t.ttft <= t.e2e
+
+    async def run() -> str:
+        async with AsyncClient(served.grpc) as ac:
+            return (await ac.generate(PROMPTS[1], max_tokens=12, temperature=0)).text
+
+    assert asyncio.run(run()) == expected.text
+
+
+def test_32_concurrent_requests_all_complete_and_match(served, single: LLM) -> None:
+    prompts = [[3 + (i * 31 + j * 7) % 480 for j in range(5 + 23 * i)] for i in range(32)]
+    expected = [o.token_ids for o in single.generate(prompts, SamplingParams(temperature=0, max_tokens=10))]
+    with Client(served.grpc) as c, ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(lambda p: c.generate(p, max_tokens=10, temperature=0).token_ids, prompts))
+    assert got == expected
+
+
+def _post(served, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    u = urllib.parse.urlparse(served.http)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read() or b"{}")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [1] * 5000}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi", "model": "gpt-17"}, "model"),
+    ({"prompt": 42}, "prompt"),
+    ({"max_tokens": 3}, "prompt"),
+])
+def test_bad_input_is_400_naming_the_field(served, body: dict, field: str) -> None:
+    status, err = _post(served, "/v1/completions", json.dumps(body).encode())
+    assert status == 400 and err["error"]["param"] == field and field in err["error"]["message"]
+
+
+def test_malformed_json_and_bad_chat_messages(served) -> None:
+    status, err = _post(served, "/v1/completions", b"{not json")
+    assert status == 400 and "malformed JSON" in err["error"]["message"]
+    status, err = _post(served, "/v1/chat/completions", json.dumps({"messages": [{"role": "user"}]}).encode())
+    assert status == 400 and err["error"]["param"] == "messages[0]"
+
+
+def test_bad_input_over_grpc_is_invalid_argument(served) -> None:
+    with Client(served.grpc) as c:
+        for kwargs, field in [({"max_tokens": 5000}, "max_tokens"), ({"model": "nope"}, "model"), ({"top_p": 2.0}, "top_p")]:
+            with pytest.raises(InvalidArgumentError, match=field):
+                c.generate("hello", **kwargs)
+        with pytest.raises(InvalidArgumentError, match="prompt"):
+            c.generate("")
+
+
+def test_metrics_after_traffic(served) -> None:
+    u = urllib.parse.urlparse(served.http)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    for name in ("splitserve:time_to_first_token_seconds_count", "splitserve:inter_token_latency_seconds_count",
+                 "splitserve:e2e_request_latency_seconds_count", "splitserve:request_queue_time_seconds_count",
+                 "splitserve:kv_transfer_seconds_count", "splitserve:kv_transfer_bytes_total", 'splitserve:requests_total{outcome="ok"}',
+                 "splitserve:worker_kv_blocks_used"):
+        assert name in text, name
+    ok = next(line for line in text.splitlines() if line.startswith('splitserve:requests_total{outcome="ok"}'))
+    assert float(ok.split()[-1]) >= 32
+    kv = next(line for line in text.splitlines() if line.startswith("splitserve:kv_transfer_bytes_total"))
+    assert float(kv.split()[-1]) > 0
