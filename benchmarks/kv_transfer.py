@@ -350,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(a, stack)
             rows = summarize(bench.nbytes, bench.bandwidth())
             overlap = [] if a.no_overlap else bench.overlap({r["name"]: r["seconds"] / a.layers for r in rows})
-    except TimeoutError as e:
-        logger.error("%s (--timeout %g s)", e, a.timeout)
-        return 2
+    except (TimeoutError, KeyboardInterrupt) as e:  # the children are stopped by now
+        logger.error("%s", f"{e} (--timeout {a.timeout:g} s)" if isinstance(e, TimeoutError) else "interrupted")
+        return 2 if isinstance(e, TimeoutError) else 130
     finally:
         signal.alarm(0)
     print(f"\n$ {shlex.join(cli)}\ntorch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads; on {HOST}")

@@ -1,0 +1,148 @@
+"""Operating a running cluster: scaling and draining under traffic, a decode worker's process
+killed (Ray restarts it), and Redis restarted (workers re-register)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.redis_server import EmbeddedRedis
+from proto.client import Client, SplitserveError
+from tests.e2e.serve_proc import start_serve
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if cond():
+                return
+        except SplitserveError:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(e2e_model: Path, tmp_path_factory):
+    redis = EmbeddedRedis()
+    cfg = tmp_path_factory.mktemp("ops") / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(e2e_model), "dtype": "float32"}, "redis_url": redis.url,
+                                   "router": {"max_retries": 2}, "heartbeat_seconds": 0.5, "heartbeat_ttl_seconds": 3.0}))
+    serve = start_serve("--config", str(cfg))
+    yield serve, redis
+    serve.stop()
+    redis.stop()
+
+
+class Traffic:
+    """Requests in a loop from a few threads until stopped; records outcomes and decode workers."""
+
+    def __init__(self, address: str, threads: int = 3) -> None:
+        self.client = Client(address, timeout=60)
+        self.stop_flag = threading.Event()
+        self.ok = 0
+        self.errors: list[str] = []
+        self.decode_workers: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self.stop_flag.is_set():
+            n += 1
+            try:
+                done = self.client.generate([5 + i, 6, 7, 8 + n % 50] * 8, max_tokens=24, temperature=0, ignore_eos=True)
+                with self._lock:
+                    self.ok += 1
+                    self.decode_workers[done.timings["decode_worker"]] += 1
+            except SplitserveError as e:
+                with self._lock:
+                    self.errors.append(f"{e.status}: {e}")
+
+    def __enter__(self) -> "Traffic":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_flag.set()
+        for t in self._threads:
+            t.join(90)
+        self.client.close()
+
+
+def decode_workers(c: Client) -> list:
+    return [w for w in c.status().workers if w.role == "decode"]
+
+
+def test_scale_up_then_drain_under_traffic_loses_no_request(cluster) -> None:
+    serve, _ = cluster
+    with Client(serve.grpc) as admin, Traffic(serve.grpc) as traffic:
+        time.sleep(1)
+        admin.scale(decode=2)
+        wait_until(lambda: sum(w.state == "ready" for w in decode_workers(admin)) == 2, 120, "a second decode worker")
+        wait_until(lambda: len(traffic.decode_workers) == 2, 60, "traffic on both decode workers")
+        victim = decode_workers(admin)[0].worker_id
+        admin.drain(victim)
+        wait_until(lambda: victim not in {w.worker_id for w in decode_workers(admin)}, 120, f"{victim} drained and gone")
+        served_after = traffic.ok
+        wait_until(lambda: traffic.ok > served_after + 5, 60, "traffic continuing on the remaining worker")
+    assert traffic.errors == [], traffic.errors[:5]
+    assert len(traffic.decode_workers) == 2 and min(traffic.decode_workers.values()) > 0
+    assert admin_targets(serve) == {"prefill": 1, "decode": 1}
+
+
+def admin_targets(serve) -> dict:
+    with Client(serve.grpc) as c:
+        return dict(c.status().targets)
+
+
+def test_killed_decode_worker_is_restarted_and_nothing_is_stranded(cluster) -> None:
+    serve, _ = cluster
+    with Client(serve.grpc, timeout=60) as c:
+        (victim,) = decode_workers(c)
+        errors: list[SplitserveError] = []
+
+        def long_request() -> None:
+            try:
+                c.generate([9] * 30, max_tokens=3000, temperature=0, ignore_eos=True)
+            except SplitserveError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        wait_until(lambda: decode_workers(c)[0].running >= 1, 30, "the long request decoding")
+        os.kill(victim.pid, signal.SIGKILL)
+        t.join(60)
+        assert not t.is_alive(), "the in-flight request hung after its decode worker died"
+        assert len(errors) == 1 and errors[0].status in ("UNAVAILABLE", "CANCELLED", "ABORTED", "INTERNAL"), errors
+        wait_until(lambda: any(w.worker_id == victim.worker_id and w.restarts >= 1 and w.state == "ready" and w.pid != victim.pid
+                               for w in decode_workers(c)), 120, "Ray to restart the decode worker and it to re-register")
+        wait_until(lambda: c.generate("after the restart", max_tokens=4, temperature=0).finish_reason is not None, 60, "serving to resume")
+        wait_until(lambda: all(w.reserved_blocks == 0 and w.running == 0 for w in c.status().workers), 30, "no blocks held anywhere")
+        prefill = [w for w in c.status().workers if w.role == "prefill"]
+        assert prefill and all(w.used_blocks == 0 for w in prefill)
+
+
+def test_redis_restart_workers_reregister_and_routing_resumes(cluster) -> None:
+    serve, redis = cluster
+    with Client(serve.grpc, timeout=60) as c:
+        before = {w.worker_id for w in c.status().workers}
+        port = redis.port
+        redis.stop()
+        time.sleep(2)
+        redis.__init__(port=port)  # same address, empty data
+        wait_until(lambda: {w.worker_id for w in c.status().workers} == before, 30, "workers re-registered")
+        wait_until(lambda: dict(c.status().targets) == {"prefill": 1, "decode": 1}, 10, "the controller to restore its targets")
+        assert {w.worker_id for w in c.status().workers} == before  # and it drained nobody meanwhile
+        assert c.generate("after redis", max_tokens=4, temperature=0).finish_reason == "length"
