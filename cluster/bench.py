@@ -1,16 +1,15 @@
 """`splitserve bench`: a load generator for the router's gRPC (SDK) or OpenAI-compatible HTTP API.
 
 Life cycle of one run:
-  1. workload: N requests (synthetic random token-id prompts sent with ignore_eos, or a JSONL file)
-     and N arrival offsets (gamma inter-arrivals of shape B with mean 1/rate; B=1 is Poisson);
-  2. dispatch: the main thread waits for each arrival, then for a free slot under
-     --max-concurrency, and hands the request to a worker thread;
-  3. a worker streams it, stamping each token-carrying chunk with time.perf_counter, and turns
-     the stamps into a RequestRecord (TTFT, ITL, E2E, tokens) or a failure with its status;
-  4. summarize(records) -> percentiles, throughputs, failures by status, goodput under SLOs;
-     a table on stdout and, with --output, JSON with config, summary and every record.
+  1. workload: N requests (random token-id prompts sent with ignore_eos, or a JSONL file) and N
+     arrival offsets (gamma inter-arrivals of shape B, mean 1/rate; B=1 is Poisson);
+  2. dispatch: the main thread waits for each arrival, then for a slot under --max-concurrency,
+     and hands the request to a worker thread, which stamps each token-carrying chunk with
+     time.perf_counter and returns a RequestRecord (TTFT, ITL, E2E, tokens) or a failure's status;
+  3. summarize(records): percentiles, throughputs, failures by status, goodput under SLOs; a table
+     on stdout and, with --output, JSON with config, summary and every record.
 Ctrl-C stops dispatch, cancels what is in flight (closes the gRPC channel / shuts the sockets)
-and still reports what finished. The statistics are plain functions over records.
+and still reports what finished.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -147,7 +146,8 @@ def length_range(length: int, ratio: float) -> tuple[int, int]:
     return max(1, math.ceil(length * (1 - ratio))), max(1, math.floor(length * (1 + ratio)))
 
 
-def synthetic_requests(n: int, input_len: int, output_len: int, range_ratio: float = 0.0, vocab_size: int = 256, seed: int = 0) -> list[BenchRequest]:
+def synthetic_requests(n: int, input_len: int, output_len: int, range_ratio: float = 0.0, vocab_size: int = 256,
+                       seed: int = 0) -> list[BenchRequest]:
     if not 0 <= range_ratio < 1:
         raise ValueError(f"--range-ratio must be in [0, 1), got {range_ratio}")
     rng = random.Random(seed)
@@ -173,12 +173,14 @@ def load_dataset(path: str, n: int, default_max_tokens: int, ignore_eos: bool) -
             if type(max_tokens) is not int or max_tokens < 1:
                 raise ValueError(f"{path}:{lineno}: 'max_tokens' must be a positive integer, got {max_tokens!r}")
             rows.append(BenchRequest(prompt, max_tokens, ignore_eos))
+            if len(rows) == n:
+                break
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return [rows[i % len(rows)] for i in range(n)]
 
 
-# ---- backends: stream(request, usage) yields the number of tokens in each chunk -------------
+# ---- backends ------------------------------------------------------------------------------
 def _error(status: str, message: str) -> SplitserveError:
     err = SplitserveError(message)
     err.status = status
@@ -186,10 +188,11 @@ def _error(status: str, message: str) -> SplitserveError:
 
 
 class Backend(Protocol):
-    def stream(self, req: BenchRequest, usage: dict) -> Iterator[int]: ...
+    def stream(self, req: BenchRequest, usage: dict) -> Iterator[int]:
+        """Yields the number of tokens in each chunk; fills usage (prompt/completion_tokens) where known."""
 
     def close(self) -> None:
-        """Cancel every request in flight; later streams fail."""
+        """Cancels every request in flight; later streams fail."""
 
 
 class GrpcBackend:
@@ -233,27 +236,19 @@ class HttpBackend:
                 raise _error("CANCELLED", "the bench was stopped")
             self.live.add(sock)
         try:
-            conn.request("POST", self.path, json.dumps(body), self.headers)
+            conn.request("POST", self.path, json.dumps(body).encode(), self.headers)
             resp = conn.getresponse()
             if resp.status != 200:
                 raise _http_error(resp.status, resp.read())
-            while True:
-                sock.settimeout(max(deadline - time.monotonic(), 1e-3))  # the whole request is bounded, not each read
-                line = resp.readline()
-                if not line:
-                    raise _error("CANCELLED" if self.closed else "UNAVAILABLE", "the stream ended before data: [DONE]")
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                event = json.loads(data)
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            for event in sse_events(resp):
                 if "error" in event:  # a failure after the headers comes in-band
                     raise _error(str(event["error"].get("type", "INTERNAL")).upper(), event["error"].get("message", ""))
                 usage.update(event.get("usage") or {})
                 choices = event.get("choices") or []
                 if choices and choices[0].get("text"):
                     yield 1
+                sock.settimeout(max(deadline - time.monotonic(), 1e-3))  # bounds the whole request, not each read
         except TimeoutError:
             raise _error("DEADLINE_EXCEEDED", f"no complete answer within {self.timeout} s") from None
         finally:
@@ -270,6 +265,16 @@ class HttpBackend:
                     sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
                 except OSError:
                     pass
+
+
+def sse_events(lines: Iterable[bytes]) -> Iterator[dict]:
+    """The JSON of each `data:` line up to `data: [DONE]`; the stream ending before it is an error."""
+    for line in lines:
+        if line.startswith(b"data:"):
+            if line[5:].strip() == b"[DONE]":
+                return
+            yield json.loads(line[5:])
+    raise ConnectionResetError("the stream ended before data: [DONE]")
 
 
 def _http_error(code: int, body: bytes) -> SplitserveError:
@@ -352,21 +357,17 @@ def run_requests(backend: Backend, requests: Sequence[BenchRequest], arrivals: S
     return sorted(records, key=lambda r: r.index), time.perf_counter() - t0, interrupted
 
 
-class Progress:
+def progress_line(total: int) -> Callable[[RequestRecord], None]:
     """A one-line `done/total` counter on stderr, redrawn with \\r."""
+    seen, lock = Counter(), threading.Lock()
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.failed, self.lock = total, 0, 0, threading.Lock()
-
-    def __call__(self, rec: RequestRecord) -> None:
-        with self.lock:
-            self.done += 1
-            self.failed += not rec.ok
-            sys.stderr.write(f"\rbench: {self.done}/{self.total} done, {self.failed} failed")
+    def report(rec: RequestRecord) -> None:
+        with lock:
+            seen[rec.ok] += 1
+            sys.stderr.write(f"\rbench: {seen[True] + seen[False]}/{total} done, {seen[False]} failed")
             sys.stderr.flush()
 
-    def close(self) -> None:
-        sys.stderr.write("\n")
+    return report
 
 
 def format_summary(s: dict, title: str) -> str:
@@ -426,11 +427,10 @@ def run_bench(args: argparse.Namespace) -> int:
     arrivals = arrival_times(args.num_prompts, args.request_rate, args.burstiness, args.seed)
     url = args.url or DEFAULT_ADDRESS[args.backend]
     backend = (HttpBackend if args.backend == "http" else GrpcBackend)(url, args.api_key, args.temperature, args.timeout)
-    progress = Progress(len(requests))
     try:
-        records, duration, interrupted = run_requests(backend, requests, arrivals, args.max_concurrency, progress)
+        records, duration, interrupted = run_requests(backend, requests, arrivals, args.max_concurrency, progress_line(len(requests)))
     finally:
-        progress.close()
+        sys.stderr.write("\n")
         backend.close()
     summary = {**summarize(records, duration, args.slo_ttft, args.slo_tpot), "interrupted": interrupted}
     print(format_summary(summary, f"splitserve bench: {args.backend} {url}"), flush=True)

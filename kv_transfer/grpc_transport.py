@@ -130,16 +130,13 @@ class GrpcSender(KVSender):
             stream = self._streams[header.request_id] = self._open()
         elif stream.future.done():  # the receiver already refused this stream: say why now
             self._finish(header.request_id)
-        payload = kv_pb2.KVPayload(
-            request_id=header.request_id,
-            layer=header.layer,
-            block_ids=header.block_ids,
-            dtype=header.dtype,
-            shape=header.shape,
-            byte_length=header.byte_length,
-            data=to_bytes(kv),
-        )
-        stream.queue.put(kv_pb2.KVMessage(payload=payload))
+        msg = kv_pb2.KVMessage()
+        p = msg.payload  # filled in place: KVMessage(payload=...) would copy the bytes again
+        p.request_id, p.layer, p.dtype, p.byte_length = header.request_id, header.layer, header.dtype, header.byte_length
+        p.block_ids.extend(header.block_ids)
+        p.shape.extend(header.shape)
+        p.data = to_bytes(kv)
+        stream.queue.put(msg)
 
     def _open(self) -> _Stream:
         return _Stream(self.stub, self.timeout, self.metadata)

@@ -41,6 +41,7 @@ class LocalHub:
 
 
 class LocalSender(KVSender):
+    max_payload_bytes = 1 << 30  # no wire: one payload per layer
     def __init__(self, receiver: KVReceiver) -> None:
         self.receiver = receiver
 

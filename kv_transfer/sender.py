@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 class KVSender(abc.ABC):
     """Delivers payloads, commits and aborts to one receiver, in order. Called from one thread."""
 
+    max_payload_bytes: int = MAX_MESSAGE_BYTES  # larger layers are split by blocks
+
     @abc.abstractmethod
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None: ...
 
@@ -67,7 +69,7 @@ class KVPusher:
     def push(self, request_id: str, layer: int, dst_blocks: list[int], kv: torch.Tensor) -> None:
         """Queue one layer's KV (`kv` [n, 2, bs, KH, D], already a copy) for `dst_blocks`."""
         per_block = max(1, kv[0].numel() * kv.element_size())
-        step = max(1, MAX_MESSAGE_BYTES // per_block)
+        step = max(1, self.sender.max_payload_bytes // per_block)
         for i in range(0, len(dst_blocks), step):
             part = kv[i : i + step]
             header = PayloadHeader.for_tensor(request_id, layer, dst_blocks[i : i + step], part)

@@ -4,8 +4,9 @@ No global world: each (sender, receiver) pair gets its own two-rank process grou
 first use through the receiver's TCPStore (the address and a fresh pair key come back from
 the gRPC handshake) and reused for every later request, so pools can grow and shrink.
 
-On the pair, messages go in order: [int64 length][JSON header] and, for a payload, the KV
-bytes, received straight into the reserved blocks when they are contiguous.
+On the pair, messages go in order: a fixed-size JSON header and, for a payload, the KV bytes,
+received straight into the reserved blocks when they are contiguous. A commit is answered with
+an ack header carrying the receiver's verdict.
 """
 
 from __future__ import annotations
@@ -40,27 +41,43 @@ def new_pair_group(store: dist.Store, rank: int, device: torch.device) -> dist.P
     return dist.ProcessGroupGloo(store, rank, 2, PAIR_TIMEOUT)
 
 
+HEADER_BYTES = 64 << 10  # one fixed-size header message per payload: no length round trip
+
+
 class _Pair:
-    """One end of a pair's ordered message channel."""
+    """One end of a pair's ordered message channel. Each message is a fixed-size JSON header,
+    then (for a payload) the KV bytes. Sends are posted without waiting, up to one payload
+    ahead, so gloo's per-message handshake overlaps the previous payload's bytes."""
 
     def __init__(self, pg: dist.ProcessGroup, peer: int, device: torch.device) -> None:
         self.pg, self.peer, self.device = pg, peer, device
+        self._in_flight: list[tuple[object, torch.Tensor]] = []  # (work, tensor kept alive)
 
     def send_header(self, header: dict) -> None:
-        data = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
-        self.send_bytes(torch.tensor([data.numel()], dtype=torch.int64))
-        self.send_bytes(data)
+        data = json.dumps(header).encode()
+        if len(data) > HEADER_BYTES:
+            raise ValueError(f"KV header of {len(data)} bytes exceeds {HEADER_BYTES}")
+        buf = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.post(buf)
 
     def recv_header(self) -> dict:
-        n = torch.empty(1, dtype=torch.int64, device=self.device)
-        self.recv_bytes(n)
-        data = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
-        self.recv_bytes(data)
-        return json.loads(bytes(data.cpu().numpy()).decode())
+        buf = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.device)
+        self.recv_bytes(buf)
+        raw = bytes(buf.cpu().numpy())
+        return json.loads(raw[: raw.index(0) if 0 in raw else len(raw)].decode())
 
-    def send_bytes(self, t: torch.Tensor) -> None:
+    def post(self, t: torch.Tensor) -> None:
+        """Queue a send; returns once all but the newest two earlier sends are done."""
         t = t.contiguous().to(self.device)
-        self.pg.send([t.view(torch.uint8).view(-1)], self.peer, 0).wait()
+        work = self.pg.send([t.view(torch.uint8).view(-1)], self.peer, 0)
+        self._in_flight.append((work, t))
+        while len(self._in_flight) > 2:
+            self._in_flight.pop(0)[0].wait()
+
+    def flush(self) -> None:
+        while self._in_flight:
+            self._in_flight.pop(0)[0].wait()
 
     def recv_bytes(self, t: torch.Tensor) -> None:
         if not t.is_contiguous():
@@ -124,15 +141,18 @@ class TorchKVServer:
             try:
                 self.receiver.commit(rid, h["first_token"], h["first_logprob"], h["num_tokens"])
             except TransferError as e:
-                ack.update(ok=False, reason=str(e))
+                ack.update(ok=False, reason=str(e)[:1000])
             seen.discard(rid)
             pair.send_header(ack)  # the sender waits for the verdict, as with gRPC's stream result
+            pair.flush()
         elif h["kind"] == "abort":
             self.receiver.abort(rid, h.get("reason", ""))
             seen.discard(rid)
 
 
 class TorchSender(KVSender):
+    # gloo/NCCL have no message limit; the cap keeps the header's block list within HEADER_BYTES
+    max_payload_bytes = 1 << 30
     def __init__(
         self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0, token: str | None = None
     ) -> None:
@@ -150,22 +170,23 @@ class TorchSender(KVSender):
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None:
         meta = {"kind": "payload", "request_id": header.request_id, "layer": header.layer, "block_ids": list(header.block_ids),
                 "dtype": header.dtype, "shape": list(header.shape), "byte_length": header.byte_length}
-        self._guarded(lambda: (self.pair.send_header(meta), self.pair.send_bytes(kv)))
+        self._guarded(lambda: (self.pair.send_header(meta), self.pair.post(kv)))
 
     def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
         meta = {"kind": "commit", "request_id": request_id, "first_token": first_token, "first_logprob": first_logprob, "num_tokens": num_tokens}
-        self._guarded(lambda: self.pair.send_header(meta))
+        self._guarded(lambda: (self.pair.send_header(meta), self.pair.flush()))
         ack: dict = {}
         self._guarded(lambda: ack.update(self.pair.recv_header()))
         if not ack.get("ok"):
             raise PayloadError(f"KV transfer of {request_id} refused: {ack.get('reason')}")
 
     def abort(self, request_id: str, reason: str) -> None:
-        self._guarded(lambda: self.pair.send_header({"kind": "abort", "request_id": request_id, "reason": reason}))
+        self._guarded(lambda: (self.pair.send_header({"kind": "abort", "request_id": request_id, "reason": reason}), self.pair.flush()))
 
     def close(self) -> None:
         try:
             self.pair.send_header({"kind": "close", "request_id": ""})
+            self.pair.flush()
         except RuntimeError:
             pass
 

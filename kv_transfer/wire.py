@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,5 +56,7 @@ def copy_bytes_into(dest: torch.Tensor, data: bytes, header: PayloadHeader) -> N
     if len(data) != header.byte_length:
         kind = "truncated" if len(data) < header.byte_length else "oversized"
         raise PayloadError(f"{kind} payload: {len(data)} bytes, header says {header.byte_length}")
-    src = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(DTYPES[header.dtype]).view(header.shape)
-    dest.copy_(src)
+    with warnings.catch_warnings():  # read-only bytes are fine: they are only read from
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.frombuffer(data, dtype=torch.uint8)
+    dest.copy_(src.view(DTYPES[header.dtype]).view(header.shape))

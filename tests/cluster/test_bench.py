@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,7 +51,8 @@ def test_ttft_itl_tpot_from_chunk_times() -> None:
 
 
 def _rec(i: int, ttft: float, e2e: float, out: int, prompt: int = 10, status: str = "OK") -> RequestRecord:
-    return RequestRecord(i, status=status, prompt_tokens=prompt, output_tokens=out, ttft=ttft, e2e=e2e, itl=[(e2e - ttft) / (out - 1)] * (out - 1) if out > 1 else [])
+    itl = [(e2e - ttft) / (out - 1)] * (out - 1) if out > 1 else []
+    return RequestRecord(i, status=status, prompt_tokens=prompt, output_tokens=out, ttft=ttft, e2e=e2e, itl=itl)
 
 
 def test_summarize_on_hand_made_records() -> None:
@@ -122,7 +123,7 @@ def test_dataset_lines_cycle_and_bad_lines_name_the_line(tmp_path: Path) -> None
     assert [(r.prompt, r.max_tokens) for r in reqs] == [("hello", 3), ([1, 2, 3], 7)] * 2 + [("hello", 3)]
     f.write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
     with pytest.raises(ValueError, match="d.jsonl:2"):
-        load_dataset(str(f), 1, 7, False)
+        load_dataset(str(f), 2, 7, False)
 
 
 # ---- whole runs against fake servers -------------------------------------------------------------
@@ -157,7 +158,7 @@ class FakeGeneration(public_pb2_grpc.GenerationServicer):
 
 
 @pytest.fixture
-def grpc_server() -> Iterator[callable]:
+def grpc_server() -> Iterator[Callable[[float], tuple[str, FakeGeneration]]]:
     servers = []
 
     def start(gap: float) -> tuple[str, FakeGeneration]:
@@ -174,7 +175,7 @@ def grpc_server() -> Iterator[callable]:
         s.stop(grace=0)
 
 
-def test_bench_grpc_end_to_end(grpc_server, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bench_grpc_end_to_end(grpc_server: Callable, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     address, fake = grpc_server(gap=0.01)
     out = tmp_path / "result.json"
     rc = main(["bench", "--backend", "grpc", "--address", address, "--num-prompts", "12", "--input-len", "6", "--output-len", "5",
@@ -194,7 +195,7 @@ def test_bench_grpc_end_to_end(grpc_server, tmp_path: Path, capsys: pytest.Captu
     assert "Successful requests:" in printed.out and "P99 TTFT (ms):" in printed.out and "12/12 done" in printed.err
 
 
-def test_bench_grpc_counts_failures_by_status(grpc_server, tmp_path: Path) -> None:
+def test_bench_grpc_counts_failures_by_status(grpc_server: Callable, tmp_path: Path) -> None:
     address, _ = grpc_server(gap=0.001)
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "fail"}\n{"prompt": [1, 2], "max_tokens": 3}\n')
@@ -204,7 +205,7 @@ def test_bench_grpc_counts_failures_by_status(grpc_server, tmp_path: Path) -> No
     assert s["completed"] == 2 and s["failed_by_status"] == {"RESOURCE_EXHAUSTED": 2}
 
 
-def test_bench_ctrl_c_cancels_in_flight_and_still_reports(grpc_server, tmp_path: Path) -> None:
+def test_bench_ctrl_c_cancels_in_flight_and_still_reports(grpc_server: Callable, tmp_path: Path) -> None:
     address, fake = grpc_server(gap=0.2)  # a 100-token request streams for 10 s
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "quick", "max_tokens": 2}\n{"prompt": "slow", "max_tokens": 100}\n')
@@ -300,8 +301,6 @@ def test_bench_http_end_to_end(tmp_path: Path) -> None:
 
 
 def test_bench_http_unreachable_server_is_a_counted_failure(tmp_path: Path) -> None:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound but not listening: connections are refused
