@@ -1,0 +1,93 @@
+"""The controller's reconcile loop against a real Redis and a fake worker backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import parse_cluster_config
+from cluster.controller import Controller
+from cluster.redis_server import EmbeddedRedis
+from cluster.registry import Registry, WorkerRecord
+
+
+class FakeBackend:
+    """Stands in for Ray: 'starting' a worker registers it as ready in Redis."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.workers: dict[str, str] = {}
+        self.stopped: list[str] = []
+
+    def start(self, spec, resources) -> None:
+        self.workers[spec.worker_id] = spec.role
+        self.registry.publish(WorkerRecord(spec.worker_id, spec.role, "addr"))
+
+    def stop(self, worker_id: str) -> None:
+        self.workers.pop(worker_id)
+        self.stopped.append(worker_id)
+
+    def alive(self) -> dict[str, str]:
+        return dict(self.workers)
+
+    def shutdown(self) -> None:
+        self.workers.clear()
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = EmbeddedRedis()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def setup(redis_url, request):
+    config = parse_cluster_config({"name": request.node.name.replace("[", "-").replace("]", ""), "model": {"path": "m"}, "decode": {"replicas": 2}})
+    registry = Registry(redis_url, config.name, ttl_seconds=60)
+    registry.clear()
+    backend = FakeBackend(registry)
+    return Controller(config, backend, registry, redis_url), backend, registry
+
+
+def by_role(backend: FakeBackend, role: str) -> list[str]:
+    return [w for w, r in backend.workers.items() if r == role]
+
+
+def test_reconcile_starts_the_configured_pools_and_is_idempotent(setup) -> None:
+    controller, backend, _ = setup
+    controller.reconcile()
+    assert len(by_role(backend, "prefill")) == 1 and len(by_role(backend, "decode")) == 2
+    before = dict(backend.workers)
+    controller.reconcile()
+    assert backend.workers == before
+
+
+def test_scale_down_drains_the_newest_then_stops_it_once_drained(setup) -> None:
+    controller, backend, registry = setup
+    controller.reconcile()
+    old, new = by_role(backend, "decode")
+    registry.set_target("decode", 1)
+    controller.reconcile()
+    assert registry.draining() == {new} and new in backend.workers  # still finishing its requests
+    registry.publish(WorkerRecord(new, "decode", "addr", state="drained"))
+    controller.reconcile()
+    assert backend.stopped == [new] and by_role(backend, "decode") == [old] and registry.draining() == set()
+
+
+def test_lost_targets_are_restored_not_read_as_zero(setup) -> None:
+    controller, backend, registry = setup
+    controller.reconcile()
+    registry.redis.delete(registry.prefix + "target")  # what a Redis restart looks like
+    controller.reconcile()
+    assert len(by_role(backend, "decode")) == 2 and registry.draining() == set()
+    assert registry.targets() == {"prefill": 1, "decode": 2}
+
+
+def test_heartbeat_records_expire(redis_url) -> None:
+    import time
+
+    registry = Registry(redis_url, "ttl-test", ttl_seconds=0.3)
+    registry.publish(WorkerRecord("w1", "decode", "addr"))
+    assert [r.worker_id for r in registry.workers()] == ["w1"]
+    time.sleep(0.5)
+    assert registry.workers() == []
