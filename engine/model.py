@@ -90,13 +90,19 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KH, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k, v = self.project(x, positions, rope)
         out = backend.forward(q, k, v, kv_cache, meta, self.sliding_window)  # [T, H, D]
         return self.o_proj(out.flatten(1))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of `x` ([T, hidden]) at `positions`, RoPE applied:
+        [T, H, D], [T, KH, D], [T, KH, D]. Shared by the paged path and context parallelism."""
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        return q, k, v
 
 
 class MLP(nn.Module):

@@ -138,6 +138,10 @@ class GrpcSender(KVSender):
         p.data = to_bytes(kv)
         stream.queue.put(msg)
 
+    def finish(self, request_id: str) -> None:
+        if request_id in self._streams:
+            self._finish(request_id)
+
     def _open(self) -> _Stream:
         return _Stream(self.stub, self.timeout, self.metadata)
 

@@ -39,6 +39,10 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def abort(self, request_id: str, reason: str) -> None: ...
 
+    def finish(self, request_id: str) -> None:
+        """End this sender's part of a request without committing it (another sender of a
+        context-parallel group commits); returns once what was sent is delivered."""
+
     def close(self) -> None:
         """Release the connection."""
 
@@ -46,7 +50,7 @@ class KVSender(abc.ABC):
 @dataclass
 class _Job:
     request_id: str
-    kind: str  # "payload" | "commit" | "abort"
+    kind: str  # "payload" | "commit" | "flush" | "abort"
     header: PayloadHeader | None = None
     kv: torch.Tensor | None = None
     commit: tuple[int, float, int] | None = None
@@ -80,6 +84,13 @@ class KVPusher:
         first send error."""
         done: Future = Future()
         self._put(_Job(request_id, "commit", commit=(first_token, first_logprob, num_tokens), done=done))
+        return done
+
+    def flush(self, request_id: str) -> Future:
+        """Queue the end of this sender's part of the request (no commit); the future resolves
+        once the request's payloads are delivered, or raises its first send error."""
+        done: Future = Future()
+        self._put(_Job(request_id, "flush", done=done))
         return done
 
     def abort(self, request_id: str, reason: str) -> None:
@@ -146,6 +157,9 @@ class KVPusher:
         elif job.kind == "payload":
             self.sender.send(job.header, job.kv)
             self.bytes_sent += job.header.byte_length
+        elif job.kind == "flush":
+            self.sender.finish(job.request_id)
+            job.done.set_result(None)
         else:
             self.sender.commit(job.request_id, *job.commit)
             job.done.set_result(None)

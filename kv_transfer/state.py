@@ -64,8 +64,11 @@ class Transfer:
 
 
 class TransferTable:
-    def __init__(self, num_layers: int, on_done: Callable[[Transfer], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, num_layers: int, on_done: Callable[[Transfer], None], clock: Callable[[], float] = time.monotonic, commit_grace: float = 10.0
+    ) -> None:
         self.num_layers = num_layers
+        self.commit_grace = commit_grace
         self._on_done = on_done
         self._clock = clock
         self._lock = threading.Lock()
@@ -130,14 +133,21 @@ class TransferTable:
                 t.bytes_received += nbytes
                 self.bytes_received_total += nbytes
                 t.payloads += 1
+                self._changed.notify_all()
             done = self._take_report(t)
         self._report(done)
 
     def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> Transfer:
+        """Complete the transfer if every layer of every block arrived. Payloads from other
+        senders (the ranks of a context-parallel group) may still be landing: wait for them up
+        to `commit_grace` seconds before calling the transfer incomplete."""
+        end = time.monotonic() + self.commit_grace
         with self._lock:
             t = self._transfers.get(request_id)
             if t is None:
                 raise TransferNotFoundError(f"no reservation for request {request_id!r}")
+            while not t.state.terminal and t.missing() and time.monotonic() < end:
+                self._changed.wait(max(0.0, end - time.monotonic()))
             if not t.state.terminal:
                 missing = t.missing()
                 if num_tokens != t.num_tokens:

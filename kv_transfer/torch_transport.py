@@ -180,6 +180,9 @@ class TorchSender(KVSender):
         if not ack.get("ok"):
             raise PayloadError(f"KV transfer of {request_id} refused: {ack.get('reason')}")
 
+    def finish(self, request_id: str) -> None:
+        self._guarded(self.pair.flush)
+
     def abort(self, request_id: str, reason: str) -> None:
         self._guarded(lambda: (self.pair.send_header({"kind": "abort", "request_id": request_id, "reason": reason}), self.pair.flush()))
 

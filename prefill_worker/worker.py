@@ -24,11 +24,11 @@ from engine.engine_loop import EngineLoop
 from engine.errors import UnknownRequestError
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest
-from kv_transfer.connect import connect
-from kv_transfer.errors import HandshakeError, TransferError
+from kv_transfer.errors import HandshakeError
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.local import LocalHub
 from kv_transfer.sender import KVPusher
+from prefill_worker.pushers import PushError, PusherPool
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,11 @@ class PrefillWorker:
     def __init__(self, engine: LLMEngine, worker_id: str, *, hub: LocalHub | None = None, token: str | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
-        self.hub = hub
-        self.token = token
         self.layout = KVLayout.from_dict(engine.kv_layout)
         self.block_size = engine.pool.block_size
         self.num_layers = engine.model_config.num_layers
         self._jobs: dict[str, _Job] = {}
-        self._pushers: dict[tuple[str, str], KVPusher] = {}
-        self._connecting: dict[tuple[str, str], threading.Lock] = {}
+        self.pushers = PusherPool(worker_id, self.layout, hub=hub, device=engine.config.device, token=token)
         self.accepting = True  # False once draining: queued prefills finish, no new ones
         self._lock = threading.Lock()
         engine.on_layer_done = self._on_layer_done
@@ -106,26 +103,10 @@ class PrefillWorker:
             raise PrefillError("DEADLINE_EXCEEDED", f"prefill of {request_id!r} did not finish within {timeout:g} s") from None
 
     def _pusher(self, d: TransferDescriptor) -> KVPusher:
-        """The pusher for this peer and transport, connecting (with a handshake) on first use
-        or after the last connection broke. Concurrent first requests share one connect."""
-        key = (d.transport, d.endpoint)
-        with self._lock:
-            connecting = self._connecting.setdefault(key, threading.Lock())
-        with connecting:
-            with self._lock:
-                pusher = self._pushers.get(key)
-            if pusher is not None and pusher.broken is None:
-                return pusher
-            try:
-                sender = connect(d.transport, d.endpoint, self.worker_id, self.layout, hub=self.hub, device=self.engine.config.device, token=self.token)
-            except TransferError as e:
-                raise PrefillError(e.status, f"cannot reach decode worker {d.decode_worker_id} at {d.endpoint} over {d.transport}: {e}") from e
-            fresh = KVPusher(sender, f"{d.decode_worker_id}/{d.transport}")
-            with self._lock:
-                self._pushers[key] = fresh
-        if pusher is not None:
-            pusher.close()  # broken: nothing of use is queued on it any more
-        return fresh
+        try:
+            return self.pushers.get(d)
+        except PushError as e:
+            raise PrefillError(e.status, str(e)) from e
 
     # ---- hooks on the engine loop thread -------------------------------------------------
     def _on_layer_done(self, layer: int, scheduled: list[ScheduledRequest]) -> None:
@@ -192,10 +173,7 @@ class PrefillWorker:
 
     def close(self) -> None:
         self.loop.stop()
-        with self._lock:
-            pushers = list(self._pushers.values())
-        for p in pushers:
-            p.close()
+        self.pushers.close()
 
 
 def _release(engine: LLMEngine, request_id: str) -> None:

@@ -19,7 +19,7 @@ class Clock:
 def table(layers: int = 2):
     done = []
     clock = Clock()
-    return TransferTable(layers, done.append, clock), done, clock
+    return TransferTable(layers, done.append, clock, commit_grace=0.05), done, clock
 
 
 def land(t: TransferTable, rid: str, layers: int, blocks: list[int]) -> None:

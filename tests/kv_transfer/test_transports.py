@@ -41,7 +41,7 @@ class Receiving:
 def transport(request) -> Iterator[tuple[str, Receiving, LocalHub]]:
     cache = torch.zeros(LAYERS, BLOCKS, 2, BS, KH, D)
     done: list = []
-    table = TransferTable(LAYERS, done.append)
+    table = TransferTable(LAYERS, done.append, commit_grace=0.5)
     receiver = KVReceiver("d0", LAYOUT, table, TensorKVStore(cache))
     hub = LocalHub()
     server = None

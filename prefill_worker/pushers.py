@@ -1,0 +1,57 @@
+"""One KV pusher per (transport, decode endpoint), connected (with its handshake) on first use
+and again after a connection broke; concurrent first requests share one connect."""
+
+from __future__ import annotations
+
+import threading
+
+from kv_transfer.connect import connect
+from kv_transfer.errors import TransferError
+from kv_transfer.layout import KVLayout, TransferDescriptor
+from kv_transfer.local import LocalHub
+from kv_transfer.sender import KVPusher
+
+
+class PushError(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PusherPool:
+    def __init__(self, sender_id: str, layout: KVLayout, *, hub: LocalHub | None = None, device: str = "cpu", token: str | None = None) -> None:
+        self.sender_id = sender_id
+        self.layout = layout
+        self.hub = hub
+        self.device = device
+        self.token = token
+        self._pushers: dict[tuple[str, str], KVPusher] = {}
+        self._connecting: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, d: TransferDescriptor) -> KVPusher:
+        key = (d.transport, d.endpoint)
+        with self._lock:
+            connecting = self._connecting.setdefault(key, threading.Lock())
+        with connecting:
+            with self._lock:
+                pusher = self._pushers.get(key)
+            if pusher is not None and pusher.broken is None:
+                return pusher
+            try:
+                sender = connect(d.transport, d.endpoint, self.sender_id, self.layout, hub=self.hub, device=self.device, token=self.token)
+            except TransferError as e:
+                raise PushError(e.status, f"cannot reach decode worker {d.decode_worker_id} at {d.endpoint} over {d.transport}: {e}") from e
+            fresh = KVPusher(sender, f"{d.decode_worker_id}/{d.transport}")
+            with self._lock:
+                self._pushers[key] = fresh
+        if pusher is not None:
+            pusher.close()  # broken: nothing of use is queued on it any more
+        return fresh
+
+    def close(self) -> None:
+        with self._lock:
+            pushers = list(self._pushers.values())
+            self._pushers.clear()
+        for p in pushers:
+            p.close()
