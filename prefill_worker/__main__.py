@@ -25,11 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (reported on the ready line)")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--token", default=None, help="cluster token required on every call (and sent to decode workers)")
+    parser.add_argument("--cp-degree", type=int, default=1, help="context-parallel ranks (>1: this process is rank 0 and starts the others)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     worker_id = args.worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
-    worker = PrefillWorker(LLMEngine(engine_config_from_args(args)), worker_id, token=args.token)
+    if args.cp_degree > 1:
+        from prefill_worker.cp import start_group
+
+        worker = start_group(args.model, world=args.cp_degree, block_size=args.block_size, worker_id=worker_id, dtype=args.dtype, device=args.device, token=args.token, host=args.host)
+    else:
+        worker = PrefillWorker(LLMEngine(engine_config_from_args(args)), worker_id, token=args.token)
     server, port, _ = start_server(
         args.host, args.port, lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillService(worker), s),
         ["splitserve.worker.PrefillWorker"], args.token,

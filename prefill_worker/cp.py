@@ -1,0 +1,314 @@
+"""Context-parallel prefill: a group of N ranks prefills one long prompt together.
+
+Each rank holds a full model replica and two load-balanced chunks of the prompt. Embeddings,
+norms, projections and the MLP are per token, so each rank runs them on its own tokens only;
+attention crosses ranks through ring attention; RoPE uses global positions. After every layer
+each rank pushes the KV of its own (whole) blocks straight to the decode worker and drops it,
+so memory per rank grows with tokens / N and no rank keeps a KV cache. Rank 0 holds the last
+chunk, so it computes the only logits needed (the last position), samples the first token and,
+once every rank has delivered its KV, commits the transfer.
+
+A request's journey: rank 0 takes it from the Prefill RPC -> broadcasts it to the group ->
+all ranks run the layers (checking together, once a layer, whether to abort) -> every rank
+flushes its pushes -> an all-reduce agrees everything went out -> rank 0 commits.
+A rank that dies breaks the group: the request fails with UNAVAILABLE, its decode-side
+reservation is aborted, and the group refuses work until it is restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.loader import load_model
+from engine.model_runner import KV_LAYOUT
+from engine.sampler import SampleRow, sample
+from engine.sampling_params import SamplingParams
+from kv_transfer.errors import HandshakeError
+from kv_transfer.layout import KVLayout, TransferDescriptor
+from kv_transfer.wire import dtype_name
+from prefill_worker.pushers import PusherPool
+from prefill_worker.ring_attention import LinkModel, Ring, choose_variant, positions_of, ring_attention, shard_ranges
+
+logger = logging.getLogger(__name__)
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class CPError(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class CPJob:
+    request_id: str
+    prompt: list[int]
+    params: dict
+    descriptor: dict
+    variant: str = ""  # "" = choose from the cost model
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def descriptor_to_dict(d: TransferDescriptor) -> dict:
+    out = asdict(d)
+    out["block_ids"] = list(d.block_ids)
+    return out
+
+
+def descriptor_from_dict(d: dict) -> TransferDescriptor:
+    return TransferDescriptor(**{**d, "block_ids": tuple(d["block_ids"]), "layout": KVLayout(**d["layout"])})
+
+
+class CPRank:
+    """One rank of a CP group: a model replica, the group's ring, pushers to decode workers."""
+
+    def __init__(self, model: str, *, rank: int, world: int, store: str, block_size: int, sender_id: str, dtype: str = "auto",
+                 device: str = "cpu", token: str | None = None, mlp_chunk: int = 2048, link: LinkModel = LinkModel()) -> None:
+        self.model, config = load_model(model, dtype, device)
+        if any(w is not None for w in config.sliding_windows):
+            raise ValueError("context parallelism does not support sliding-window attention (this model uses it)")
+        self.config = config
+        self.rank, self.world, self.block_size = rank, world, block_size
+        self.mlp_chunk, self.link = mlp_chunk, link
+        self.dtype = next(self.model.parameters()).dtype
+        self.layout = KVLayout(config.fingerprint, dtype_name(self.dtype), block_size, KV_LAYOUT, config.num_layers, config.num_kv_heads, config.head_dim)
+        host, port = store.rsplit(":", 1)
+        tcp = dist.TCPStore(host, int(port), world, rank == 0, timeout=GROUP_TIMEOUT, wait_for_workers=False)
+        self.ring = Ring(dist.ProcessGroupGloo(dist.PrefixStore("cp", tcp), rank, world, GROUP_TIMEOUT), rank, world)
+        self._store = tcp
+        self.pushers = PusherPool(f"{sender_id}-r{rank}", self.layout, device=device, token=token)
+        self.abort_flag = False
+        self.deadline = float("inf")
+        self.generator = torch.Generator().manual_seed(0)
+
+    # ---- the group's control channel (rank 0 -> everyone) ---------------------------------
+    def broadcast(self, text: str | None = None) -> str:
+        """Rank 0 sends `text` to every rank; the others receive it."""
+        n = torch.tensor([len(text.encode()) if text else 0], dtype=torch.int64)
+        self._bcast(n)
+        data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if self.rank == 0 and text else torch.empty(int(n.item()), dtype=torch.uint8)
+        if data.numel():
+            self._bcast(data)
+        return bytes(data.numpy()).decode() if data.numel() else ""
+
+    def _bcast(self, t: torch.Tensor) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.ring.pg.broadcast([t], opts).wait()
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if any rank passed True (failure or abort is everyone's)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.ring.pg.allreduce([t], opts).wait()
+        return bool(t.item())
+
+    def follow(self) -> None:
+        """Ranks > 0: run every job rank 0 broadcasts, until it broadcasts the end."""
+        while (text := self.broadcast()) != "":
+            job = CPJob(**json.loads(text))
+            try:
+                self.run(job)
+            except CPError as e:
+                logger.warning("rank %d: %s", self.rank, e)
+
+    # ---- one request ---------------------------------------------------------------------
+    def run(self, job: CPJob) -> tuple[int, float] | None:
+        """Prefill the job's prompt with the group and push its KV; rank 0 returns the first
+        token and its logprob after committing the transfer."""
+        desc = descriptor_from_dict(job.descriptor)
+        n_tokens = len(job.prompt)
+        ranges = shard_ranges(n_tokens, self.world, self.block_size)[self.rank]
+        pos = positions_of(ranges)
+        cfg = self.config
+        variant = job.variant or choose_variant(n_tokens, 0, self.world, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.dtype.itemsize, self.link)
+        pusher = self.pushers.get(desc)
+        try:
+            first = self._forward(job, desc, ranges, pos, variant, pusher)
+            failed = False
+            try:
+                pusher.flush(job.request_id).result(timeout=600)
+            except Exception as e:
+                logger.warning("rank %d: pushing KV of %s failed: %s", self.rank, job.request_id, e)
+                failed = True
+            if self.agree(failed):
+                raise CPError("UNAVAILABLE", f"a rank of the context-parallel group could not deliver its KV for {job.request_id}")
+            if self.rank == 0:
+                pusher.commit(job.request_id, first[0], first[1], n_tokens).result(timeout=600)
+                return first
+            return None
+        except CPError:
+            pusher.abort(job.request_id, "context-parallel prefill failed")
+            raise
+        except Exception as e:  # a gloo error: a rank died; the group is broken
+            pusher.abort(job.request_id, "context-parallel prefill failed")
+            raise CPError("UNAVAILABLE", f"context-parallel group failed during {job.request_id}: {str(e).splitlines()[0][:200]}") from e
+
+    @torch.inference_mode()
+    def _forward(self, job: CPJob, desc: TransferDescriptor, ranges, pos: torch.Tensor, variant: str, pusher) -> tuple[int, float] | None:
+        m = self.model.model
+        h = m.embed_tokens(torch.tensor(job.prompt)[pos])  # [t, hidden], this rank's tokens only
+        scale = self.config.head_dim ** -0.5
+        for i, layer in enumerate(m.layers):
+            if self.agree(self.abort_flag or time.monotonic() > self.deadline):
+                raise CPError("ABORTED", f"prefill of {job.request_id} aborted (or past its deadline)")
+            q, k, v = layer.self_attn.project(layer.input_layernorm(h), pos, m.rotary_emb)
+            out, _ = ring_attention(self.ring, q, k, v, pos, pos, scale, variant)  # [t, H, D] float32
+            h = h + layer.self_attn.o_proj(out.to(h.dtype).flatten(1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h), self.mlp_chunk)
+            self._push(pusher, job.request_id, desc, i, ranges, k, v)
+        if self.rank != 0:
+            return None
+        last = int((pos == len(job.prompt) - 1).nonzero()[0, 0])  # rank 0 holds the last chunk
+        logits = self.model.lm_head(m.norm(h[last : last + 1])).float()
+        (token,), (logprob,) = sample(logits, [SampleRow(SamplingParams(**job.params), 0)], self.generator)
+        return token, logprob
+
+    def _push(self, pusher, rid: str, desc: TransferDescriptor, layer: int, ranges, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Ship this rank's blocks of one layer ([n, 2, bs, KH, D]) and let them go."""
+        bs, row = self.block_size, 0
+        for a, b in ranges:
+            if a == b:
+                continue
+            n = -(-(b - a) // bs)
+            kv = torch.zeros(2, n * bs, *k.shape[1:], dtype=k.dtype)
+            kv[0, : b - a] = k[row : row + b - a]
+            kv[1, : b - a] = v[row : row + b - a]
+            kv = kv.view(2, n, bs, *k.shape[1:]).transpose(0, 1).contiguous()  # [n, 2, bs, KH, D]
+            pusher.push(rid, layer, list(desc.block_ids[a // bs : a // bs + n]), kv)
+            row += b - a
+
+    def close(self) -> None:
+        self.pushers.close()
+
+
+class CPPrefillWorker:
+    """Rank 0's face to the prefill service: the same calls as `PrefillWorker`, one request
+    at a time through the group."""
+
+    def __init__(self, rank0: CPRank, worker_id: str, followers: list | None = None) -> None:
+        self.rank0 = rank0
+        self.worker_id = worker_id
+        self.layout = rank0.layout
+        self.followers = followers or []
+        self.accepting = True
+        self.broken: str | None = None
+        self._turn = threading.Lock()
+        self._waiting: dict[str, int] = {}
+        self._current: str | None = None
+
+    def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float):
+        from prefill_worker.worker import PrefillError, PrefillResult
+
+        if not self.accepting:
+            raise PrefillError("UNAVAILABLE", f"prefill group {self.worker_id} is draining")
+        try:
+            self.layout.check_peer(descriptor.layout)
+        except HandshakeError as e:
+            raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
+        if len(descriptor.block_ids) != -(-len(prompt) // self.layout.block_size):
+            raise PrefillError("INVALID_ARGUMENT", f"descriptor has {len(descriptor.block_ids)} blocks for a prompt of {len(prompt)} tokens")
+        arrival = time.monotonic()
+        self._waiting[request_id] = len(prompt)
+        try:
+            if not self._turn.acquire(timeout=timeout):
+                raise PrefillError("DEADLINE_EXCEEDED", f"prefill of {request_id!r} waited {timeout:g} s for the group")
+        finally:
+            self._waiting.pop(request_id, None)
+        try:
+            if self.broken:
+                raise PrefillError("UNAVAILABLE", f"context-parallel group {self.worker_id} is broken ({self.broken}); it must be restarted")
+            start = time.monotonic()
+            self._current, self.rank0.abort_flag, self.rank0.deadline = request_id, False, arrival + timeout
+            job = CPJob(request_id, list(prompt), asdict(params), descriptor_to_dict(descriptor))
+            self.rank0.broadcast(job.to_json())
+            try:
+                token, logprob = self.rank0.run(job)
+            except CPError as e:
+                if e.status == "UNAVAILABLE":
+                    self.broken = str(e)
+                raise PrefillError(e.status, str(e)) from e
+            return PrefillResult(request_id, token, logprob, 0, start - arrival, time.monotonic() - start)
+        finally:
+            self._current = None
+            self._turn.release()
+
+    def abort(self, request_id: str, reason: str = "aborted") -> bool:
+        if self._current == request_id:
+            self.rank0.abort_flag = True
+            return True
+        return False
+
+    def stats(self) -> dict[str, int]:
+        busy = self._current is not None
+        return {"running": int(busy), "waiting": len(self._waiting), "queued_prefill_tokens": sum(self._waiting.values()),
+                "free_blocks": 0, "used_blocks": 0, "reserved_blocks": 0, "total_blocks": 0, "cached_blocks": 0}
+
+    def close(self) -> None:
+        if not self.broken:
+            try:
+                self.rank0.broadcast("")  # followers leave their loop
+            except Exception as e:
+                logger.debug("closing the group: %s", e)
+        for p in self.followers:
+            p.terminate()
+        self.rank0.close()
+
+
+def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtype: str = "auto", device: str = "cpu",
+                token: str | None = None, host: str = "127.0.0.1") -> CPPrefillWorker:
+    """Start ranks 1..N-1 as child processes on this machine, become rank 0, and return the
+    group's prefill worker once all ranks have joined."""
+    import subprocess
+    import sys
+
+    from cluster.redis_server import free_port
+
+    store = f"{host}:{free_port(host)}"
+    common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size),
+              "--dtype", dtype, "--device", device, "--sender-id", worker_id] + (["--token", token] if token else [])
+    followers = [subprocess.Popen([sys.executable, "-m", "prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
+    try:
+        rank0 = CPRank(model, rank=0, world=world, store=store, block_size=block_size, sender_id=worker_id, dtype=dtype, device=device, token=token)
+    except BaseException:
+        for p in followers:
+            p.kill()
+        raise
+    return CPPrefillWorker(rank0, worker_id, followers)
+
+
+def follower_main(argv: list[str] | None = None) -> None:
+    """`python -m prefill_worker.cp --rank R --world N --store HOST:PORT --model DIR ...`"""
+    parser = argparse.ArgumentParser(prog="python -m prefill_worker.cp")
+    for flag in ("--model", "--store", "--sender-id"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--token", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s cp-rank{args.rank} %(levelname)s %(name)s: %(message)s")
+    rank = CPRank(args.model, rank=args.rank, world=args.world, store=args.store, block_size=args.block_size,
+                  sender_id=args.sender_id, dtype=args.dtype, device=args.device, token=args.token)
+    try:
+        rank.follow()
+    finally:
+        rank.close()
+
+
+if __name__ == "__main__":
+    follower_main()
