@@ -1,0 +1,94 @@
+"""Context-parallel prefill end to end: an ~8,000-token prompt prefilled by CP groups of 2 and 4
+ranks (separate processes, gloo), decoded on a decode worker, gives exactly the single
+engine's greedy tokens; a rank that dies mid-prefill fails the request cleanly."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from proto import worker_pb2
+from proto.status import StatusError
+from router.legs import WorkerClient, run_disaggregated
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def long_model(make_checkpoint) -> Path:
+    return make_checkpoint(arch="llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, max_position_embeddings=16384, seed=21)
+
+
+@pytest.fixture(scope="module")
+def prompt() -> list[int]:
+    rng = random.Random(7)
+    return [rng.randrange(3, 500) for _ in range(7993)]  # not a multiple of 2N or of the block size
+
+
+@pytest.fixture(scope="module")
+def expected(long_model: Path, prompt: list[int]) -> list[int]:
+    return LLM(str(long_model), dtype="float32").generate([prompt], GREEDY)[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def decode(spawn, long_model: Path) -> WorkerClient:
+    return WorkerClient(spawn("decode_worker", "--model", str(long_model), "--dtype", "float32", "--transports", "grpc,torch").address)
+
+
+def reserved(d: WorkerClient) -> int:
+    s = d.decode.Stats(worker_pb2.StatsRequest(), timeout=10)
+    return s.reserved_blocks + s.active_transfers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cp, transport", [(2, "torch"), (4, "grpc")])
+def test_cp_prefill_then_decode_equals_single_engine(spawn, long_model, prompt, expected, decode, cp: int, transport: str) -> None:
+    group = spawn("prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", str(cp))
+    r = run_disaggregated(WorkerClient(group.address), decode, f"cp{cp}", prompt, GREEDY, transport=transport, timeout=300)
+    assert r.token_ids == expected
+    assert reserved(decode) == 0
+    group.stop()
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in text.split()]
+
+
+def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(spawn, long_model, prompt, decode) -> None:
+    import os
+    import signal
+
+    group = spawn("prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
+    (follower,) = children(group.popen.pid)
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            run_disaggregated(WorkerClient(group.address), decode, "cp-kill", prompt * 2, GREEDY, transport="torch", timeout=120)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=client)
+    t.start()
+    end = time.monotonic() + 60
+    while reserved(decode) == 0 and time.monotonic() < end:  # wait until the request is under way
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(follower, signal.SIGKILL)
+    t.join(60)
+    assert not t.is_alive(), "the caller hung after a CP rank died"
+    assert len(errors) == 1 and isinstance(errors[0], StatusError) and errors[0].status == "UNAVAILABLE", errors
+    end = time.monotonic() + 15
+    while reserved(decode) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert reserved(decode) == 0
+    with pytest.raises(StatusError) as again:  # the broken group refuses work until restarted
+        run_disaggregated(WorkerClient(group.address), decode, "cp-after", prompt[:100], GREEDY, timeout=30)
+    assert again.value.status == "UNAVAILABLE" and "broken" in str(again.value)
+    assert reserved(decode) == 0
