@@ -57,7 +57,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run_cluster(config, embedded_redis: bool) -> int:
+    from cluster.config import ConfigError
     from cluster.serve import start_cluster, wait_for_signal
+
+    if config.kv_transfer.transport == "local":
+        raise ConfigError("kv_transfer.transport", "'local' needs both workers in one process, and a cluster runs them in separate ones: use 'grpc' or 'torch'")
 
     running = start_cluster(config, embedded_redis=embedded_redis, fresh=embedded_redis)
     try:
@@ -77,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "model.path": args.model, "model.dtype": args.dtype, "router.http_port": args.http_port, "router.grpc_port": args.grpc_port,
         "prefill.replicas": args.prefill, "decode.replicas": args.decode, "kv_transfer.transport": args.transport,
-        "router.host": args.host, "name": args.name,
+        "router.host": args.host, "name": args.name, "prefill.cp_degree": args.prefill_cp,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = load_cluster_config(args.config, overrides) if args.config else parse_cluster_config({}, overrides)
@@ -180,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill", type=int, help="prefill workers (default 1)")
     serve.add_argument("--decode", type=int, help="decode workers (default 1)")
     serve.add_argument("--transport", choices=["torch", "grpc", "local"], help="KV transport (default grpc)")
+    serve.add_argument("--prefill-cp", type=int, help="context-parallel ranks per prefill worker (default 1)")
     serve.add_argument("--name", help="cluster name (namespaces Redis keys and Ray actors)")
     serve.set_defaults(func=_serve)
 

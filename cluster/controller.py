@@ -34,6 +34,7 @@ def worker_spec(config: ClusterConfig, role: str, worker_id: str, redis_url: str
         transport=config.kv_transfer.transport, lease_seconds=config.kv_transfer.lease_seconds,
         host=config.router.host, token=config.cluster_token,
         heartbeat_seconds=config.heartbeat_seconds, heartbeat_ttl_seconds=config.heartbeat_ttl_seconds,
+        cp_degree=config.prefill.cp_degree if role == "prefill" else 1,
     )
 
 
@@ -52,10 +53,12 @@ class Controller:
         registry.init_targets(self._targets)
 
     def resources(self, role: str) -> Resources:
+        """What one worker asks Ray for; a CP group's rank 0 asks for the whole group's share
+        (its other ranks run as its child processes on the same node)."""
         r = (self.config.prefill if role == "prefill" else self.config.decode).resources
-        if self.device == "cuda" and r.num_gpus == 0:
-            return Resources(r.num_cpus, 1.0)  # a GPU worker asks Ray for its GPU
-        return r
+        ranks = self.config.prefill.cp_degree if role == "prefill" else 1
+        gpus = r.num_gpus or (1.0 if self.device == "cuda" else 0.0)  # a GPU worker asks Ray for its GPU
+        return Resources(r.num_cpus * ranks, gpus * ranks)
 
     def reconcile(self) -> None:
         alive = self.backend.alive()

@@ -41,6 +41,7 @@ class WorkerSpec:
     token: str | None = None
     heartbeat_seconds: float = 1.0
     heartbeat_ttl_seconds: float = 5.0
+    cp_degree: int = 1  # prefill: >1 makes this worker rank 0 of a context-parallel group
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -54,7 +55,7 @@ class WorkerRuntime:
         from proto.server import start_server
 
         self.spec = spec
-        engine = LLMEngine(EngineConfig(
+        engine = None if spec.role == "prefill" and spec.cp_degree > 1 else LLMEngine(EngineConfig(
             model=spec.model, dtype=spec.dtype, device=spec.device, block_size=spec.block_size,
             kv_cache_memory_bytes=spec.kv_cache_memory, max_model_len=spec.max_model_len,
             scheduler=SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens, max_prefill_chunk=spec.max_prefill_chunk),
@@ -79,7 +80,13 @@ class WorkerRuntime:
             from prefill_worker.service import PrefillService
             from prefill_worker.worker import PrefillWorker
 
-            worker = PrefillWorker(engine, s.worker_id, token=s.token)
+            if s.cp_degree > 1:
+                from prefill_worker.cp import start_group
+
+                worker = start_group(s.model, world=s.cp_degree, block_size=s.block_size, worker_id=s.worker_id, dtype=s.dtype,
+                                     device=s.device, token=s.token, host=s.host)
+            else:
+                worker = PrefillWorker(engine, s.worker_id, token=s.token)
             return worker, lambda srv: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillService(worker), srv), ["splitserve.worker.PrefillWorker"]
         if s.role == "decode":
             from decode_worker.service import DecodeService

@@ -92,3 +92,17 @@ def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(sp
         run_disaggregated(WorkerClient(group.address), decode, "cp-after", prompt[:100], GREEDY, timeout=30)
     assert again.value.status == "UNAVAILABLE" and "broken" in str(again.value)
     assert reserved(decode) == 0
+
+
+def test_serve_with_a_cp_prefill_group(long_model: Path) -> None:
+    from proto.client import Client
+    from tests.e2e.serve_proc import start_serve
+
+    prompt = [3 + (i * 13) % 490 for i in range(700)]
+    expected = LLM(str(long_model), dtype="float32").generate([prompt], GREEDY)[0].token_ids
+    serve = start_serve("--model", str(long_model), "--dtype", "float32", "--prefill-cp", "2", "--transport", "torch")
+    try:
+        with Client(serve.grpc) as c:
+            assert c.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == expected
+    finally:
+        serve.stop()
