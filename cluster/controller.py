@@ -32,7 +32,7 @@ def worker_spec(config: ClusterConfig, role: str, worker_id: str, redis_url: str
         max_num_batched_tokens=config.prefill.max_num_batched_tokens,
         max_prefill_chunk=config.prefill.max_prefill_chunk if role == "prefill" else None,
         transport=config.kv_transfer.transport, lease_seconds=config.kv_transfer.lease_seconds,
-        host=config.router.host, token=config.cluster_token,
+        host=config.router.host if config.router.host in ("127.0.0.1", "localhost", "::1") else "", token=config.cluster_token,
         heartbeat_seconds=config.heartbeat_seconds, heartbeat_ttl_seconds=config.heartbeat_ttl_seconds,
         cp_degree=config.prefill.cp_degree if role == "prefill" else 1,
     )
@@ -53,19 +53,16 @@ class Controller:
         registry.init_targets(self._targets)
 
     def resources(self, role: str) -> Resources:
-        """What one worker asks Ray for; a CP group's rank 0 asks for the whole group's share
-        (its other ranks run as its child processes on the same node)."""
+        """What one worker (one rank of a CP group) asks Ray for."""
         r = (self.config.prefill if role == "prefill" else self.config.decode).resources
-        ranks = self.config.prefill.cp_degree if role == "prefill" else 1
-        gpus = r.num_gpus or (1.0 if self.device == "cuda" else 0.0)  # a GPU worker asks Ray for its GPU
-        return Resources(r.num_cpus * ranks, gpus * ranks)
+        return Resources(r.num_cpus, r.num_gpus or (1.0 if self.device == "cuda" else 0.0))  # a GPU worker asks for its GPU
 
     def reconcile(self) -> None:
         alive = self.backend.alive()
         records = {r.worker_id: r for r in self.registry.workers()}
         draining = self.registry.draining()
-        for wid in [w for w in alive if records.get(w) is not None and records[w].state == "drained"]:
-            logger.info("stopping drained worker %s", wid)
+        for wid in [w for w in alive if records.get(w) is not None and records[w].state in ("drained", "broken")]:
+            logger.info("stopping %s worker %s", records[wid].state, wid)
             self.backend.stop(wid)
             self.registry.forget(wid)
             del alive[wid]

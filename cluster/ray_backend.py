@@ -7,6 +7,7 @@ torch.distributed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Protocol
@@ -47,6 +48,27 @@ class WorkerActor:
         self.runtime.stop()
 
 
+class CPRankActor:
+    """Rank r > 0 of a context-parallel prefill group, in bundle r of the group's placement
+    group: finds rank 0's rendezvous in Redis, joins, and runs the group's jobs."""
+
+    def __init__(self, spec_json: str, rank: int) -> None:
+        import threading
+
+        from cluster.registry import Registry
+        from prefill_worker.cp import CPRank
+
+        spec = WorkerSpec(**json.loads(spec_json))
+        store = Registry(spec.redis_url, spec.cluster).cp_store(spec.worker_id)
+        self.rank = CPRank(spec.model, rank=rank, world=spec.cp_degree, store=store, block_size=spec.block_size,
+                           sender_id=spec.worker_id, dtype=spec.dtype, device=spec.device, token=spec.token)
+        self.thread = threading.Thread(target=self.rank.follow, name=f"cp-rank{rank}", daemon=True)
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+
 class RayBackend:
     def __init__(self, address: str | None, namespace: str, *, num_cpus: int | None = None, max_restarts: int = 5, start_timeout: float = 300.0) -> None:
         import ray
@@ -56,24 +78,43 @@ class RayBackend:
         if self._owns_ray:
             ray.init(address=address, namespace=namespace, num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         self._actor_cls = ray.remote(WorkerActor)
+        self._rank_cls = ray.remote(CPRankActor)
+        self._groups: dict[str, tuple[object, list]] = {}
         self._max_restarts = max_restarts
         self._start_timeout = start_timeout
         self._actors: dict[str, tuple[str, object]] = {}
 
     def start(self, spec: WorkerSpec, resources: Resources) -> None:
+        """Start a worker and wait until it serves. A context-parallel prefill group gets a
+        placement group of one bundle per rank, packed on one node: rank 0 (the worker
+        proper) in bundle 0, ranks 1..N-1 as `CPRankActor`s in the others."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group, followers = None, []
+        options = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+        if spec.role == "prefill" and spec.cp_degree > 1:
+            group = placement_group([{"CPU": resources.num_cpus, "GPU": resources.num_gpus} if resources.num_gpus else {"CPU": resources.num_cpus}] * spec.cp_degree,
+                                    strategy="STRICT_PACK", name=f"{spec.worker_id}-cp")
+            self._ray.get(group.ready(), timeout=self._start_timeout)
+            spec = dataclasses.replace(spec, cp_followers="placed")
+            placed = lambda i: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)  # noqa: E731
+            # a lost rank breaks the group for good: rank 0 reports it broken and the controller replaces the group
+            followers = [self._rank_cls.options(scheduling_strategy=placed(r), max_restarts=0, **options).remote(spec.to_json(), r)
+                         for r in range(1, spec.cp_degree)]
+            options["scheduling_strategy"] = placed(0)
         actor = self._actor_cls.options(
             name=spec.worker_id,
-            max_restarts=self._max_restarts,
+            max_restarts=0 if group else self._max_restarts,
             max_concurrency=4,  # info/stop calls must not queue behind a slow __init__ forever
-            num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus,
+            **options,
         ).remote(spec.to_json())
         self._actors[spec.worker_id] = (spec.role, actor)
+        self._groups[spec.worker_id] = (group, followers)
         try:
             self._ray.get(actor.info.remote(), timeout=self._start_timeout)
         except Exception:
-            self._actors.pop(spec.worker_id, None)
-            self._ray.kill(actor, no_restart=True)
+            self.stop(spec.worker_id)
             raise
 
     def stop(self, worker_id: str) -> None:
@@ -86,6 +127,13 @@ class RayBackend:
         except Exception as e:  # dead or hung: kill it regardless
             logger.warning("worker %s did not stop cleanly: %s", worker_id, e)
         self._ray.kill(actor, no_restart=True)
+        group, followers = self._groups.pop(worker_id, (None, []))
+        for f in followers:
+            self._ray.kill(f, no_restart=True)
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
 
     def alive(self) -> dict[str, str]:
         return {wid: role for wid, (role, _) in self._actors.items()}

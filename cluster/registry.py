@@ -6,6 +6,7 @@ Keys (all under `splitserve:{cluster}:`, so clusters can share one Redis):
                   after a Redis restart is back at the next beat
     target        hash role -> replicas the controller reconciles towards
     drain         set of worker ids asked to drain
+    cp:{id}       rendezvous address of context-parallel group {id}'s rank 0
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ class Registry:
 
     def draining(self) -> set[str]:
         return {m.decode() for m in self.redis.smembers(self.prefix + "drain")}
+
+    def publish_cp_store(self, worker_id: str, address: str, ttl_seconds: float = 600.0) -> None:
+        self.redis.set(self.prefix + "cp:" + worker_id, address, ex=int(ttl_seconds))
+
+    def cp_store(self, worker_id: str, timeout: float = 300.0) -> str:
+        """The rendezvous address rank 0 of CP group `worker_id` published (waits for it)."""
+        end = time.monotonic() + timeout
+        while (value := self.redis.get(self.prefix + "cp:" + worker_id)) is None:
+            if time.monotonic() > end:
+                raise TimeoutError(f"rank 0 of context-parallel group {worker_id} did not publish its rendezvous in {timeout:g} s")
+            time.sleep(0.1)
+        return value.decode()
 
     def clear(self) -> None:
         for key in self.redis.scan_iter(match=self.prefix + "*", count=500):

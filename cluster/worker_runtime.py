@@ -7,9 +7,11 @@ Life cycle: starting -> ready (registered, serving) -> draining (asked to; refus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 from dataclasses import asdict, dataclass
 
@@ -37,11 +39,12 @@ class WorkerSpec:
     max_prefill_chunk: int | None = None
     transport: str = "grpc"
     lease_seconds: float = 30.0
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # "" = this node's address
     token: str | None = None
     heartbeat_seconds: float = 1.0
     heartbeat_ttl_seconds: float = 5.0
     cp_degree: int = 1  # prefill: >1 makes this worker rank 0 of a context-parallel group
+    cp_followers: str = "processes"  # "processes": rank 0 starts ranks 1..N-1; "placed": the backend does
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -54,6 +57,8 @@ class WorkerRuntime:
         from engine.scheduler import SchedulerConfig
         from proto.server import start_server
 
+        if not spec.host:  # on a multi-node cluster: this node's address, which peers can reach
+            spec = dataclasses.replace(spec, host=socket.gethostbyname(socket.gethostname()))
         self.spec = spec
         engine = None if spec.role == "prefill" and spec.cp_degree > 1 else LLMEngine(EngineConfig(
             model=spec.model, dtype=spec.dtype, device=spec.device, block_size=spec.block_size,
@@ -83,8 +88,12 @@ class WorkerRuntime:
             if s.cp_degree > 1:
                 from prefill_worker.cp import start_group
 
+                publish = None
+                if s.cp_followers == "placed":
+                    registry = Registry(s.redis_url, s.cluster, s.heartbeat_ttl_seconds)
+                    publish = lambda address: registry.publish_cp_store(s.worker_id, address)  # noqa: E731
                 worker = start_group(s.model, world=s.cp_degree, block_size=s.block_size, worker_id=s.worker_id, dtype=s.dtype,
-                                     device=s.device, token=s.token, host=s.host)
+                                     device=s.device, token=s.token, host=s.host, publish_store=publish)
             else:
                 worker = PrefillWorker(engine, s.worker_id, token=s.token)
             return worker, lambda srv: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillService(worker), srv), ["splitserve.worker.PrefillWorker"]
@@ -105,6 +114,9 @@ class WorkerRuntime:
     def _load(self) -> dict:
         stats = self.worker.stats()
         record = self.heartbeat.record
+        if getattr(self.worker, "broken", None) and record.state != "broken":
+            record.state = "broken"  # a CP group that lost a rank: the controller replaces it
+            logger.warning("worker %s is broken: %s", self.spec.worker_id, self.worker.broken)
         if record.state == "draining" and _idle(stats):
             record.state = "drained"
             logger.info("worker %s drained", self.spec.worker_id)

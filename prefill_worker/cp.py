@@ -268,9 +268,11 @@ class CPPrefillWorker:
 
 
 def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtype: str = "auto", device: str = "cpu",
-                token: str | None = None, host: str = "127.0.0.1") -> CPPrefillWorker:
-    """Start ranks 1..N-1 as child processes on this machine, become rank 0, and return the
-    group's prefill worker once all ranks have joined."""
+                token: str | None = None, host: str = "127.0.0.1", publish_store=None) -> CPPrefillWorker:
+    """Become rank 0 of a group and return its prefill worker once all ranks have joined.
+    Ranks 1..N-1 are started here as child processes, unless `publish_store(address)` is
+    given: then they are started elsewhere (Ray actors in the group's placement group) and
+    find the rendezvous address where `publish_store` put it."""
     import subprocess
     import sys
 
@@ -279,7 +281,11 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
     store = f"{host}:{free_port(host)}"
     common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size),
               "--dtype", dtype, "--device", device, "--sender-id", worker_id] + (["--token", token] if token else [])
-    followers = [subprocess.Popen([sys.executable, "-m", "prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
+    followers = []
+    if publish_store is not None:
+        publish_store(store)
+    else:
+        followers = [subprocess.Popen([sys.executable, "-m", "prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
     try:
         rank0 = CPRank(model, rank=0, world=world, store=store, block_size=block_size, sender_id=worker_id, dtype=dtype, device=device, token=token)
     except BaseException:

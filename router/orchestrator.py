@@ -271,7 +271,8 @@ class Orchestrator:
             self._timings[rid] = t
             while len(self._timings) > TIMINGS_KEPT:
                 self._timings.popitem(last=False)
-        logger.info("request %s %s", rid, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in t.to_dict().items() if k != "request_id"))
+        if logger.isEnabledFor(logging.INFO):  # the breakdown line costs more than the check
+            logger.info("request %s %s", rid, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in t.to_dict().items() if k != "request_id"))
 
     def abort(self, rid: str) -> bool:
         with self._lock:
