@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import EngineError
-from proto.client import SplitserveError
 from engine.tiny_checkpoint import ARCHS, TinySpec
+from proto.client import SplitserveError
 
 
 def _init_tiny(args: argparse.Namespace) -> int:

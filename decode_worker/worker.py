@@ -17,29 +17,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from engine.engine import RequestOutput
+from engine.engine import LLMEngine, RequestOutput
 from engine.engine_loop import EngineLoop
 from engine.errors import UnknownRequestError
-from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kv_transfer.connect import TRANSPORTS
-from kv_transfer.errors import TransferError
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.local import LocalHub
 from kv_transfer.receiver import KVReceiver, TensorKVStore
 from kv_transfer.state import Transfer, TransferState, TransferTable
 from kv_transfer.torch_transport import TorchKVServer
+from proto.status import StatusError
 
 logger = logging.getLogger(__name__)
 ENDED_STREAM_TTL = 60.0
 
 
-class DecodeError(Exception):
+class DecodeError(StatusError):
     """A request's decode leg ended without finishing; `status` says how."""
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass

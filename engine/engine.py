@@ -24,7 +24,13 @@ import torch
 
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
-from engine.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError, KVCapacityError, UnknownRequestError
+from engine.errors import (
+    ContextLengthExceededError,
+    DuplicateRequestError,
+    InvalidRequestError,
+    KVCapacityError,
+    UnknownRequestError,
+)
 from engine.loader import load_model, resolve_dtype
 from engine.model_runner import KV_LAYOUT, ModelRunner
 from engine.request import FinishReason, Request

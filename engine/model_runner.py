@@ -14,8 +14,8 @@ import torch
 from engine.attention import AttentionMetadata, get_backend
 from engine.config import ModelConfig
 from engine.model import LlamaForCausalLM
-from engine.sampler import SampleRow, sample
 from engine.request import Request
+from engine.sampler import SampleRow, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 

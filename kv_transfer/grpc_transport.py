@@ -14,14 +14,21 @@ from collections.abc import Iterator
 
 import grpc
 
-from kv_transfer.errors import HandshakeError, HandshakeRefusedError, PayloadError, PeerUnavailableError, TransferError
+from kv_transfer.errors import (
+    HandshakeError,
+    HandshakeRefusedError,
+    PayloadError,
+    PeerUnavailableError,
+    TransferError,
+)
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.wire import PayloadHeader, copy_bytes_into, to_bytes
 from proto import kv_pb2, kv_pb2_grpc
 from proto.convert import layout_from_proto, layout_to_proto
-from proto.server import OPTIONS as CHANNEL_OPTIONS, token_metadata
+from proto.server import OPTIONS as CHANNEL_OPTIONS
+from proto.server import token_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -36,16 +36,22 @@ from kv_transfer.errors import HandshakeError
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.wire import dtype_name
 from prefill_worker.pushers import PusherPool
-from prefill_worker.ring_attention import LinkModel, Ring, choose_variant, positions_of, ring_attention, shard_ranges
+from prefill_worker.ring_attention import (
+    LinkModel,
+    Ring,
+    choose_variant,
+    positions_of,
+    ring_attention,
+    shard_ranges,
+)
+from proto.status import StatusError
 
 logger = logging.getLogger(__name__)
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
-class CPError(Exception):
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class CPError(StatusError):
+    """A context-parallel prefill failed; UNAVAILABLE means the group is broken."""
 
 
 @dataclass

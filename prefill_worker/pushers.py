@@ -10,12 +10,11 @@ from kv_transfer.errors import TransferError
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.local import LocalHub
 from kv_transfer.sender import KVPusher
+from proto.status import StatusError
 
 
-class PushError(Exception):
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class PushError(StatusError):
+    """No connection to a decode worker's KV endpoint."""
 
 
 class PusherPool:

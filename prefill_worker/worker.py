@@ -28,15 +28,14 @@ from kv_transfer.errors import HandshakeError
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.local import LocalHub
 from kv_transfer.sender import KVPusher
-from prefill_worker.pushers import PushError, PusherPool
+from prefill_worker.pushers import PusherPool, PushError
+from proto.status import StatusError
 
 logger = logging.getLogger(__name__)
 
 
-class PrefillError(Exception):
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class PrefillError(StatusError):
+    """A prefill failed or was refused; `status` says how."""
 
 
 @dataclass

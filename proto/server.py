@@ -3,8 +3,8 @@ grpc.health.v1, binding a port (0 = any free one), and the cluster-token check."
 
 from __future__ import annotations
 
-from concurrent import futures
 from collections.abc import Callable
+from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc

@@ -18,8 +18,17 @@ import grpc
 import numpy as np
 import pytest
 
-from cluster.bench import (RequestRecord, arrival_times, fill_timings, length_range, load_dataset, meets_slo, percentile,
-                           summarize, synthetic_requests)
+from cluster.bench import (
+    RequestRecord,
+    arrival_times,
+    fill_timings,
+    length_range,
+    load_dataset,
+    meets_slo,
+    percentile,
+    summarize,
+    synthetic_requests,
+)
 from cluster.cli import main
 from proto import public_pb2, public_pb2_grpc
 

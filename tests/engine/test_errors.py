@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, CheckpointError, ContextLengthExceededError, InvalidRequestError, SamplingParams
+from engine import (
+    LLM,
+    CheckpointError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    SamplingParams,
+)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ def run_step(s: Scheduler, sample_token: int = 7) -> SchedulerOutput:
 
 def test_scheduler_does_not_import_torch() -> None:
     assert "engine.scheduler" in sys.modules
-    import engine.block_pool, engine.request, engine.scheduler  # noqa: E401,F401
+    import engine.block_pool  # noqa: E401,F401
+    import engine.request
+    import engine.scheduler
 
     for mod in (engine.scheduler, engine.block_pool, engine.request):
         assert "torch" not in vars(mod)

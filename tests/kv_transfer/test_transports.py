@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from kv_transfer.connect import connect
-from kv_transfer.errors import HandshakeError, HandshakeRefusedError, PayloadError, TransferError
+from kv_transfer.errors import (
+    HandshakeError,
+    HandshakeRefusedError,
+    PayloadError,
+    TransferError,
+)
 from kv_transfer.grpc_transport import CHANNEL_OPTIONS, KVTransferServicer
 from kv_transfer.layout import KVLayout
 from kv_transfer.local import LocalHub

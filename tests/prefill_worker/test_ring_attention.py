@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import traceback
 
 import pytest
@@ -17,7 +16,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from prefill_worker.ring_attention import (
-    LinkModel, Ring, attend_block, choose_variant, merge, positions_of, ring_attention, shard_ranges,
+    LinkModel,
+    Ring,
+    attend_block,
+    choose_variant,
+    merge,
+    positions_of,
+    ring_attention,
+    shard_ranges,
 )
 
 TOL = 1e-5

@@ -6,7 +6,15 @@ from collections import Counter
 
 import pytest
 
-from router.policy import LeastLoaded, NoWorkerError, RoundRobin, RouteRequest, Snapshot, WorkerLoad, make_policy
+from router.policy import (
+    LeastLoaded,
+    NoWorkerError,
+    RoundRobin,
+    RouteRequest,
+    Snapshot,
+    WorkerLoad,
+    make_policy,
+)
 
 
 def w(wid: str, role: str, **load) -> WorkerLoad:
