@@ -61,16 +61,18 @@ def attend_block(
     vf = v.float().permute(1, 0, 2).unsqueeze(1)
     for a in range(0, tq, q_chunk):
         b = min(tq, a + q_chunk)
-        visible = k_pos[None, :] <= q_pos[a:b, None]  # [n, Tk]
-        if not bool(visible.any()):
+        qp = q_pos[a:b]
+        keep = k_pos <= qp.max()  # keys after every query of the chunk cost nothing
+        if not bool(keep.any()):
             continue
+        kc, vc, kp = (kf, vf, k_pos) if bool(keep.all()) else (kf[:, :, keep], vf[:, :, keep], k_pos[keep])
         qf = q[a:b].float().view(b - a, kh, g, d).permute(1, 2, 0, 3)  # [KH, G, n, D]
-        s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [KH, G, n, Tk]
-        s = s.masked_fill(~visible, -math.inf)
-        m = s.amax(dim=-1, keepdim=True).clamp_min(-1e30)  # rows with nothing visible stay finite
-        p = torch.exp(s - m)
+        s = torch.matmul(qf, kc.transpose(-1, -2)).mul_(scale)  # [KH, G, n, Tk']; in place from here: s is the big one
+        s.masked_fill_(kp[None, :] > qp[:, None], -math.inf)
+        m = s.amax(dim=-1, keepdim=True).clamp_min_(-1e30)  # rows with nothing visible stay finite
+        p = s.sub_(m).exp_()
         denom = p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p, vf) / denom.clamp_min(1e-30)  # [KH, G, n, D]
+        o = torch.matmul(p, vc).div_(denom.clamp_min(1e-30))  # [KH, G, n, D]
         l = (m + torch.log(denom)).squeeze(-1)  # [KH, G, n]; -inf where nothing visible
         out[a:b] = o.permute(2, 0, 1, 3).reshape(b - a, h, d)
         lse[a:b] = l.permute(2, 0, 1).reshape(b - a, h)
@@ -192,7 +194,7 @@ def choose_variant(new: int, cached: int, world: int, heads: int, kv_heads: int,
     compute = 4 * t * n * heads * head_dim / link.flops
     kv = 2 * n * kv_heads * head_dim * elem_bytes / link.bandwidth
     qs = t * heads * head_dim * elem_bytes / link.bandwidth
-    a2a = (world - 1) * t * heads * (head_dim + 1) * 4 / world / link.bandwidth
+    a2a = (world - 1) * t * heads * (head_dim + 1) * 4 / link.bandwidth  # N-1 partial (out, lse) of t queries each
     exposed_kv = (world - 1) * max(0.0, kv - compute)
     exposed_q = (world - 1) * max(0.0, qs - compute) + a2a
     return "pass_kv" if exposed_kv <= exposed_q else "pass_q"
