@@ -91,22 +91,31 @@ class CPRank:
         self.layout = KVLayout(config.fingerprint, dtype_name(self.dtype), block_size, KV_LAYOUT, config.num_layers, config.num_kv_heads, config.head_dim)
         host, port = store.rsplit(":", 1)
         tcp = dist.TCPStore(host, int(port), world, rank == 0, timeout=GROUP_TIMEOUT, wait_for_workers=False)
-        self.ring = Ring(dist.ProcessGroupGloo(dist.PrefixStore("cp", tcp), rank, world, GROUP_TIMEOUT), rank, world)
+        self.device = torch.device(device)
+        prefix = dist.PrefixStore("cp", tcp)
+        if self.device.type == "cuda":  # NCCL between GPUs; every tensor it moves lives on the GPU
+            pg = dist.ProcessGroupNCCL(prefix, rank, world, dist.ProcessGroupNCCL.Options())
+        else:
+            pg = dist.ProcessGroupGloo(prefix, rank, world, GROUP_TIMEOUT)
+        self.ring = Ring(pg, rank, world, self.device)
         self._store = tcp
         self.pushers = PusherPool(f"{sender_id}-r{rank}", self.layout, device=device, token=token)
         self.abort_flag = False
         self.deadline = float("inf")
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     # ---- the group's control channel (rank 0 -> everyone) ---------------------------------
     def broadcast(self, text: str | None = None) -> str:
         """Rank 0 sends `text` to every rank; the others receive it."""
-        n = torch.tensor([len(text.encode()) if text else 0], dtype=torch.int64)
+        n = torch.tensor([len(text.encode()) if text else 0], dtype=torch.int64, device=self.device)
         self._bcast(n)
-        data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if self.rank == 0 and text else torch.empty(int(n.item()), dtype=torch.uint8)
+        if self.rank == 0 and text:
+            data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(self.device)
+        else:
+            data = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
         if data.numel():
             self._bcast(data)
-        return bytes(data.numpy()).decode() if data.numel() else ""
+        return bytes(data.cpu().numpy()).decode() if data.numel() else ""
 
     def _bcast(self, t: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
@@ -115,7 +124,7 @@ class CPRank:
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if any rank passed True (failure or abort is everyone's)."""
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
         self.ring.pg.allreduce([t], opts).wait()
@@ -137,7 +146,7 @@ class CPRank:
         desc = descriptor_from_dict(job.descriptor)
         n_tokens = len(job.prompt)
         ranges = shard_ranges(n_tokens, self.world, self.block_size)[self.rank]
-        pos = positions_of(ranges)
+        pos = positions_of(ranges).to(self.device)
         cfg = self.config
         variant = job.variant or choose_variant(n_tokens, 0, self.world, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.dtype.itemsize, self.link)
         pusher = self.pushers.get(desc)
@@ -165,7 +174,7 @@ class CPRank:
     @torch.inference_mode()
     def _forward(self, job: CPJob, desc: TransferDescriptor, ranges, pos: torch.Tensor, variant: str, pusher) -> tuple[int, float] | None:
         m = self.model.model
-        h = m.embed_tokens(torch.tensor(job.prompt)[pos])  # [t, hidden], this rank's tokens only
+        h = m.embed_tokens(torch.tensor(job.prompt, device=self.device)[pos])  # [t, hidden], this rank's tokens only
         scale = self.config.head_dim ** -0.5
         for i, layer in enumerate(m.layers):
             if self.agree(self.abort_flag or time.monotonic() > self.deadline):
@@ -189,7 +198,7 @@ class CPRank:
             if a == b:
                 continue
             n = -(-(b - a) // bs)
-            kv = torch.zeros(2, n * bs, *k.shape[1:], dtype=k.dtype)
+            kv = torch.zeros(2, n * bs, *k.shape[1:], dtype=k.dtype, device=k.device)
             kv[0, : b - a] = k[row : row + b - a]
             kv[1, : b - a] = v[row : row + b - a]
             kv = kv.view(2, n, bs, *k.shape[1:]).transpose(0, 1).contiguous()  # [n, 2, bs, KH, D]

@@ -97,6 +97,7 @@ class Ring:
     pg: dist.ProcessGroup
     rank: int
     world: int
+    device: torch.device = torch.device("cpu")  # where the group's tensors live (NCCL: a GPU)
 
     @property
     def next(self) -> int:
@@ -108,8 +109,9 @@ class Ring:
 
     def all_sizes(self, n: int) -> list[int]:
         """Every rank's `n` (sizes of what each will send)."""
-        out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        self.pg.allgather([out], [torch.tensor([n], dtype=torch.int64)]).wait()
+        device = self.device
+        out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world)]
+        self.pg.allgather([out], [torch.tensor([n], dtype=torch.int64, device=device)]).wait()
         return [int(t.item()) for t in out]
 
     def shift(self, tensors: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]):
@@ -162,8 +164,8 @@ def ring_pass_q(ring: Ring, q, k, v, q_pos, k_pos, scale: float) -> tuple[torch.
             continue
         o, l = partial[other]
         works += [ring.pg.send([o.contiguous()], other, 100), ring.pg.send([l.contiguous()], other, 101)]
-        ro = torch.empty(q.shape[0], *q.shape[1:], dtype=torch.float32)
-        rl = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32)
+        ro = torch.empty(q.shape[0], *q.shape[1:], dtype=torch.float32, device=q.device)
+        rl = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
         works += [ring.pg.recv([ro], other, 100), ring.pg.recv([rl], other, 101)]
         received.append((ro, rl))
     for w in works:

@@ -31,7 +31,7 @@ from proto.status import StatusError
 from router.cluster_view import ClusterView
 from router.legs import WorkerClient
 from router.metrics import RouterMetrics
-from router.policy import RouteRequest, RoutingPolicy, WorkerLoad
+from router.policy import NoWorkerError, RouteRequest, RoutingPolicy, WorkerLoad
 
 logger = logging.getLogger(__name__)
 RETRYABLE = {"UNAVAILABLE"}
@@ -100,6 +100,7 @@ class Orchestrator:
         transport: str = "",
         timeout: float = 600.0,
         max_retries: int = 1,
+        route_wait: float = 5.0,
     ) -> None:
         self.view = view
         self.policy = policy
@@ -111,6 +112,7 @@ class Orchestrator:
         self.transport = transport
         self.timeout = timeout
         self.max_retries = max_retries
+        self.route_wait = route_wait
         self._legs: dict[str, _Legs] = {}
         self._timings: OrderedDict[str, Timings] = OrderedDict()
         self._lock = threading.Lock()
@@ -208,7 +210,7 @@ class Orchestrator:
             if legs.aborted:
                 raise StatusError("ABORTED", f"request {rid} aborted")
             start = time.monotonic()
-            p_worker, d_worker = self.policy.choose(self.view.snapshot(), RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude)))
+            p_worker, d_worker = self._route(RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude)), left)
             t.route += time.monotonic() - start
             t.prefill_worker, t.decode_worker, t.retries = p_worker.worker_id, d_worker.worker_id, attempt
             self._hold(held, p_worker, len(prompt))
@@ -237,6 +239,18 @@ class Orchestrator:
             self.metrics.prefill.observe(t.prefill)
             return pre, p_worker, d_worker
         raise AssertionError("unreachable")
+
+    def _route(self, request: RouteRequest, left) -> tuple[WorkerLoad, WorkerLoad]:
+        """The policy's pick; when a pool looks empty (a worker restarting, the registry just
+        restarted and not yet re-filled by heartbeats) wait a little for one to appear."""
+        end = time.monotonic() + min(self.route_wait, left())
+        while True:
+            try:
+                return self.policy.choose(self.view.snapshot(), request)
+            except NoWorkerError:
+                if time.monotonic() >= end:
+                    raise
+                time.sleep(0.1)
 
     def _retry(self, leg: str, worker: WorkerLoad, exclude: set[str], err: StatusError) -> None:
         logger.warning("%s worker %s unavailable (%s); retrying elsewhere", leg, worker.worker_id, err)

@@ -15,8 +15,15 @@ import pytest
 import yaml
 
 from cluster.redis_server import EmbeddedRedis
-from proto.client import Client, SplitserveError
+from proto.client import Client as _Client
+from proto.client import SplitserveError, UnauthenticatedError
 from tests.e2e.serve_proc import start_serve
+
+KEY = "test-key-1"
+
+
+def Client(address: str, **kw) -> _Client:  # noqa: N802 - every client of this module carries the key
+    return _Client(address, api_key=KEY, **kw)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -36,7 +43,7 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 def cluster(e2e_model: Path, tmp_path_factory):
     redis = EmbeddedRedis()
     cfg = tmp_path_factory.mktemp("ops") / "cluster.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"path": str(e2e_model), "dtype": "float32"}, "redis_url": redis.url,
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(e2e_model), "dtype": "float32"}, "redis_url": redis.url, "api_keys": [KEY],
                                    "router": {"max_retries": 2}, "heartbeat_seconds": 0.5, "heartbeat_ttl_seconds": 3.0}))
     serve = start_serve("--config", str(cfg))
     yield serve, redis
@@ -146,3 +153,42 @@ def test_redis_restart_workers_reregister_and_routing_resumes(cluster) -> None:
         wait_until(lambda: dict(c.status().targets) == {"prefill": 1, "decode": 1}, 10, "the controller to restore its targets")
         assert {w.worker_id for w in c.status().workers} == before  # and it drained nobody meanwhile
         assert c.generate("after redis", max_tokens=4, temperature=0).finish_reason == "length"
+
+
+def test_api_keys_are_required_when_configured(cluster) -> None:
+    import http.client
+    import urllib.parse
+
+    serve, _ = cluster
+    with _Client(serve.grpc) as anonymous, pytest.raises(UnauthenticatedError):
+        anonymous.generate("hi", max_tokens=2)
+    with _Client(serve.grpc, api_key="wrong") as wrong, pytest.raises(UnauthenticatedError):
+        wrong.generate("hi", max_tokens=2)
+    u = urllib.parse.urlparse(serve.http)
+    for headers, status in [({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": f"Bearer {KEY}"}, 200)]:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=b'{"prompt": "hi", "max_tokens": 2}', headers={"Content-Type": "application/json", **headers})
+        assert conn.getresponse().status == status
+
+
+def test_admin_cli_commands(cluster) -> None:
+    import subprocess
+    import sys
+
+    serve, _ = cluster
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--router", serve.grpc, "--api-key", KEY],
+                              capture_output=True, text=True, timeout=60)
+
+    status = cli("status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("cluster ") and "WORKER" in lines[1] and "BLOCKS_USED" in lines[1]
+    assert sum(" decode " in line for line in lines) == 1 and sum(" prefill " in line for line in lines) == 1
+    scaled = cli("scale", "decode=1", "prefill=1")
+    assert scaled.returncode == 0 and "decode=1" in scaled.stdout
+    bad = cli("scale", "decoders=2")
+    assert bad.returncode == 2 and "expected prefill=N or decode=N" in bad.stderr
+    missing = cli("drain", "no-such-worker")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "no-such-worker" in missing.stderr
