@@ -98,8 +98,9 @@ def forward_shard(model, ring: Ring, prompt: torch.Tensor, variant: str) -> torc
     pos = positions_of(shard_ranges(len(prompt), ring.world, BLOCK)[ring.rank])
     m, scale = model.model, model.config.head_dim ** -0.5
     h = m.embed_tokens(prompt[pos])  # [t, hidden], this rank's tokens only
+    rope = m.rotary_emb(pos, h.dtype)
     for layer in m.layers:
-        q, k, v = layer.self_attn.project(layer.input_layernorm(h), pos, m.rotary_emb)
+        q, k, v = layer.self_attn.project(layer.input_layernorm(h), rope)
         out, _ = ring_attention(ring, q, k, v, pos, pos, scale, variant)  # [t, H, D] float32
         h = h + layer.self_attn.o_proj(out.to(h.dtype).flatten(1))
         h = h + layer.mlp(layer.post_attention_layernorm(h), MLP_CHUNK)

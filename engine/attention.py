@@ -14,7 +14,7 @@ fresh K/V when nothing is cached before them.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,19 @@ class AttentionMetadata:
     decode_block_table: torch.Tensor  # [Bd, max_blocks] padded with 0
     decode_context_lens: torch.Tensor  # [Bd]
     prefill_seqs: list[int]  # the others
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, width: int, sliding_window: int | None) -> torch.Tensor:
+        """[Bd, 1, 1, L] visibility of the gathered keys, built once per step and window."""
+        key = (width, sliding_window)
+        if key not in self._masks:
+            pos = torch.arange(width, device=self.decode_context_lens.device)[None, :]  # [1, L]
+            lens = self.decode_context_lens[:, None]  # [Bd, 1]
+            mask = pos < lens
+            if sliding_window is not None:
+                mask &= (lens - 1) - pos < sliding_window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
 
 
 class AttentionBackend(abc.ABC):
@@ -69,6 +82,8 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
         kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+        if not meta.prefill_seqs:  # an all-decode step: tokens are the decode batch, in order
+            return self._decode(q, kv_cache, meta, sliding_window)
         out = torch.empty_like(q)
         for s in meta.prefill_seqs:
             a, b = meta.query_start[s], meta.query_start[s + 1]
@@ -118,19 +133,14 @@ class TorchAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        kv = kv_cache[meta.decode_block_table]  # [Bd, mb, 2, bs, KH, D]
-        k = kv[:, :, 0].flatten(1, 2).transpose(1, 2)  # [Bd, KH, L, D]
-        v = kv[:, :, 1].flatten(1, 2).transpose(1, 2)
-        pos = torch.arange(k.shape[2], device=q.device)[None, :]  # [1, L]
-        lens = meta.decode_context_lens[:, None]  # [Bd, 1]
-        mask = pos < lens
-        if sliding_window is not None:
-            mask &= (lens - 1) - pos < sliding_window
+        # K and V gathered separately: one copy each, and the flatten below stays a view
+        k = kv_cache[:, 0][meta.decode_block_table].flatten(1, 2).transpose(1, 2)  # [Bd, KH, L, D]
+        v = kv_cache[:, 1][meta.decode_block_table].flatten(1, 2).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [Bd, H, 1, D]
             k,
             v,
-            attn_mask=mask[:, None, None, :],
+            attn_mask=meta.decode_mask(k.shape[2], sliding_window),
             enable_gqa=True,
         )
         return out[:, :, 0]  # [Bd, H, D]

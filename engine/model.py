@@ -59,11 +59,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions`, [T, 1, D] each: computed once per forward, used by every layer."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -84,25 +88,23 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin at the tokens' positions
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        q, k, v = self.project(x, positions, rope)
+        q, k, v = self.project(x, rope)
         out = backend.forward(q, k, v, kv_cache, meta, self.sliding_window)  # [T, H, D]
         return self.o_proj(out.flatten(1))
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of `x` ([T, hidden]) at `positions`, RoPE applied:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of `x` ([T, hidden]) with RoPE (cos, sin) applied:
         [T, H, D], [T, KH, D], [T, KH, D]. Shared by the paged path and context parallelism."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        return q, k, v
+        cos, sin = rope
+        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -167,8 +169,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [N, vocab] float32
         m = self.model
         h = m.embed_tokens(input_ids)  # [T, hidden]
+        rope = m.rotary_emb(positions, h.dtype)
         for i, layer in enumerate(m.layers):
-            h = h + layer.self_attn(layer.input_layernorm(h), positions, m.rotary_emb, kv_caches[i], meta, backend)
+            h = h + layer.self_attn(layer.input_layernorm(h), rope, kv_caches[i], meta, backend)
             h = h + layer.mlp(layer.post_attention_layernorm(h), mlp_chunk)
             if on_layer_done is not None:
                 on_layer_done(i)  # layer i's KV is in the cache: a transfer may start

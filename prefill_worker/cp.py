@@ -176,10 +176,11 @@ class CPRank:
         m = self.model.model
         h = m.embed_tokens(torch.tensor(job.prompt, device=self.device)[pos])  # [t, hidden], this rank's tokens only
         scale = self.config.head_dim ** -0.5
+        rope = m.rotary_emb(pos, h.dtype)
         for i, layer in enumerate(m.layers):
             if self.agree(self.abort_flag or time.monotonic() > self.deadline):
                 raise CPError("ABORTED", f"prefill of {job.request_id} aborted (or past its deadline)")
-            q, k, v = layer.self_attn.project(layer.input_layernorm(h), pos, m.rotary_emb)
+            q, k, v = layer.self_attn.project(layer.input_layernorm(h), rope)
             out, _ = ring_attention(self.ring, q, k, v, pos, pos, scale, variant)  # [t, H, D] float32
             h = h + layer.self_attn.o_proj(out.to(h.dtype).flatten(1))
             h = h + layer.mlp(layer.post_attention_layernorm(h), self.mlp_chunk)
