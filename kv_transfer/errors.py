@@ -6,6 +6,17 @@ from __future__ import annotations
 class TransferError(Exception):
     status = "INTERNAL"
 
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class TransferClosedError(TransferError):
+    """The transfer already ended (aborted, failed or expired): late payloads are refused."""
+
+    status = "ABORTED"
+
 
 class HandshakeError(TransferError):
     """The peers' KV layouts differ; `field` names the first field that does."""

@@ -29,10 +29,10 @@ from proto import kv_pb2, kv_pb2_grpc
 from proto.convert import layout_from_proto, layout_to_proto
 from proto.server import OPTIONS as CHANNEL_OPTIONS
 from proto.server import token_metadata
+from proto.status import grpc_code
 
 logger = logging.getLogger(__name__)
 
-_CODES = {"FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION, "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND, "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE}
 
 
 class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
@@ -77,7 +77,7 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
                     self.receiver.abort(msg.abort.request_id, msg.abort.reason)
                     open_requests.discard(msg.abort.request_id)
         except TransferError as e:
-            context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), str(e))
+            context.abort(grpc_code(e), str(e))
         except Exception as e:
             # the stream broke (sender gone, or cancelled): its unfinished transfers fail now,
             # not at lease expiry
@@ -97,7 +97,7 @@ def _rpc_error(e: grpc.RpcError, what: str) -> TransferError:
         return PeerUnavailableError(f"{what}: {code.name}: {detail}")
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return PayloadError(f"{what}: {detail}")
-    return TransferError(f"{what}: {code.name if code else 'error'}: {detail}")
+    return TransferError(f"{what}: {detail}", code.name if code else None)
 
 
 def handshake(channel: grpc.Channel, sender_id: str, layout: KVLayout, transport: str, timeout: float, token: str | None = None) -> kv_pb2.HandshakeResponse:

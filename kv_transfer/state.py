@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kv_transfer.errors import PayloadError, TransferNotFoundError
+from kv_transfer.errors import PayloadError, TransferClosedError, TransferNotFoundError
 
 
 class TransferState(enum.Enum):
@@ -108,7 +108,7 @@ class TransferTable:
             if t is None:
                 raise TransferNotFoundError(f"no reservation for request {request_id!r}")
             if t.state.terminal:
-                raise PayloadError(f"request {request_id!r} is {t.state.value} ({t.reason})")
+                raise TransferClosedError(f"request {request_id!r} is {t.state.value} ({t.reason})")
             bad = self._target_error(t, layer, block_ids)
             if bad:
                 self._finish(t, TransferState.FAILED, bad)

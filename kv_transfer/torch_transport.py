@@ -21,7 +21,7 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from kv_transfer.errors import PayloadError, PeerUnavailableError, TransferError
+from kv_transfer.errors import PeerUnavailableError, TransferError
 from kv_transfer.grpc_transport import handshake
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiver
@@ -137,11 +137,11 @@ class TorchKVServer:
                 if not consumed:  # keep the channel in step: drain the refused bytes
                     pair.recv_bytes(torch.empty(h["byte_length"], dtype=torch.uint8, device=self.device))
         elif h["kind"] == "commit":
-            ack = {"kind": "ack", "request_id": rid, "ok": True, "reason": ""}
+            ack = {"kind": "ack", "request_id": rid, "ok": True, "reason": "", "status": ""}
             try:
                 self.receiver.commit(rid, h["first_token"], h["first_logprob"], h["num_tokens"])
             except TransferError as e:
-                ack.update(ok=False, reason=str(e)[:1000])
+                ack.update(ok=False, reason=str(e)[:1000], status=e.status)
             seen.discard(rid)
             pair.send_header(ack)  # the sender waits for the verdict, as with gRPC's stream result
             pair.flush()
@@ -178,7 +178,7 @@ class TorchSender(KVSender):
         ack: dict = {}
         self._guarded(lambda: ack.update(self.pair.recv_header()))
         if not ack.get("ok"):
-            raise PayloadError(f"KV transfer of {request_id} refused: {ack.get('reason')}")
+            raise TransferError(f"KV transfer of {request_id} refused: {ack.get('reason')}", ack.get("status") or "INTERNAL")
 
     def finish(self, request_id: str) -> None:
         self._guarded(self.pair.flush)

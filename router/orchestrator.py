@@ -186,10 +186,12 @@ class Orchestrator:
             t.outcome = "cancelled"
             self._abort_legs(rid, legs, "client went away")
             raise
-        except StatusError as e:
+        except StatusError:
+            if legs.aborted:  # whatever a leg reported, the client asked for this
+                e = StatusError("ABORTED", f"request {rid} aborted by the client")
             t.outcome = e.status
             self._abort_legs(rid, legs, f"request failed: {e}")
-            raise
+            raise e from None
         except BaseException as e:
             t.outcome = getattr(e, "status", "INTERNAL")
             self._abort_legs(rid, legs, f"request failed: {e}")

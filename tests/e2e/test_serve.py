@@ -147,3 +147,61 @@ def test_metrics_after_traffic(served) -> None:
     assert float(ok.split()[-1]) >= 32
     kv = next(line for line in text.splitlines() if line.startswith("splitserve:kv_transfer_bytes_total"))
     assert float(kv.split()[-1]) > 0
+
+
+def _idle(c: Client, timeout: float = 20.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(w.running == 0 and w.reserved_blocks == 0 for w in c.status().workers):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_clients_that_leave_or_abort_free_both_legs(served) -> None:
+    import socket
+    import threading
+
+    from proto.client import AbortedError
+
+    long = dict(max_tokens=3000, temperature=0, ignore_eos=True)
+    with Client(served.grpc) as c:
+        # 1. a gRPC client that stops reading and goes away
+        stream = c.generate_stream("walk away", **long)
+        next(stream)
+        stream.close()
+        assert _idle(c), "the decode leg kept running after the gRPC client left"
+
+        # 2. an HTTP SSE client that drops the connection mid-stream
+        u = urllib.parse.urlparse(served.http)
+        sock = socket.create_connection((u.hostname, u.port), timeout=30)
+        body = json.dumps({"prompt": "hang up", "stream": True, **long}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert b"data: " in sock.recv(4096)
+        sock.close()
+        assert _idle(c), "the decode leg kept running after the HTTP client left"
+
+        # 3. an explicit Abort from another client
+        errors: list[BaseException] = []
+
+        def victim() -> None:
+            try:
+                for _ in c.generate_stream("abort me", request_id="abort-me", **long):
+                    pass
+            except BaseException as e:
+                errors.append(e)
+
+        t = threading.Thread(target=victim)
+        t.start()
+        with Client(served.grpc) as other:
+            for _ in range(100):
+                if other.abort("abort-me"):
+                    break
+                threading.Event().wait(0.05)
+        t.join(30)
+        assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], AbortedError), errors
+        assert _idle(c)
+        assert c.timings("abort-me").outcome == "ABORTED"

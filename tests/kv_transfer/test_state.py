@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kv_transfer.errors import PayloadError, TransferNotFoundError
+from kv_transfer.errors import PayloadError, TransferClosedError, TransferNotFoundError
 from kv_transfer.state import TransferState, TransferTable
 
 
@@ -93,7 +93,7 @@ def test_fail_is_reported_once_and_later_payloads_are_refused() -> None:
     t.reserve("r", [1], 3, 30)
     assert t.fail("r", "sender aborted")
     assert not t.fail("r", "again")
-    with pytest.raises(PayloadError, match="failed"):
+    with pytest.raises(TransferClosedError, match="failed"):
         t.begin_payload("r", 0, [1])
     assert len(done) == 1 and t.active() == 0
 
