@@ -112,11 +112,6 @@ class ModelConfig:
             fingerprint=hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16],
         )
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Per element size is applied by the caller; this is elements per token."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
-
 
 def _rope(raw: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
     """Read RoPE settings in either the legacy (`rope_theta` + `rope_scaling`) or the newer
