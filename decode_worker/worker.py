@@ -139,8 +139,7 @@ class DecodeWorker:
             engine.abort_request(t.request_id)
         except UnknownRequestError:
             pass
-        status = "DEADLINE_EXCEEDED" if t.state is TransferState.EXPIRED else "ABORTED"
-        self._end(t.request_id, DecodeError(status, f"KV transfer {t.state.value}: {t.reason}"))
+        self._end(t.request_id, DecodeError(t.status or "ABORTED", f"KV transfer {t.state.value}: {t.reason}"))
 
     # ---- streams -------------------------------------------------------------------------
     def stream(self, request_id: str, timeout: float):

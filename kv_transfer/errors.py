@@ -48,3 +48,14 @@ class HandshakeRefusedError(TransferError):
     """The sender's view of a refused handshake: the receiver's message names the field."""
 
     status = "FAILED_PRECONDITION"
+
+
+# What a request reports when its KV transfer failed. Wire-level verdicts such as a malformed
+# payload (INVALID_ARGUMENT between two workers) are internal faults to the request's client,
+# who sent nothing wrong; unreachable peers stay UNAVAILABLE so the router may retry elsewhere.
+_PASSED_THROUGH = {"UNAVAILABLE", "ABORTED", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED"}
+
+
+def request_status(err: BaseException) -> str:
+    status = getattr(err, "status", "INTERNAL")
+    return status if status in _PASSED_THROUGH else "INTERNAL"

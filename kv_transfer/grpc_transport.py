@@ -82,11 +82,11 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
             # the stream broke (sender gone, or cancelled): its unfinished transfers fail now,
             # not at lease expiry
             for rid in open_requests:
-                self.receiver.table.fail(rid, f"KV stream broke: {type(e).__name__}")
+                self.receiver.table.fail(rid, f"KV stream broke: {type(e).__name__}", "UNAVAILABLE")
             raise
         if open_requests and not context.is_active():
             for rid in open_requests:
-                self.receiver.table.fail(rid, "KV stream cancelled by the sender")
+                self.receiver.table.fail(rid, "KV stream cancelled by the sender", "UNAVAILABLE")
         return kv_pb2.PushResult(payloads=payloads, bytes=nbytes)
 
 

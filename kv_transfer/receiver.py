@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from kv_transfer.errors import PayloadError, TransferClosedError, TransferError
+from kv_transfer.errors import PayloadError, TransferError
 from kv_transfer.layout import KVLayout
 from kv_transfer.state import TransferTable
 from kv_transfer.wire import DTYPES, PayloadHeader
@@ -47,7 +47,7 @@ class KVReceiver:
         try:
             header.check(self.layout)
         except PayloadError as e:
-            self.table.fail(header.request_id, str(e))
+            self.table.fail(header.request_id, str(e), "INTERNAL")
             raise
         blocks = list(header.block_ids)
         transfer = self.table.begin_payload(header.request_id, header.layer, blocks)
@@ -69,8 +69,7 @@ class KVReceiver:
     def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
         t = self.table.commit(request_id, first_token, first_logprob, num_tokens)
         if t.state.value != "complete":
-            closed = t.reason.startswith(("sender aborted", "aborted")) or t.state.value == "expired"
-            raise (TransferClosedError if closed else PayloadError)(t.reason)
+            raise TransferError(t.reason, t.status or "INTERNAL")
 
     def abort(self, request_id: str, reason: str) -> None:
         self.table.fail(request_id, f"sender aborted: {reason}")

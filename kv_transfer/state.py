@@ -43,6 +43,7 @@ class Transfer:
     num_layers: int
     state: TransferState = TransferState.RESERVED
     reason: str = ""
+    status: str = ""  # canonical status of a failure: what the request it belongs to reports
     first_token: int | None = None
     first_logprob: float = 0.0
     bytes_received: int = 0
@@ -111,7 +112,7 @@ class TransferTable:
                 raise TransferClosedError(f"request {request_id!r} is {t.state.value} ({t.reason})")
             bad = self._target_error(t, layer, block_ids)
             if bad:
-                self._finish(t, TransferState.FAILED, bad)
+                self._finish(t, TransferState.FAILED, bad, "INTERNAL")
                 done = self._take_report(t)
             else:
                 now = self._clock()
@@ -124,10 +125,11 @@ class TransferTable:
         raise PayloadError(bad)
 
     def end_payload(self, t: Transfer, layer: int, block_ids: Sequence[int], nbytes: int, error: str | None = None) -> None:
+        """`error`: why the payload could not be landed (the transfer fails with INTERNAL)."""
         with self._lock:
             t._busy -= 1
             if error is not None:
-                self._finish(t, TransferState.FAILED, error)
+                self._finish(t, TransferState.FAILED, error, "INTERNAL")
             elif not t.state.terminal:
                 t._received[layer].update(block_ids)
                 t.bytes_received += nbytes
@@ -151,9 +153,9 @@ class TransferTable:
             if not t.state.terminal:
                 missing = t.missing()
                 if num_tokens != t.num_tokens:
-                    self._finish(t, TransferState.FAILED, f"commit for {num_tokens} tokens, reserved {t.num_tokens}")
+                    self._finish(t, TransferState.FAILED, f"commit for {num_tokens} tokens, reserved {t.num_tokens}", "INTERNAL")
                 elif missing:
-                    self._finish(t, TransferState.FAILED, f"commit before all KV arrived: {missing}")
+                    self._finish(t, TransferState.FAILED, f"commit before all KV arrived: {missing}", "INTERNAL")
                 else:
                     t.first_token, t.first_logprob = first_token, first_logprob
                     self._finish(t, TransferState.COMPLETE, "")
@@ -161,13 +163,14 @@ class TransferTable:
         self._report(done)
         return t
 
-    def fail(self, request_id: str, reason: str, state: TransferState = TransferState.FAILED) -> bool:
-        """Fail a transfer that is not finished yet; False if there is none."""
+    def fail(self, request_id: str, reason: str, status: str = "ABORTED") -> bool:
+        """Fail a transfer that is not finished yet (`status`: ABORTED for an abort,
+        UNAVAILABLE for a lost sender, INTERNAL for bad data); False if there is none."""
         with self._lock:
             t = self._transfers.get(request_id)
             if t is None or t.state.terminal:
                 return False
-            self._finish(t, state, reason)
+            self._finish(t, TransferState.FAILED, reason, status)
             done = self._take_report(t)
         self._report(done)
         return True
@@ -178,7 +181,7 @@ class TransferTable:
         with self._lock:
             due = [t for t in self._transfers.values() if not t.state.terminal and t.deadline <= now]
             for t in due:
-                self._finish(t, TransferState.EXPIRED, f"no KV for {t.lease_seconds:g} s (lease expired)")
+                self._finish(t, TransferState.EXPIRED, f"no KV for {t.lease_seconds:g} s (lease expired)", "DEADLINE_EXCEEDED")
             done = [t for t in due if self._take_report(t)]
         for t in done:
             self._report(t)
@@ -208,10 +211,10 @@ class TransferTable:
             return f"payload names blocks {sorted(stray)[:4]} not reserved for {t.request_id!r}"
         return None
 
-    def _finish(self, t: Transfer, state: TransferState, reason: str) -> None:
+    def _finish(self, t: Transfer, state: TransferState, reason: str, status: str = "") -> None:
         if t.state.terminal:
             return
-        t.state, t.reason, t.finished = state, reason, self._clock()
+        t.state, t.reason, t.status, t.finished = state, reason, status, self._clock()
         self.transfers_total[state.value] += 1
         self._changed.notify_all()
 

@@ -115,7 +115,7 @@ class TorchKVServer:
             reason = f"KV sender lost: {str(e).splitlines()[0][:200]}"
             logger.warning("pair %s: %s", pair_key, reason)
             for rid in seen:
-                self.receiver.table.fail(rid, reason)
+                self.receiver.table.fail(rid, reason, "UNAVAILABLE")
 
     def _handle(self, pair: _Pair, h: dict, seen: set[str]) -> None:
         rid = h["request_id"]

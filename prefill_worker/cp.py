@@ -32,7 +32,7 @@ from engine.loader import load_model
 from engine.model_runner import KV_LAYOUT
 from engine.sampler import SampleRow, sample
 from engine.sampling_params import SamplingParams
-from kv_transfer.errors import HandshakeError
+from kv_transfer.errors import HandshakeError, request_status
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.wire import dtype_name
 from prefill_worker.pushers import PusherPool
@@ -161,7 +161,10 @@ class CPRank:
             if self.agree(failed):
                 raise CPError("UNAVAILABLE", f"a rank of the context-parallel group could not deliver its KV for {job.request_id}")
             if self.rank == 0:
-                pusher.commit(job.request_id, first[0], first[1], n_tokens).result(timeout=600)
+                try:
+                    pusher.commit(job.request_id, first[0], first[1], n_tokens).result(timeout=600)
+                except Exception as e:  # the decode side refused or lost it: the request fails, the group is fine
+                    raise CPError(request_status(e), f"KV transfer of {job.request_id} failed: {e}") from e
                 return first
             return None
         except CPError:

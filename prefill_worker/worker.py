@@ -24,7 +24,7 @@ from engine.engine_loop import EngineLoop
 from engine.errors import UnknownRequestError
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest
-from kv_transfer.errors import HandshakeError
+from kv_transfer.errors import HandshakeError, request_status
 from kv_transfer.layout import KVLayout, TransferDescriptor
 from kv_transfer.local import LocalHub
 from kv_transfer.sender import KVPusher
@@ -141,8 +141,7 @@ class PrefillWorker:
             return
         err = delivered.exception()
         if err is not None:
-            status = getattr(err, "status", "UNAVAILABLE")
-            job.future.set_exception(PrefillError(status, f"KV transfer to {job.descriptor.decode_worker_id} failed: {err}"))
+            job.future.set_exception(PrefillError(request_status(err), f"KV transfer to {job.descriptor.decode_worker_id} failed: {err}"))
             return
         now = time.monotonic()
         started = job.first_scheduled or now

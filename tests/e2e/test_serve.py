@@ -86,6 +86,22 @@ def test_grpc_sdk_sync_and_async(served, single: LLM) -> None:
     assert asyncio.run(run()) == expected.text
 
 
+def test_health_and_reflection(served) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(served.grpc) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "splitserve.v1.Generation", "splitserve.v1.Admin"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+        assert {"splitserve.v1.Generation", "splitserve.v1.Admin", "grpc.health.v1.Health"} <= services
+
+
 def test_32_concurrent_requests_all_complete_and_match(served, single: LLM) -> None:
     prompts = [[3 + (i * 31 + j * 7) % 480 for j in range(5 + 23 * i)] for i in range(32)]
     expected = [o.token_ids for o in single.generate(prompts, SamplingParams(temperature=0, max_tokens=10))]
@@ -180,7 +196,11 @@ def test_clients_that_leave_or_abort_free_both_legs(served) -> None:
         body = json.dumps({"prompt": "hang up", "stream": True, **long}).encode()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert b"data: " in sock.recv(4096)
+        received = b""
+        while b"data: " not in received:  # headers and the first event may come in separate reads
+            chunk = sock.recv(4096)
+            assert chunk, "the server closed the stream before the first event"
+            received += chunk
         sock.close()
         assert _idle(c), "the decode leg kept running after the HTTP client left"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from engine.block_pool import BlockPool
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -29,7 +27,6 @@ def run_step(s: Scheduler, sample_token: int = 7) -> SchedulerOutput:
 
 
 def test_scheduler_does_not_import_torch() -> None:
-    assert "engine.scheduler" in sys.modules
     import engine.block_pool  # noqa: E401,F401
     import engine.request
     import engine.scheduler

@@ -98,6 +98,36 @@ def test_fail_is_reported_once_and_later_payloads_are_refused() -> None:
     assert len(done) == 1 and t.active() == 0
 
 
+def test_failures_carry_the_status_their_request_reports() -> None:
+    from kv_transfer.errors import (
+        HandshakeRefusedError,
+        PayloadError,
+        PeerUnavailableError,
+        TransferError,
+        request_status,
+    )
+
+    t, _, clock = table()
+    t.reserve("aborted", [1], 3, 30)
+    t.fail("aborted", "sender aborted: prefill failed")
+    t.reserve("lost", [2], 3, 30)
+    t.fail("lost", "KV sender lost", "UNAVAILABLE")
+    t.reserve("idle", [3], 3, lease_seconds=1)
+    t.reserve("stray", [4], 3, 30)
+    with pytest.raises(PayloadError):
+        t.begin_payload("stray", 0, [9])
+    clock.now = 2
+    t.expire()
+    assert {r: t.get(r).status for r in ("aborted", "lost", "idle", "stray")} == {
+        "aborted": "ABORTED", "lost": "UNAVAILABLE", "idle": "DEADLINE_EXCEEDED", "stray": "INTERNAL"}
+    # what the prefill side tells the router: never a client error for a fault between workers
+    assert request_status(PayloadError("truncated")) == "INTERNAL"
+    assert request_status(TransferError("x", "NOT_FOUND")) == "INTERNAL"
+    assert request_status(PeerUnavailableError("gone")) == "UNAVAILABLE"
+    assert request_status(HandshakeRefusedError("dtype differs")) == "FAILED_PRECONDITION"
+    assert request_status(ValueError("?")) == "INTERNAL"
+
+
 def test_commit_with_wrong_token_count_fails() -> None:
     t, _, _ = table(layers=1)
     t.reserve("r", [1], 3, 30)
