@@ -45,10 +45,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster.redis_server import free_port
-from engine.loader import load_model
-from engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
-from prefill_worker.ring_attention import (
+from splitserve.cluster.redis_server import free_port
+from splitserve.engine.loader import load_model
+from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
+from splitserve.prefill_worker.ring_attention import (
     LinkModel,
     Ring,
     attend_block,

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from engine import LLM, SamplingParams
-from engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
+from splitserve.engine import LLM, SamplingParams
+from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
 
 logger = logging.getLogger("benchmarks.engine_throughput")
 

@@ -47,17 +47,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kv_transfer.connect import connect
-from kv_transfer.grpc_transport import KVTransferServicer
-from kv_transfer.layout import KVLayout
-from kv_transfer.local import LocalHub
-from kv_transfer.receiver import KVReceiver, TensorKVStore
-from kv_transfer.sender import KVPusher
-from kv_transfer.state import TransferTable
-from kv_transfer.torch_transport import TorchKVServer
-from kv_transfer.wire import DTYPES
-from proto import kv_pb2_grpc
-from proto.server import start_server
+from splitserve.kv_transfer.connect import connect
+from splitserve.kv_transfer.grpc_transport import KVTransferServicer
+from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.local import LocalHub
+from splitserve.kv_transfer.receiver import KVReceiver, TensorKVStore
+from splitserve.kv_transfer.sender import KVPusher
+from splitserve.kv_transfer.state import TransferTable
+from splitserve.kv_transfer.torch_transport import TorchKVServer
+from splitserve.kv_transfer.wire import DTYPES
+from splitserve.proto import kv_pb2_grpc
+from splitserve.proto.server import start_server
 
 logger = logging.getLogger("benchmarks.kv_transfer")
 

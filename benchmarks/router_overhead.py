@@ -2,8 +2,8 @@
 sustains, against the same prefill and decode worker processes driven directly, in one run.
 
 Setup, all on 127.0.0.1 with ports from the OS and stopped at exit: a random-weight tiny Llama,
-an embedded redis-server, one prefill and one decode worker (`python -m cluster.worker_runtime`,
-KV over gRPC) and a router (`python -m router -f cluster.yaml`) that finds them through Redis.
+an embedded redis-server, one prefill and one decode worker (`python -m splitserve.cluster.worker_runtime`,
+KV over gRPC) and a router (`python -m splitserve.router -f cluster.yaml`) that finds them through Redis.
 1. Latency: N sequential greedy requests (short prompt, small max_tokens, EOS ignored) through
    the router (gRPC SDK `Client.generate`) and directly (`router.legs.run_disaggregated` on the
    same pair), alternating request by request so both share the machine's noise.
@@ -34,12 +34,12 @@ from typing import Any
 
 import yaml
 
-from cluster.redis_server import EmbeddedRedis
-from cluster.worker_runtime import WorkerSpec
-from engine.sampling_params import SamplingParams
-from engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
-from proto.client import Client, SplitserveError
-from router.legs import WorkerClient, run_disaggregated
+from splitserve.cluster.redis_server import EmbeddedRedis
+from splitserve.cluster.worker_runtime import WorkerSpec
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
+from splitserve.proto.client import Client, SplitserveError
+from splitserve.router.legs import WorkerClient, run_disaggregated
 
 logger = logging.getLogger("benchmarks.router_overhead")
 
@@ -98,12 +98,12 @@ class Cluster:
         for role in ("prefill", "decode"):  # both load their engines at once
             spec = WorkerSpec(role=role, worker_id=f"{role}-0", cluster=name, redis_url=self.redis.url, model=str(model),
                               dtype="float32", kv_cache_memory=64 << 20, transport="grpc", host=HOST)
-            self.children[role] = Child(role, ["cluster.worker_runtime", spec.to_json()])
+            self.children[role] = Child(role, ["splitserve.cluster.worker_runtime", spec.to_json()])
         addresses = [self.children[r].wait_ready(deadline)["address"] for r in ("prefill", "decode")]
         config = {"name": name, "model": {"path": str(model), "dtype": "float32", "device": "cpu"}, "redis_url": self.redis.url,
                   "kv_transfer": {"transport": "grpc"}, "router": {"host": HOST, "http_port": 0, "grpc_port": 0}}
         (self.tmp / "cluster.yaml").write_text(yaml.safe_dump(config))
-        self.children["router"] = Child("router", ["router", "-f", str(self.tmp / "cluster.yaml"), "--redis-url", self.redis.url,
+        self.children["router"] = Child("router", ["splitserve.router", "-f", str(self.tmp / "cluster.yaml"), "--redis-url", self.redis.url,
                                                    "--http-port", "0", "--grpc-port", "0"])
         self.client = Client(self.children["router"].wait_ready(deadline)["grpc"], timeout=REQUEST_TIMEOUT)
         self.pair = tuple(WorkerClient(a) for a in addresses)

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from proto.client import Client, SplitserveError
-from proto.status import STATUSES
+from splitserve.proto.client import Client, SplitserveError
+from splitserve.proto.status import STATUSES
 
 PERCENTILES = (50, 90, 99)
 DEFAULT_ADDRESS = {"grpc": "127.0.0.1:50051", "http": "http://127.0.0.1:8000"}

@@ -15,13 +15,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from engine.errors import EngineError
-from engine.tiny_checkpoint import ARCHS, TinySpec
-from proto.client import SplitserveError
+from splitserve.engine.errors import EngineError
+from splitserve.engine.tiny_checkpoint import ARCHS, TinySpec
+from splitserve.proto.client import SplitserveError
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    from engine.tiny_checkpoint import write_tiny_checkpoint
+    from splitserve.engine.tiny_checkpoint import write_tiny_checkpoint
 
     spec = TinySpec(
         arch=args.arch,
@@ -46,7 +46,7 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine import LLM, SamplingParams
+    from splitserve.engine import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
@@ -57,8 +57,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run_cluster(config, embedded_redis: bool) -> int:
-    from cluster.config import ConfigError
-    from cluster.serve import start_cluster, wait_for_signal
+    from splitserve.cluster.config import ConfigError
+    from splitserve.cluster.serve import start_cluster, wait_for_signal
 
     if config.kv_transfer.transport == "local":
         raise ConfigError("kv_transfer.transport", "'local' needs both workers in one process, and a cluster runs them in separate ones: use 'grpc' or 'torch'")
@@ -76,7 +76,7 @@ def _run_cluster(config, embedded_redis: bool) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cluster.config import load_cluster_config, parse_cluster_config
+    from splitserve.cluster.config import load_cluster_config, parse_cluster_config
 
     overrides = {
         "model.path": args.model, "model.dtype": args.dtype, "router.http_port": args.http_port, "router.grpc_port": args.grpc_port,
@@ -89,13 +89,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cluster.config import load_cluster_config
+    from splitserve.cluster.config import load_cluster_config
 
     return _run_cluster(load_cluster_config(args.file), embedded_redis=False)
 
 
 def _client(args: argparse.Namespace):
-    from proto.client import Client
+    from splitserve.proto.client import Client
 
     return Client(args.router, api_key=args.api_key)
 
@@ -143,7 +143,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.bench import run_bench
+    from splitserve.cluster.bench import run_bench
 
     return run_bench(args)
 
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin("drain", "stop sending work to a worker; it finishes what it runs, then exits", _drain).add_argument("worker")
     admin("down", "scale every pool to zero", _down)
 
-    from cluster.bench import add_bench_args
+    from splitserve.cluster.bench import add_bench_args
 
     bench = sub.add_parser("bench", help="load generator against the gRPC or HTTP API")
     add_bench_args(bench)

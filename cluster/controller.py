@@ -13,10 +13,10 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from cluster.config import ClusterConfig, Resources
-from cluster.ray_backend import WorkerBackend
-from cluster.registry import Registry
-from cluster.worker_runtime import WorkerSpec
+from splitserve.cluster.config import ClusterConfig, Resources
+from splitserve.cluster.ray_backend import WorkerBackend
+from splitserve.cluster.registry import Registry
+from splitserve.cluster.worker_runtime import WorkerSpec
 
 logger = logging.getLogger(__name__)
 ROLES = ("prefill", "decode")

@@ -12,8 +12,8 @@ import json
 import logging
 from typing import Protocol
 
-from cluster.config import Resources
-from cluster.worker_runtime import WorkerSpec
+from splitserve.cluster.config import Resources
+from splitserve.cluster.worker_runtime import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class WorkerActor:
     def __init__(self, spec_json: str) -> None:
         import ray
 
-        from cluster.worker_runtime import WorkerRuntime
+        from splitserve.cluster.worker_runtime import WorkerRuntime
 
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.runtime = WorkerRuntime(WorkerSpec(**json.loads(spec_json)), restarts=int(restarted))
@@ -55,8 +55,8 @@ class CPRankActor:
     def __init__(self, spec_json: str, rank: int) -> None:
         import threading
 
-        from cluster.registry import Registry
-        from prefill_worker.cp import CPRank
+        from splitserve.cluster.registry import Registry
+        from splitserve.prefill_worker.cp import CPRank
 
         spec = WorkerSpec(**json.loads(spec_json))
         store = Registry(spec.redis_url, spec.cluster).cp_store(spec.worker_id)

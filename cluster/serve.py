@@ -13,11 +13,11 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from cluster.config import ClusterConfig
-from cluster.controller import Controller
-from cluster.ray_backend import RayBackend
-from cluster.redis_server import EmbeddedRedis
-from cluster.registry import Registry
+from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.controller import Controller
+from splitserve.cluster.ray_backend import RayBackend
+from splitserve.cluster.redis_server import EmbeddedRedis
+from splitserve.cluster.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Running:
 
 
 def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool) -> Running:
-    from router.app import Router
+    from splitserve.router.app import Router
 
     redis_server = EmbeddedRedis(config.router.host) if embedded_redis else None
     redis_url = redis_server.url if redis_server else config.redis_url

@@ -2,7 +2,7 @@
 
 Life cycle: starting -> ready (registered, serving) -> draining (asked to; refuses new work)
 -> drained (idle; the controller stops it). The same class runs inside a Ray actor
-(cluster/ray_backend.py) or as a plain process (`python -m cluster.worker_runtime SPEC_JSON`).
+(cluster/ray_backend.py) or as a plain process (`python -m splitserve.cluster.worker_runtime SPEC_JSON`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from cluster.registry import Heartbeat, Registry, WorkerRecord
+from splitserve.cluster.registry import Heartbeat, Registry, WorkerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ class WorkerSpec:
 
 class WorkerRuntime:
     def __init__(self, spec: WorkerSpec, restarts: int = 0) -> None:
-        from engine.config import EngineConfig
-        from engine.engine import LLMEngine
-        from engine.scheduler import SchedulerConfig
-        from proto.server import start_server
+        from splitserve.engine.config import EngineConfig
+        from splitserve.engine.engine import LLMEngine
+        from splitserve.engine.scheduler import SchedulerConfig
+        from splitserve.proto.server import start_server
 
         if not spec.host:  # on a multi-node cluster: this node's address, which peers can reach
             spec = dataclasses.replace(spec, host=socket.gethostbyname(socket.gethostname()))
@@ -77,16 +77,16 @@ class WorkerRuntime:
         logger.info("%s worker %s serving on %s", spec.role, spec.worker_id, self.address)
 
     def _build(self, engine):
-        from kv_transfer.grpc_transport import KVTransferServicer
-        from proto import kv_pb2_grpc, worker_pb2_grpc
+        from splitserve.kv_transfer.grpc_transport import KVTransferServicer
+        from splitserve.proto import kv_pb2_grpc, worker_pb2_grpc
 
         s = self.spec
         if s.role == "prefill":
-            from prefill_worker.service import PrefillService
-            from prefill_worker.worker import PrefillWorker
+            from splitserve.prefill_worker.service import PrefillService
+            from splitserve.prefill_worker.worker import PrefillWorker
 
             if s.cp_degree > 1:
-                from prefill_worker.cp import start_group
+                from splitserve.prefill_worker.cp import start_group
 
                 publish = None
                 if s.cp_followers == "placed":
@@ -98,8 +98,8 @@ class WorkerRuntime:
                 worker = PrefillWorker(engine, s.worker_id, token=s.token)
             return worker, lambda srv: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillService(worker), srv), ["splitserve.worker.PrefillWorker"]
         if s.role == "decode":
-            from decode_worker.service import DecodeService
-            from decode_worker.worker import DecodeWorker
+            from splitserve.decode_worker.service import DecodeService
+            from splitserve.decode_worker.worker import DecodeWorker
 
             transports = ("grpc", "torch") if s.transport in ("grpc", "torch") else (s.transport,)
             worker = DecodeWorker(engine, s.worker_id, host=s.host, transports=transports, default_transport=s.transport, lease_seconds=s.lease_seconds)
@@ -147,7 +147,7 @@ def _idle(stats: dict) -> bool:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runtime = WorkerRuntime(WorkerSpec(**json.loads(sys.argv[1])))
-    from proto.server import announce, wait_for_termination
+    from splitserve.proto.server import announce, wait_for_termination
 
     announce(**runtime.info())
     wait_for_termination(runtime.server, runtime.stop)

@@ -1,4 +1,4 @@
-"""Run a decode worker process: `python -m decode_worker --model DIR [--port 0] ...`.
+"""Run a decode worker process: `python -m splitserve.decode_worker --model DIR [--port 0] ...`.
 
 Prints one JSON line {"event": "ready", "address": ...} when it serves, and shuts down cleanly
 on SIGTERM / Ctrl-C.
@@ -10,18 +10,18 @@ import argparse
 import logging
 import uuid
 
-from decode_worker.service import DecodeService
-from decode_worker.worker import DecodeWorker
-from engine.args import add_engine_args, engine_config_from_args
-from engine.engine import LLMEngine
-from kv_transfer.connect import TRANSPORTS
-from kv_transfer.grpc_transport import KVTransferServicer
-from proto import kv_pb2_grpc, worker_pb2_grpc
-from proto.server import announce, start_server, wait_for_termination
+from splitserve.decode_worker.service import DecodeService
+from splitserve.decode_worker.worker import DecodeWorker
+from splitserve.engine.args import add_engine_args, engine_config_from_args
+from splitserve.engine.engine import LLMEngine
+from splitserve.kv_transfer.connect import TRANSPORTS
+from splitserve.kv_transfer.grpc_transport import KVTransferServicer
+from splitserve.proto import kv_pb2_grpc, worker_pb2_grpc
+from splitserve.proto.server import announce, start_server, wait_for_termination
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m decode_worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m splitserve.decode_worker", description=__doc__.splitlines()[0])
     add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (reported on the ready line)")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from decode_worker.worker import DecodeWorker
-from proto import worker_pb2, worker_pb2_grpc
-from proto.convert import descriptor_to_proto, params_from_proto, stats_to_proto
-from proto.status import grpc_code
+from splitserve.decode_worker.worker import DecodeWorker
+from splitserve.proto import worker_pb2, worker_pb2_grpc
+from splitserve.proto.convert import descriptor_to_proto, params_from_proto, stats_to_proto
+from splitserve.proto.status import grpc_code
 
 DEFAULT_DECODE_TIMEOUT = 3600.0
 

@@ -17,17 +17,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from engine.engine import LLMEngine, RequestOutput
-from engine.engine_loop import EngineLoop
-from engine.errors import UnknownRequestError
-from engine.sampling_params import SamplingParams
-from kv_transfer.connect import TRANSPORTS
-from kv_transfer.layout import KVLayout, TransferDescriptor
-from kv_transfer.local import LocalHub
-from kv_transfer.receiver import KVReceiver, TensorKVStore
-from kv_transfer.state import Transfer, TransferState, TransferTable
-from kv_transfer.torch_transport import TorchKVServer
-from proto.status import StatusError
+from splitserve.engine.engine import LLMEngine, RequestOutput
+from splitserve.engine.engine_loop import EngineLoop
+from splitserve.engine.errors import UnknownRequestError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kv_transfer.connect import TRANSPORTS
+from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.kv_transfer.local import LocalHub
+from splitserve.kv_transfer.receiver import KVReceiver, TensorKVStore
+from splitserve.kv_transfer.state import Transfer, TransferState, TransferTable
+from splitserve.kv_transfer.torch_transport import TorchKVServer
+from splitserve.proto.status import StatusError
 
 logger = logging.getLogger(__name__)
 ENDED_STREAM_TTL = 60.0

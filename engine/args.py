@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import DTYPES, EngineConfig
-from engine.scheduler import SchedulerConfig
+from splitserve.engine.config import DTYPES, EngineConfig
+from splitserve.engine.scheduler import SchedulerConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

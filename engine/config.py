@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CheckpointError
-from engine.scheduler import SchedulerConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.scheduler import SchedulerConfig
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

@@ -22,50 +22,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.block_pool import BlockPool
-from engine.config import EngineConfig
-from engine.errors import (
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.errors import (
     ContextLengthExceededError,
     DuplicateRequestError,
     InvalidRequestError,
     KVCapacityError,
     UnknownRequestError,
 )
-from engine.loader import load_model, resolve_dtype
-from engine.model_runner import KV_LAYOUT, ModelRunner
-from engine.request import FinishReason, Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
+from splitserve.engine.loader import load_model, resolve_dtype
+from splitserve.engine.model_runner import KV_LAYOUT, ModelRunner
+from splitserve.engine.prompt import Prompt, check_fits, encode_prompt
+from splitserve.engine.request import FinishReason, Request
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | Sequence[int]
-
-
-def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt (text or ids), checked: non-empty, every id in the vocabulary."""
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt) if prompt else []
-    else:
-        ids = list(prompt)
-        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError("prompt", f"token id {bad!r} is not in the vocabulary [0, {vocab_size})")
-    if not ids:
-        raise InvalidRequestError("prompt", "is empty")
-    return ids
-
-
-def check_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
-    """The prompt, and the prompt plus `max_tokens`, must fit the model's context."""
-    if num_prompt_tokens >= max_model_len:
-        raise ContextLengthExceededError("prompt", f"has {num_prompt_tokens} tokens; the model's context is {max_model_len}")
-    if num_prompt_tokens + max_tokens > max_model_len:
-        raise ContextLengthExceededError(
-            "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {max_model_len}"
-        )
-
 
 @dataclass
 class RequestOutput:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from engine.engine import LLMEngine, RequestOutput
+from splitserve.engine.engine import LLMEngine, RequestOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """Offline batch generation, in the shape vLLM users know:
 
-    from engine import LLM, SamplingParams
+    from splitserve.engine import LLM, SamplingParams
     llm = LLM("path/to/checkpoint", dtype="float32")
     outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
     outs[0].text, outs[0].token_ids
@@ -13,11 +13,11 @@ import logging
 import time
 from collections.abc import Sequence
 
-from engine.config import EngineConfig
-from engine.engine import LLMEngine, Prompt, RequestOutput
-from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerConfig
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.engine import LLMEngine, Prompt, RequestOutput
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -9,17 +9,16 @@ missing, mis-shaped or unknown tensor is a `CheckpointError` naming it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.model import LlamaForCausalLM, rope_inv_freq
+from splitserve.engine.checkpoint import checkpoint_fingerprint, safetensors_files
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.model import LlamaForCausalLM, rope_inv_freq
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +41,6 @@ def resolve_dtype(dtype: str, config: ModelConfig) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError("model.safetensors.index.json", "has no weight_map")
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-    elif (model_dir / "model.safetensors").is_file():
-        files = [model_dir / "model.safetensors"]
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError("model.safetensors", f"no safetensors weights in {model_dir}")
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f.name, "listed in model.safetensors.index.json but missing")
-    return files
-
-
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[LlamaForCausalLM, ModelConfig]:
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
@@ -79,24 +59,6 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") 
     model.eval()
     logger.info("loaded %s (%s, %d layers) from %s as %s", config.architecture, config.fingerprint, config.num_layers, model_dir, torch_dtype)
     return model, config
-
-
-def checkpoint_fingerprint(config: ModelConfig, files: list[Path], window: int = 1 << 16) -> str:
-    """Identity of a checkpoint (not an integrity check): its config, and of each weight file
-    the size, the safetensors header and three sampled windows of bytes. Two checkpoints of
-    one shape but different weights (fine-tunes, seeds) differ here, at a cost independent
-    of the model's size."""
-    h = hashlib.sha256(config.fingerprint.encode())
-    for path in files:
-        size = path.stat().st_size
-        h.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(header_len, 1 << 24)))
-            for offset in (8 + header_len, (size + header_len) // 2, max(0, size - window)):
-                f.seek(offset)
-                h.update(f.read(window))
-    return h.hexdigest()[:16]
 
 
 def _fill(model: LlamaForCausalLM, config: ModelConfig, files: list[Path]) -> None:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionBackend, AttentionMetadata
-from engine.config import ModelConfig
+from splitserve.engine.attention import AttentionBackend, AttentionMetadata
+from splitserve.engine.config import ModelConfig
 
 LayerHook = Callable[[int], None]
 

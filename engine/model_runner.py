@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 import torch
 
-from engine.attention import AttentionMetadata, get_backend
-from engine.config import ModelConfig
-from engine.model import LlamaForCausalLM
-from engine.request import Request
-from engine.sampler import SampleRow, sample
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledRequest, SchedulerOutput
+from splitserve.engine.attention import AttentionMetadata, get_backend
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.model import LlamaForCausalLM
+from splitserve.engine.request import Request
+from splitserve.engine.sampler import SampleRow, sample
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 KV_LAYOUT = "L,NB,2,BS,KH,D"
 

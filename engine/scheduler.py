@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from engine.block_pool import BlockPool, block_hashes
-from engine.request import FinishReason, Request, RequestStatus
+from splitserve.engine.block_pool import BlockPool, block_hashes
+from splitserve.engine.request import FinishReason, Request, RequestStatus
 
 
 @dataclass(frozen=True)

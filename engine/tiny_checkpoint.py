@@ -13,10 +13,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+if TYPE_CHECKING:  # torch and tokenizers load on use: the CLI imports TinySpec without them
+    import torch
+    from tokenizers import Tokenizer
 
 ARCHS = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -104,6 +105,8 @@ def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> P
 
 
 def _train_tokenizer(vocab_size: int) -> Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -162,6 +165,8 @@ def _config(spec: TinySpec, bos: int, eos: int) -> dict:
 
 
 def _weights(spec: TinySpec, config: dict) -> dict[str, torch.Tensor]:
+    import torch
+
     g = torch.Generator().manual_seed(spec.seed)
     d, inter, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     hd = config["head_dim"]
@@ -198,6 +203,8 @@ def _weights(spec: TinySpec, config: dict) -> dict[str, torch.Tensor]:
 
 
 def _save_weights(out: Path, weights: dict[str, torch.Tensor], shard_size: int | None) -> None:
+    from safetensors.torch import save_file
+
     for old in out.glob("model*.safetensors*"):
         old.unlink()
     if not shard_size:

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.errors import CheckpointError
+from splitserve.engine.errors import CheckpointError
 
 
 class Tokenizer:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from kv_transfer.errors import TransferError
-from kv_transfer.layout import KVLayout
-from kv_transfer.local import LocalHub
-from kv_transfer.sender import KVSender
+from splitserve.kv_transfer.errors import TransferError
+from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.local import LocalHub
+from splitserve.kv_transfer.sender import KVSender
 
 TRANSPORTS = ("torch", "grpc", "local")
 
@@ -27,11 +27,11 @@ def connect(
             raise TransferError("transport 'local' needs both workers in one process (no LocalHub here)")
         return hub.connect(endpoint, layout)
     if transport == "grpc":
-        from kv_transfer.grpc_transport import GrpcSender
+        from splitserve.kv_transfer.grpc_transport import GrpcSender
 
         return GrpcSender(endpoint, sender_id, layout, handshake_timeout=timeout, token=token)
     if transport == "torch":
-        from kv_transfer.torch_transport import TorchSender
+        from splitserve.kv_transfer.torch_transport import TorchSender
 
         return TorchSender(endpoint, sender_id, layout, device=device, handshake_timeout=timeout, token=token)
     raise TransferError(f"unknown KV transport {transport!r}; expected one of {TRANSPORTS}")

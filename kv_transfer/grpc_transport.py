@@ -14,22 +14,22 @@ from collections.abc import Iterator
 
 import grpc
 
-from kv_transfer.errors import (
+from splitserve.kv_transfer.errors import (
     HandshakeError,
     HandshakeRefusedError,
     PayloadError,
     PeerUnavailableError,
     TransferError,
 )
-from kv_transfer.layout import KVLayout
-from kv_transfer.receiver import KVReceiver
-from kv_transfer.sender import KVSender
-from kv_transfer.wire import PayloadHeader, copy_bytes_into, to_bytes
-from proto import kv_pb2, kv_pb2_grpc
-from proto.convert import layout_from_proto, layout_to_proto
-from proto.server import OPTIONS as CHANNEL_OPTIONS
-from proto.server import token_metadata
-from proto.status import grpc_code
+from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.receiver import KVReceiver
+from splitserve.kv_transfer.sender import KVSender
+from splitserve.kv_transfer.wire import PayloadHeader, copy_bytes_into, to_bytes
+from splitserve.proto import kv_pb2, kv_pb2_grpc
+from splitserve.proto.convert import layout_from_proto, layout_to_proto
+from splitserve.proto.server import OPTIONS as CHANNEL_OPTIONS
+from splitserve.proto.server import token_metadata
+from splitserve.proto.status import grpc_code
 
 logger = logging.getLogger(__name__)
 

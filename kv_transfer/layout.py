@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from kv_transfer.errors import HandshakeError
+from splitserve.kv_transfer.errors import HandshakeError
 
 PROTOCOL_VERSION = 1
 

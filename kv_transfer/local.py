@@ -9,11 +9,11 @@ import threading
 
 import torch
 
-from kv_transfer.errors import PeerUnavailableError
-from kv_transfer.layout import KVLayout
-from kv_transfer.receiver import KVReceiver
-from kv_transfer.sender import KVSender
-from kv_transfer.wire import PayloadHeader
+from splitserve.kv_transfer.errors import PeerUnavailableError
+from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.receiver import KVReceiver
+from splitserve.kv_transfer.sender import KVSender
+from splitserve.kv_transfer.wire import PayloadHeader
 
 
 class LocalHub:

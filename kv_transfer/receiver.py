@@ -9,10 +9,10 @@ from typing import Protocol
 
 import torch
 
-from kv_transfer.errors import PayloadError, TransferError
-from kv_transfer.layout import KVLayout
-from kv_transfer.state import TransferTable
-from kv_transfer.wire import DTYPES, PayloadHeader
+from splitserve.kv_transfer.errors import PayloadError, TransferError
+from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.state import TransferTable
+from splitserve.kv_transfer.wire import DTYPES, PayloadHeader
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.errors import PeerUnavailableError, TransferError
-from kv_transfer.wire import MAX_MESSAGE_BYTES, PayloadHeader
+from splitserve.kv_transfer.errors import PeerUnavailableError, TransferError
+from splitserve.kv_transfer.wire import MAX_MESSAGE_BYTES, PayloadHeader
 
 logger = logging.getLogger(__name__)
 

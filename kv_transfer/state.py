@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kv_transfer.errors import PayloadError, TransferClosedError, TransferNotFoundError
+from splitserve.kv_transfer.errors import PayloadError, TransferClosedError, TransferNotFoundError
 
 
 class TransferState(enum.Enum):

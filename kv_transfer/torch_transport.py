@@ -21,12 +21,12 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from kv_transfer.errors import PeerUnavailableError, TransferError
-from kv_transfer.grpc_transport import handshake
-from kv_transfer.layout import KVLayout
-from kv_transfer.receiver import KVReceiver
-from kv_transfer.sender import KVSender
-from kv_transfer.wire import PayloadHeader
+from splitserve.kv_transfer.errors import PeerUnavailableError, TransferError
+from splitserve.kv_transfer.grpc_transport import handshake
+from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.receiver import KVReceiver
+from splitserve.kv_transfer.sender import KVSender
+from splitserve.kv_transfer.wire import PayloadHeader
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.errors import PayloadError
-from kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.errors import PayloadError
+from splitserve.kv_transfer.layout import KVLayout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Above this a gRPC message is split by blocks (gRPC's default limit is 4 MiB per message).

@@ -1,4 +1,4 @@
-"""Run a prefill worker process: `python -m prefill_worker --model DIR [--port 0] ...`.
+"""Run a prefill worker process: `python -m splitserve.prefill_worker --model DIR [--port 0] ...`.
 
 Prints one JSON line {"event": "ready", "address": ...} when it serves, and shuts down cleanly
 on SIGTERM / Ctrl-C.
@@ -10,16 +10,16 @@ import argparse
 import logging
 import uuid
 
-from engine.args import add_engine_args, engine_config_from_args
-from engine.engine import LLMEngine
-from prefill_worker.service import PrefillService
-from prefill_worker.worker import PrefillWorker
-from proto import worker_pb2_grpc
-from proto.server import announce, start_server, wait_for_termination
+from splitserve.engine.args import add_engine_args, engine_config_from_args
+from splitserve.engine.engine import LLMEngine
+from splitserve.prefill_worker.service import PrefillService
+from splitserve.prefill_worker.worker import PrefillWorker
+from splitserve.proto import worker_pb2_grpc
+from splitserve.proto.server import announce, start_server, wait_for_termination
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m prefill_worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m splitserve.prefill_worker", description=__doc__.splitlines()[0])
     add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (reported on the ready line)")
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     worker_id = args.worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
     if args.cp_degree > 1:
-        from prefill_worker.cp import start_group
+        from splitserve.prefill_worker.cp import start_group
 
         worker = start_group(args.model, world=args.cp_degree, block_size=args.block_size, worker_id=worker_id, dtype=args.dtype, device=args.device, token=args.token, host=args.host)
     else:

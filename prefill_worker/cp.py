@@ -28,15 +28,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from engine.loader import load_model
-from engine.model_runner import KV_LAYOUT
-from engine.sampler import SampleRow, sample
-from engine.sampling_params import SamplingParams
-from kv_transfer.errors import HandshakeError, request_status
-from kv_transfer.layout import KVLayout, TransferDescriptor
-from kv_transfer.wire import dtype_name
-from prefill_worker.pushers import PusherPool
-from prefill_worker.ring_attention import (
+from splitserve.engine.loader import load_model
+from splitserve.engine.model_runner import KV_LAYOUT
+from splitserve.engine.sampler import SampleRow, sample
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kv_transfer.errors import HandshakeError, request_status
+from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.kv_transfer.wire import dtype_name
+from splitserve.prefill_worker.pushers import PusherPool
+from splitserve.prefill_worker.ring_attention import (
     LinkModel,
     Ring,
     choose_variant,
@@ -44,7 +44,7 @@ from prefill_worker.ring_attention import (
     ring_attention,
     shard_ranges,
 )
-from proto.status import StatusError
+from splitserve.proto.status import StatusError
 
 logger = logging.getLogger(__name__)
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
@@ -229,7 +229,7 @@ class CPPrefillWorker:
         self._current: str | None = None
 
     def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float):
-        from prefill_worker.worker import PrefillError, PrefillResult
+        from splitserve.prefill_worker.worker import PrefillError, PrefillResult
 
         if not self.accepting:
             raise PrefillError("UNAVAILABLE", f"prefill group {self.worker_id} is draining")
@@ -295,7 +295,7 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
     import subprocess
     import sys
 
-    from cluster.redis_server import free_port
+    from splitserve.cluster.redis_server import free_port
 
     store = f"{host}:{free_port(host)}"
     common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size),
@@ -304,7 +304,7 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
     if publish_store is not None:
         publish_store(store)
     else:
-        followers = [subprocess.Popen([sys.executable, "-m", "prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
+        followers = [subprocess.Popen([sys.executable, "-m", "splitserve.prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
     try:
         rank0 = CPRank(model, rank=0, world=world, store=store, block_size=block_size, sender_id=worker_id, dtype=dtype, device=device, token=token)
     except BaseException:
@@ -315,8 +315,8 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
 
 
 def follower_main(argv: list[str] | None = None) -> None:
-    """`python -m prefill_worker.cp --rank R --world N --store HOST:PORT --model DIR ...`"""
-    parser = argparse.ArgumentParser(prog="python -m prefill_worker.cp")
+    """`python -m splitserve.prefill_worker.cp --rank R --world N --store HOST:PORT --model DIR ...`"""
+    parser = argparse.ArgumentParser(prog="python -m splitserve.prefill_worker.cp")
     for flag in ("--model", "--store", "--sender-id"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--rank", type=int, required=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import threading
 
-from kv_transfer.connect import connect
-from kv_transfer.errors import TransferError
-from kv_transfer.layout import KVLayout, TransferDescriptor
-from kv_transfer.local import LocalHub
-from kv_transfer.sender import KVPusher
-from proto.status import StatusError
+from splitserve.kv_transfer.connect import connect
+from splitserve.kv_transfer.errors import TransferError
+from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.kv_transfer.local import LocalHub
+from splitserve.kv_transfer.sender import KVPusher
+from splitserve.proto.status import StatusError
 
 
 class PushError(StatusError):

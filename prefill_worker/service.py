@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from prefill_worker.worker import PrefillWorker
-from proto import worker_pb2, worker_pb2_grpc
-from proto.convert import descriptor_from_proto, params_from_proto, stats_to_proto
-from proto.status import grpc_code
+from splitserve.prefill_worker.worker import PrefillWorker
+from splitserve.proto import worker_pb2, worker_pb2_grpc
+from splitserve.proto.convert import descriptor_from_proto, params_from_proto, stats_to_proto
+from splitserve.proto.status import grpc_code
 
 DEFAULT_PREFILL_TIMEOUT = 600.0
 

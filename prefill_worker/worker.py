@@ -19,17 +19,17 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from engine.engine import LLMEngine, RequestOutput
-from engine.engine_loop import EngineLoop
-from engine.errors import UnknownRequestError
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledRequest
-from kv_transfer.errors import HandshakeError, request_status
-from kv_transfer.layout import KVLayout, TransferDescriptor
-from kv_transfer.local import LocalHub
-from kv_transfer.sender import KVPusher
-from prefill_worker.pushers import PusherPool, PushError
-from proto.status import StatusError
+from splitserve.engine.engine import LLMEngine, RequestOutput
+from splitserve.engine.engine_loop import EngineLoop
+from splitserve.engine.errors import UnknownRequestError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import ScheduledRequest
+from splitserve.kv_transfer.errors import HandshakeError, request_status
+from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.kv_transfer.local import LocalHub
+from splitserve.kv_transfer.sender import KVPusher
+from splitserve.prefill_worker.pushers import PusherPool, PushError
+from splitserve.proto.status import StatusError
 
 logger = logging.getLogger(__name__)
 

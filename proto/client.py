@@ -1,6 +1,6 @@
 """The Python client SDK for a splitserve router's gRPC API, sync and asyncio.
 
-    from proto.client import Client
+    from splitserve.proto.client import Client
     with Client("127.0.0.1:50051") as c:
         print(c.generate("Hello", max_tokens=16, temperature=0).text)
         for chunk in c.generate_stream("Hello", max_tokens=16):
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from proto import public_pb2, public_pb2_grpc
+from splitserve.proto import public_pb2, public_pb2_grpc
 
 
 class SplitserveError(Exception):

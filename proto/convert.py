@@ -5,9 +5,9 @@ Services call these at their edge and work with plain dataclasses inside.
 
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
-from kv_transfer.layout import KVLayout, TransferDescriptor
-from proto import kv_pb2, worker_pb2
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.proto import kv_pb2, worker_pb2
 
 
 def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import kv_pb2 as proto_dot_kv__pb2
+from splitserve.proto import kv_pb2 as splitserve_dot_proto_dot_kv__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/kv_pb2_grpc.py depends on'
+        + ' but the generated code in splitserve/proto/kv_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class KVTransferStub:
         """
         self.Handshake = channel.unary_unary(
                 '/splitserve.kv.KVTransfer/Handshake',
-                request_serializer=proto_dot_kv__pb2.HandshakeRequest.SerializeToString,
-                response_deserializer=proto_dot_kv__pb2.HandshakeResponse.FromString,
+                request_serializer=splitserve_dot_proto_dot_kv__pb2.HandshakeRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_kv__pb2.HandshakeResponse.FromString,
                 _registered_method=True)
         self.Push = channel.stream_unary(
                 '/splitserve.kv.KVTransfer/Push',
-                request_serializer=proto_dot_kv__pb2.KVMessage.SerializeToString,
-                response_deserializer=proto_dot_kv__pb2.PushResult.FromString,
+                request_serializer=splitserve_dot_proto_dot_kv__pb2.KVMessage.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_kv__pb2.PushResult.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Handshake': grpc.unary_unary_rpc_method_handler(
                     servicer.Handshake,
-                    request_deserializer=proto_dot_kv__pb2.HandshakeRequest.FromString,
-                    response_serializer=proto_dot_kv__pb2.HandshakeResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_kv__pb2.HandshakeRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_kv__pb2.HandshakeResponse.SerializeToString,
             ),
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
-                    request_deserializer=proto_dot_kv__pb2.KVMessage.FromString,
-                    response_serializer=proto_dot_kv__pb2.PushResult.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_kv__pb2.KVMessage.FromString,
+                    response_serializer=splitserve_dot_proto_dot_kv__pb2.PushResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +102,8 @@ class KVTransfer:
             request,
             target,
             '/splitserve.kv.KVTransfer/Handshake',
-            proto_dot_kv__pb2.HandshakeRequest.SerializeToString,
-            proto_dot_kv__pb2.HandshakeResponse.FromString,
+            splitserve_dot_proto_dot_kv__pb2.HandshakeRequest.SerializeToString,
+            splitserve_dot_proto_dot_kv__pb2.HandshakeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +129,8 @@ class KVTransfer:
             request_iterator,
             target,
             '/splitserve.kv.KVTransfer/Push',
-            proto_dot_kv__pb2.KVMessage.SerializeToString,
-            proto_dot_kv__pb2.PushResult.FromString,
+            splitserve_dot_proto_dot_kv__pb2.KVMessage.SerializeToString,
+            splitserve_dot_proto_dot_kv__pb2.PushResult.FromString,
             options,
             channel_credentials,
             insecure,

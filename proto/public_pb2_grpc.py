@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import public_pb2 as proto_dot_public__pb2
+from splitserve.proto import public_pb2 as splitserve_dot_proto_dot_public__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/public_pb2_grpc.py depends on'
+        + ' but the generated code in splitserve/proto/public_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/splitserve.v1.Generation/Generate',
-                request_serializer=proto_dot_public__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_public__pb2.GenerateResponse.FromString,
+                request_serializer=splitserve_dot_proto_dot_public__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_public__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.v1.Generation/Abort',
-                request_serializer=proto_dot_public__pb2.AbortRequest.SerializeToString,
-                response_deserializer=proto_dot_public__pb2.AbortResponse.FromString,
+                request_serializer=splitserve_dot_proto_dot_public__pb2.AbortRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_public__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetTimings = channel.unary_unary(
                 '/splitserve.v1.Generation/GetTimings',
-                request_serializer=proto_dot_public__pb2.TimingsRequest.SerializeToString,
-                response_deserializer=proto_dot_public__pb2.Timings.FromString,
+                request_serializer=splitserve_dot_proto_dot_public__pb2.TimingsRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_public__pb2.Timings.FromString,
                 _registered_method=True)
 
 
@@ -78,18 +78,18 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_public__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_public__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_public__pb2.GenerateRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_public__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=proto_dot_public__pb2.AbortRequest.FromString,
-                    response_serializer=proto_dot_public__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_public__pb2.AbortRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_public__pb2.AbortResponse.SerializeToString,
             ),
             'GetTimings': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTimings,
-                    request_deserializer=proto_dot_public__pb2.TimingsRequest.FromString,
-                    response_serializer=proto_dot_public__pb2.Timings.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_public__pb2.TimingsRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_public__pb2.Timings.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -117,8 +117,8 @@ class Generation:
             request,
             target,
             '/splitserve.v1.Generation/Generate',
-            proto_dot_public__pb2.GenerateRequest.SerializeToString,
-            proto_dot_public__pb2.GenerateResponse.FromString,
+            splitserve_dot_proto_dot_public__pb2.GenerateRequest.SerializeToString,
+            splitserve_dot_proto_dot_public__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -144,8 +144,8 @@ class Generation:
             request,
             target,
             '/splitserve.v1.Generation/Abort',
-            proto_dot_public__pb2.AbortRequest.SerializeToString,
-            proto_dot_public__pb2.AbortResponse.FromString,
+            splitserve_dot_proto_dot_public__pb2.AbortRequest.SerializeToString,
+            splitserve_dot_proto_dot_public__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +171,8 @@ class Generation:
             request,
             target,
             '/splitserve.v1.Generation/GetTimings',
-            proto_dot_public__pb2.TimingsRequest.SerializeToString,
-            proto_dot_public__pb2.Timings.FromString,
+            splitserve_dot_proto_dot_public__pb2.TimingsRequest.SerializeToString,
+            splitserve_dot_proto_dot_public__pb2.Timings.FromString,
             options,
             channel_credentials,
             insecure,
@@ -195,23 +195,23 @@ class AdminStub:
         """
         self.Status = channel.unary_unary(
                 '/splitserve.v1.Admin/Status',
-                request_serializer=proto_dot_public__pb2.StatusRequest.SerializeToString,
-                response_deserializer=proto_dot_public__pb2.ClusterStatus.FromString,
+                request_serializer=splitserve_dot_proto_dot_public__pb2.StatusRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_public__pb2.ClusterStatus.FromString,
                 _registered_method=True)
         self.Scale = channel.unary_unary(
                 '/splitserve.v1.Admin/Scale',
-                request_serializer=proto_dot_public__pb2.ScaleRequest.SerializeToString,
-                response_deserializer=proto_dot_public__pb2.ClusterStatus.FromString,
+                request_serializer=splitserve_dot_proto_dot_public__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_public__pb2.ClusterStatus.FromString,
                 _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/splitserve.v1.Admin/Drain',
-                request_serializer=proto_dot_public__pb2.DrainRequest.SerializeToString,
-                response_deserializer=proto_dot_public__pb2.DrainResponse.FromString,
+                request_serializer=splitserve_dot_proto_dot_public__pb2.DrainRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_public__pb2.DrainResponse.FromString,
                 _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/splitserve.v1.Admin/Shutdown',
-                request_serializer=proto_dot_public__pb2.ShutdownRequest.SerializeToString,
-                response_deserializer=proto_dot_public__pb2.ShutdownResponse.FromString,
+                request_serializer=splitserve_dot_proto_dot_public__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_public__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
 
 
@@ -248,23 +248,23 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=proto_dot_public__pb2.StatusRequest.FromString,
-                    response_serializer=proto_dot_public__pb2.ClusterStatus.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_public__pb2.StatusRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_public__pb2.ClusterStatus.SerializeToString,
             ),
             'Scale': grpc.unary_unary_rpc_method_handler(
                     servicer.Scale,
-                    request_deserializer=proto_dot_public__pb2.ScaleRequest.FromString,
-                    response_serializer=proto_dot_public__pb2.ClusterStatus.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_public__pb2.ScaleRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_public__pb2.ClusterStatus.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
-                    request_deserializer=proto_dot_public__pb2.DrainRequest.FromString,
-                    response_serializer=proto_dot_public__pb2.DrainResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_public__pb2.DrainRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_public__pb2.DrainResponse.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
-                    request_deserializer=proto_dot_public__pb2.ShutdownRequest.FromString,
-                    response_serializer=proto_dot_public__pb2.ShutdownResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_public__pb2.ShutdownRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_public__pb2.ShutdownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -292,8 +292,8 @@ class Admin:
             request,
             target,
             '/splitserve.v1.Admin/Status',
-            proto_dot_public__pb2.StatusRequest.SerializeToString,
-            proto_dot_public__pb2.ClusterStatus.FromString,
+            splitserve_dot_proto_dot_public__pb2.StatusRequest.SerializeToString,
+            splitserve_dot_proto_dot_public__pb2.ClusterStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,8 +319,8 @@ class Admin:
             request,
             target,
             '/splitserve.v1.Admin/Scale',
-            proto_dot_public__pb2.ScaleRequest.SerializeToString,
-            proto_dot_public__pb2.ClusterStatus.FromString,
+            splitserve_dot_proto_dot_public__pb2.ScaleRequest.SerializeToString,
+            splitserve_dot_proto_dot_public__pb2.ClusterStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class Admin:
             request,
             target,
             '/splitserve.v1.Admin/Drain',
-            proto_dot_public__pb2.DrainRequest.SerializeToString,
-            proto_dot_public__pb2.DrainResponse.FromString,
+            splitserve_dot_proto_dot_public__pb2.DrainRequest.SerializeToString,
+            splitserve_dot_proto_dot_public__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -373,8 +373,8 @@ class Admin:
             request,
             target,
             '/splitserve.v1.Admin/Shutdown',
-            proto_dot_public__pb2.ShutdownRequest.SerializeToString,
-            proto_dot_public__pb2.ShutdownResponse.FromString,
+            splitserve_dot_proto_dot_public__pb2.ShutdownRequest.SerializeToString,
+            splitserve_dot_proto_dot_public__pb2.ShutdownResponse.FromString,
             options,
             channel_credentials,
             insecure,

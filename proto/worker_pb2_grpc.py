@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import worker_pb2 as proto_dot_worker__pb2
+from splitserve.proto import worker_pb2 as splitserve_dot_proto_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/worker_pb2_grpc.py depends on'
+        + ' but the generated code in splitserve/proto/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class DecodeWorkerStub:
         """
         self.Reserve = channel.unary_unary(
                 '/splitserve.worker.DecodeWorker/Reserve',
-                request_serializer=proto_dot_worker__pb2.ReserveRequest.SerializeToString,
-                response_deserializer=proto_dot_worker__pb2.TransferDescriptor.FromString,
+                request_serializer=splitserve_dot_proto_dot_worker__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_worker__pb2.TransferDescriptor.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/splitserve.worker.DecodeWorker/Decode',
-                request_serializer=proto_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=proto_dot_worker__pb2.TokenChunk.FromString,
+                request_serializer=splitserve_dot_proto_dot_worker__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_worker__pb2.TokenChunk.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.worker.DecodeWorker/Abort',
-                request_serializer=proto_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=proto_dot_worker__pb2.AbortResponse.FromString,
+                request_serializer=splitserve_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/splitserve.worker.DecodeWorker/Stats',
-                request_serializer=proto_dot_worker__pb2.StatsRequest.SerializeToString,
-                response_deserializer=proto_dot_worker__pb2.WorkerStats.FromString,
+                request_serializer=splitserve_dot_proto_dot_worker__pb2.StatsRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
 
 
@@ -89,23 +89,23 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
-                    request_deserializer=proto_dot_worker__pb2.ReserveRequest.FromString,
-                    response_serializer=proto_dot_worker__pb2.TransferDescriptor.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_worker__pb2.ReserveRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_worker__pb2.TransferDescriptor.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=proto_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=proto_dot_worker__pb2.TokenChunk.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_worker__pb2.TokenChunk.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=proto_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=proto_dot_worker__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_worker__pb2.AbortRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_worker__pb2.AbortResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=proto_dot_worker__pb2.StatsRequest.FromString,
-                    response_serializer=proto_dot_worker__pb2.WorkerStats.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_worker__pb2.StatsRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_worker__pb2.WorkerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,8 +133,8 @@ class DecodeWorker:
             request,
             target,
             '/splitserve.worker.DecodeWorker/Reserve',
-            proto_dot_worker__pb2.ReserveRequest.SerializeToString,
-            proto_dot_worker__pb2.TransferDescriptor.FromString,
+            splitserve_dot_proto_dot_worker__pb2.ReserveRequest.SerializeToString,
+            splitserve_dot_proto_dot_worker__pb2.TransferDescriptor.FromString,
             options,
             channel_credentials,
             insecure,
@@ -160,8 +160,8 @@ class DecodeWorker:
             request,
             target,
             '/splitserve.worker.DecodeWorker/Decode',
-            proto_dot_worker__pb2.DecodeRequest.SerializeToString,
-            proto_dot_worker__pb2.TokenChunk.FromString,
+            splitserve_dot_proto_dot_worker__pb2.DecodeRequest.SerializeToString,
+            splitserve_dot_proto_dot_worker__pb2.TokenChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -187,8 +187,8 @@ class DecodeWorker:
             request,
             target,
             '/splitserve.worker.DecodeWorker/Abort',
-            proto_dot_worker__pb2.AbortRequest.SerializeToString,
-            proto_dot_worker__pb2.AbortResponse.FromString,
+            splitserve_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
+            splitserve_dot_proto_dot_worker__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,8 +214,8 @@ class DecodeWorker:
             request,
             target,
             '/splitserve.worker.DecodeWorker/Stats',
-            proto_dot_worker__pb2.StatsRequest.SerializeToString,
-            proto_dot_worker__pb2.WorkerStats.FromString,
+            splitserve_dot_proto_dot_worker__pb2.StatsRequest.SerializeToString,
+            splitserve_dot_proto_dot_worker__pb2.WorkerStats.FromString,
             options,
             channel_credentials,
             insecure,
@@ -238,18 +238,18 @@ class PrefillWorkerStub:
         """
         self.Prefill = channel.unary_unary(
                 '/splitserve.worker.PrefillWorker/Prefill',
-                request_serializer=proto_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=proto_dot_worker__pb2.PrefillResponse.FromString,
+                request_serializer=splitserve_dot_proto_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.worker.PrefillWorker/Abort',
-                request_serializer=proto_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=proto_dot_worker__pb2.AbortResponse.FromString,
+                request_serializer=splitserve_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/splitserve.worker.PrefillWorker/Stats',
-                request_serializer=proto_dot_worker__pb2.StatsRequest.SerializeToString,
-                response_deserializer=proto_dot_worker__pb2.WorkerStats.FromString,
+                request_serializer=splitserve_dot_proto_dot_worker__pb2.StatsRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
 
 
@@ -280,18 +280,18 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=proto_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=proto_dot_worker__pb2.PrefillResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_worker__pb2.PrefillResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=proto_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=proto_dot_worker__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_worker__pb2.AbortRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_worker__pb2.AbortResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=proto_dot_worker__pb2.StatsRequest.FromString,
-                    response_serializer=proto_dot_worker__pb2.WorkerStats.SerializeToString,
+                    request_deserializer=splitserve_dot_proto_dot_worker__pb2.StatsRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_worker__pb2.WorkerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,8 +319,8 @@ class PrefillWorker:
             request,
             target,
             '/splitserve.worker.PrefillWorker/Prefill',
-            proto_dot_worker__pb2.PrefillRequest.SerializeToString,
-            proto_dot_worker__pb2.PrefillResponse.FromString,
+            splitserve_dot_proto_dot_worker__pb2.PrefillRequest.SerializeToString,
+            splitserve_dot_proto_dot_worker__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class PrefillWorker:
             request,
             target,
             '/splitserve.worker.PrefillWorker/Abort',
-            proto_dot_worker__pb2.AbortRequest.SerializeToString,
-            proto_dot_worker__pb2.AbortResponse.FromString,
+            splitserve_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
+            splitserve_dot_proto_dot_worker__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -373,8 +373,8 @@ class PrefillWorker:
             request,
             target,
             '/splitserve.worker.PrefillWorker/Stats',
-            proto_dot_worker__pb2.StatsRequest.SerializeToString,
-            proto_dot_worker__pb2.WorkerStats.FromString,
+            splitserve_dot_proto_dot_worker__pb2.StatsRequest.SerializeToString,
+            splitserve_dot_proto_dot_worker__pb2.WorkerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""Run a router process alone: `python -m router -f cluster.yaml [--redis-url URL] [--http-port N] [--grpc-port N]`.
+"""Run a router process alone: `python -m splitserve.router -f cluster.yaml [--redis-url URL] [--http-port N] [--grpc-port N]`.
 
 Several routers can serve one cluster: they share nothing but the Redis registry. Prints one
 JSON ready line with its addresses; stops on SIGTERM / Ctrl-C.
@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cluster.config import load_cluster_config
-from proto.server import announce
-from router.app import Router
+from splitserve.cluster.config import load_cluster_config
+from splitserve.proto.server import announce
+from splitserve.router.app import Router
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m router", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m splitserve.router", description=__doc__.splitlines()[0])
     parser.add_argument("-f", "--file", required=True, help="cluster.yaml")
     parser.add_argument("--redis-url", default=None, help="overrides redis_url in the file")
     parser.add_argument("--http-port", type=int, default=None)
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("redis_url: needed (in the file or --redis-url)")
     router = Router(config, config.redis_url, http_port=args.http_port, grpc_port=args.grpc_port)
     announce(role="router", http=router.http_address, grpc=router.grpc_address)
-    from cluster.serve import wait_for_signal
+    from splitserve.cluster.serve import wait_for_signal
 
     try:
         wait_for_signal()

@@ -8,19 +8,19 @@ from pathlib import Path
 
 from grpc_reflection.v1alpha import reflection
 
-from cluster.config import ClusterConfig
-from cluster.registry import Registry
-from engine.config import ModelConfig
-from engine.loader import checkpoint_fingerprint, safetensors_files
-from engine.tokenizer import Tokenizer
-from proto import public_pb2, public_pb2_grpc
-from proto.server import start_server
-from router.cluster_view import ClusterView
-from router.grpc_api import AdminService, GenerationService
-from router.http_api import HTTPFrontendServer, OpenAIFrontend
-from router.metrics import RouterMetrics
-from router.orchestrator import Orchestrator
-from router.policy import make_policy
+from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.registry import Registry
+from splitserve.engine.checkpoint import checkpoint_fingerprint, safetensors_files
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.tokenizer import Tokenizer
+from splitserve.proto import public_pb2, public_pb2_grpc
+from splitserve.proto.server import start_server
+from splitserve.router.cluster_view import ClusterView
+from splitserve.router.grpc_api import AdminService, GenerationService
+from splitserve.router.http_api import HTTPFrontendServer, OpenAIFrontend
+from splitserve.router.metrics import RouterMetrics
+from splitserve.router.orchestrator import Orchestrator
+from splitserve.router.policy import make_policy
 
 logger = logging.getLogger(__name__)
 

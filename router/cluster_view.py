@@ -14,9 +14,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from cluster.registry import WorkerRecord
-from router.legs import WorkerClient
-from router.policy import Snapshot, WorkerLoad
+from splitserve.cluster.registry import WorkerRecord
+from splitserve.router.legs import WorkerClient
+from splitserve.router.policy import Snapshot, WorkerLoad
 
 logger = logging.getLogger(__name__)
 

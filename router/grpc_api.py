@@ -10,11 +10,11 @@ import logging
 
 import grpc
 
-from cluster.registry import Registry, WorkerRecord
-from engine.sampling_params import SamplingParams
-from proto import public_pb2, public_pb2_grpc
-from proto.status import grpc_code
-from router.orchestrator import Chunk, GenerateInput, Orchestrator, timings_to_proto
+from splitserve.cluster.registry import Registry, WorkerRecord
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.proto import public_pb2, public_pb2_grpc
+from splitserve.proto.status import grpc_code
+from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator, timings_to_proto
 
 logger = logging.getLogger(__name__)
 API_KEY_HEADER = "authorization"

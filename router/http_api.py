@@ -19,10 +19,10 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
-from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams
-from proto.status import STATUSES, http_status, status_of
-from router.orchestrator import Chunk, GenerateInput, Orchestrator
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.proto.status import STATUSES, http_status, status_of
+from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator
 
 logger = logging.getLogger(__name__)
 MAX_BODY = 64 << 20

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.sampling_params import SamplingParams
-from proto import worker_pb2, worker_pb2_grpc
-from proto.convert import params_to_proto
-from proto.server import OPTIONS, token_metadata
-from proto.status import StatusError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.proto import worker_pb2, worker_pb2_grpc
+from splitserve.proto.convert import params_to_proto
+from splitserve.proto.server import OPTIONS, token_metadata
+from splitserve.proto.status import StatusError
 
 logger = logging.getLogger(__name__)
 ABORT_TIMEOUT = 5.0

@@ -17,7 +17,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from cluster.registry import WorkerRecord
+from splitserve.cluster.registry import WorkerRecord
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 BYTES_PER_REQUEST_BUCKETS = tuple(float(1 << k) for k in range(10, 36, 2))

@@ -21,17 +21,17 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from engine.config import ModelConfig
-from engine.engine import check_fits, encode_prompt
-from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
-from proto.convert import params_to_proto
-from proto.status import StatusError
-from router.cluster_view import ClusterView
-from router.legs import WorkerClient
-from router.metrics import RouterMetrics
-from router.policy import NoWorkerError, RouteRequest, RoutingPolicy, WorkerLoad
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.prompt import check_fits, encode_prompt
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
+from splitserve.proto.convert import params_to_proto
+from splitserve.proto.status import StatusError
+from splitserve.router.cluster_view import ClusterView
+from splitserve.router.legs import WorkerClient
+from splitserve.router.metrics import RouterMetrics
+from splitserve.router.policy import NoWorkerError, RouteRequest, RoutingPolicy, WorkerLoad
 
 logger = logging.getLogger(__name__)
 RETRYABLE = {"UNAVAILABLE"}
@@ -327,7 +327,7 @@ class _Text:
 
 
 def timings_to_proto(t: Timings):
-    from proto import public_pb2
+    from splitserve.proto import public_pb2
 
     return public_pb2.Timings(**t.to_dict())
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
+from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

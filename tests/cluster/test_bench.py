@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cluster.bench import (
+from splitserve.cluster.bench import (
     RequestRecord,
     arrival_times,
     fill_timings,
@@ -29,8 +29,8 @@ from cluster.bench import (
     summarize,
     synthetic_requests,
 )
-from cluster.cli import main
-from proto import public_pb2, public_pb2_grpc
+from splitserve.cluster.cli import main
+from splitserve.proto import public_pb2, public_pb2_grpc
 
 
 # ---- statistics -----------------------------------------------------------------------------

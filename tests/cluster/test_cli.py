@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine import LLM, SamplingParams
+from splitserve.engine import LLM, SamplingParams
 
 
 def splitserve(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], input=stdin, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "splitserve.cluster.cli", *args], input=stdin, capture_output=True, text=True, timeout=120
     )
 
 

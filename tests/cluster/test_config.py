@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_cluster_config, parse_cluster_config
+from splitserve.cluster.config import ConfigError, load_cluster_config, parse_cluster_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

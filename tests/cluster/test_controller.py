@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import parse_cluster_config
-from cluster.controller import Controller
-from cluster.redis_server import EmbeddedRedis
-from cluster.registry import Registry, WorkerRecord
+from splitserve.cluster.config import parse_cluster_config
+from splitserve.cluster.controller import Controller
+from splitserve.cluster.redis_server import EmbeddedRedis
+from splitserve.cluster.registry import Registry, WorkerRecord
 
 
 class FakeBackend:

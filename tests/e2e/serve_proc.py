@@ -38,7 +38,7 @@ def start_serve(*args: str, timeout: float = 300.0) -> Serve:
     name = f"t{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
     popen = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--http-port", "0", "--grpc-port", "0", "--name", name, *args],
+        [sys.executable, "-m", "splitserve.cluster.cli", "serve", "--http-port", "0", "--grpc-port", "0", "--name", name, *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     serve = Serve(popen)

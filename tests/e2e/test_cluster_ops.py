@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.redis_server import EmbeddedRedis
-from proto.client import Client as _Client
-from proto.client import SplitserveError, UnauthenticatedError
+from splitserve.cluster.redis_server import EmbeddedRedis
+from splitserve.proto.client import Client as _Client
+from splitserve.proto.client import SplitserveError, UnauthenticatedError
 from tests.e2e.serve_proc import start_serve
 
 KEY = "test-key-1"
@@ -178,7 +178,7 @@ def test_admin_cli_commands(cluster) -> None:
     serve, _ = cluster
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--router", serve.grpc, "--api-key", KEY],
+        return subprocess.run([sys.executable, "-m", "splitserve.cluster.cli", *args, "--router", serve.grpc, "--api-key", KEY],
                               capture_output=True, text=True, timeout=60)
 
     status = cli("status")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams
-from proto import worker_pb2
-from proto.status import StatusError
-from router.legs import WorkerClient, run_disaggregated
+from splitserve.engine import LLM, SamplingParams
+from splitserve.proto import worker_pb2
+from splitserve.proto.status import StatusError
+from splitserve.router.legs import WorkerClient, run_disaggregated
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -37,7 +37,7 @@ def expected(long_model: Path, prompt: list[int]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def decode(spawn, long_model: Path) -> WorkerClient:
-    return WorkerClient(spawn("decode_worker", "--model", str(long_model), "--dtype", "float32", "--transports", "grpc,torch").address)
+    return WorkerClient(spawn("splitserve.decode_worker", "--model", str(long_model), "--dtype", "float32", "--transports", "grpc,torch").address)
 
 
 def reserved(d: WorkerClient) -> int:
@@ -48,7 +48,7 @@ def reserved(d: WorkerClient) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("cp, transport", [(2, "torch"), (4, "grpc")])
 def test_cp_prefill_then_decode_equals_single_engine(spawn, long_model, prompt, expected, decode, cp: int, transport: str) -> None:
-    group = spawn("prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", str(cp))
+    group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", str(cp))
     r = run_disaggregated(WorkerClient(group.address), decode, f"cp{cp}", prompt, GREEDY, transport=transport, timeout=300)
     assert r.token_ids == expected
     assert reserved(decode) == 0
@@ -64,7 +64,7 @@ def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(sp
     import os
     import signal
 
-    group = spawn("prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
+    group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
     (follower,) = children(group.popen.pid)
     errors: list[BaseException] = []
 
@@ -95,7 +95,7 @@ def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(sp
 
 
 def test_serve_with_a_cp_prefill_group(long_model: Path) -> None:
-    from proto.client import Client
+    from splitserve.proto.client import Client
     from tests.e2e.serve_proc import start_serve
 
     prompt = [3 + (i * 13) % 490 for i in range(700)]

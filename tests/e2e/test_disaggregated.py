@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from decode_worker.service import DecodeService
-from decode_worker.worker import DecodeWorker
-from engine import LLM, LLMEngine, SamplingParams
-from engine.config import EngineConfig
-from engine.scheduler import SchedulerConfig
-from kv_transfer.grpc_transport import KVTransferServicer
-from kv_transfer.local import LocalHub
-from prefill_worker.service import PrefillService
-from prefill_worker.worker import PrefillWorker
-from proto import kv_pb2_grpc, worker_pb2_grpc
-from proto.server import start_server
-from router.legs import WorkerClient, run_disaggregated
+from splitserve.decode_worker.service import DecodeService
+from splitserve.decode_worker.worker import DecodeWorker
+from splitserve.engine import LLM, LLMEngine, SamplingParams
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.scheduler import SchedulerConfig
+from splitserve.kv_transfer.grpc_transport import KVTransferServicer
+from splitserve.kv_transfer.local import LocalHub
+from splitserve.prefill_worker.service import PrefillService
+from splitserve.prefill_worker.worker import PrefillWorker
+from splitserve.proto import kv_pb2_grpc, worker_pb2_grpc
+from splitserve.proto.server import start_server
+from splitserve.router.legs import WorkerClient, run_disaggregated
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 CHUNK = "64"  # chunked prefill on: prompts longer than this take several steps
@@ -44,10 +44,10 @@ def expected(e2e_model: Path) -> dict[tuple[int, ...], list[int]]:
 def workers(e2e_model: Path, spawn):
     common = ["--model", str(e2e_model), "--dtype", "float32"]
     return {
-        "p1": spawn("prefill_worker", *common, "--max-prefill-chunk", CHUNK),
-        "p2": spawn("prefill_worker", *common, "--max-prefill-chunk", CHUNK),
-        "d1": spawn("decode_worker", *common, "--transports", "grpc,torch"),
-        "d2": spawn("decode_worker", *common, "--transports", "grpc,torch"),
+        "p1": spawn("splitserve.prefill_worker", *common, "--max-prefill-chunk", CHUNK),
+        "p2": spawn("splitserve.prefill_worker", *common, "--max-prefill-chunk", CHUNK),
+        "d1": spawn("splitserve.decode_worker", *common, "--transports", "grpc,torch"),
+        "d2": spawn("splitserve.decode_worker", *common, "--transports", "grpc,torch"),
     }
 
 
@@ -67,7 +67,7 @@ def run_all(pairs: list[tuple[WorkerClient, WorkerClient]], transport: str, expe
 
 
 def assert_no_blocks_held(*clients: WorkerClient) -> None:
-    from proto import worker_pb2
+    from splitserve.proto import worker_pb2
 
     for c in clients:
         stats = c.decode.Stats(worker_pb2.StatsRequest(), timeout=10)

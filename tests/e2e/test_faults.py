@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine import SamplingParams
-from proto import kv_pb2, kv_pb2_grpc, worker_pb2
-from proto.convert import params_to_proto
-from proto.status import StatusError
-from router.legs import WorkerClient, run_disaggregated
+from splitserve.engine import SamplingParams
+from splitserve.proto import kv_pb2, kv_pb2_grpc, worker_pb2
+from splitserve.proto.convert import params_to_proto
+from splitserve.proto.status import StatusError
+from splitserve.router.legs import WorkerClient, run_disaggregated
 
 LONG = [3 + (i * 37) % 490 for i in range(3000)]
 
@@ -43,12 +43,12 @@ def common(e2e_model: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def decode(spawn, common) -> WorkerClient:
-    return WorkerClient(spawn("decode_worker", *common, "--transports", "grpc,torch").address)
+    return WorkerClient(spawn("splitserve.decode_worker", *common, "--transports", "grpc,torch").address)
 
 
 @pytest.fixture(scope="module")
 def prefill(spawn, common) -> WorkerClient:
-    return WorkerClient(spawn("prefill_worker", *common).address)
+    return WorkerClient(spawn("splitserve.prefill_worker", *common).address)
 
 
 def reserve(d: WorkerClient, rid: str, prompt: list[int], lease: float = 0.0, max_tokens: int = 8) -> worker_pb2.TransferDescriptor:
@@ -58,7 +58,7 @@ def reserve(d: WorkerClient, rid: str, prompt: list[int], lease: float = 0.0, ma
 
 @pytest.mark.parametrize("transport", ["torch", "grpc"])
 def test_prefill_process_killed_mid_transfer(spawn, common, decode: WorkerClient, transport: str) -> None:
-    victim = spawn("prefill_worker", *common, "--max-prefill-chunk", "16")  # ~190 steps for LONG
+    victim = spawn("splitserve.prefill_worker", *common, "--max-prefill-chunk", "16")  # ~190 steps for LONG
     before = stats(decode).kv_bytes_received
     errors: list[BaseException] = []
 
@@ -93,7 +93,7 @@ def test_lease_expires_without_prefill(decode: WorkerClient) -> None:
 
 
 def test_abort_during_decode(prefill: WorkerClient, decode: WorkerClient) -> None:
-    from router.legs import stream_disaggregated
+    from splitserve.router.legs import stream_disaggregated
 
     chunks = stream_disaggregated(prefill, decode, "abort-me", [7] * 50, SamplingParams(max_tokens=3000, ignore_eos=True), timeout=60)
     first = next(chunks)
@@ -107,7 +107,7 @@ def test_abort_during_decode(prefill: WorkerClient, decode: WorkerClient) -> Non
 
 
 def test_client_leaving_the_stream_aborts_the_request(prefill: WorkerClient, decode: WorkerClient) -> None:
-    from router.legs import stream_disaggregated
+    from splitserve.router.legs import stream_disaggregated
 
     chunks = stream_disaggregated(prefill, decode, "walk-away", [9] * 40, SamplingParams(max_tokens=3000, ignore_eos=True), timeout=60)
     next(chunks)
@@ -126,7 +126,7 @@ def test_handshake_mismatch_is_refused_naming_the_field(spawn, common, make_chec
         args = ["--model", str(other), "--dtype", "float32"]
     else:
         args = [*common, *variant]
-    d = WorkerClient(spawn("decode_worker", *args).address)
+    d = WorkerClient(spawn("splitserve.decode_worker", *args).address)
     with pytest.raises(StatusError) as e:
         run_disaggregated(prefill, d, f"mismatch-{field}", [4] * 40, SamplingParams(max_tokens=4), timeout=30)
     assert e.value.status == "FAILED_PRECONDITION" and field in str(e.value)

@@ -13,10 +13,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.tokenizer import Tokenizer
-from proto.client import AsyncClient, Client, InvalidArgumentError
-from router.http_api import render_chat
+from splitserve.engine import LLM, SamplingParams
+from splitserve.engine.tokenizer import Tokenizer
+from splitserve.proto.client import AsyncClient, Client, InvalidArgumentError
+from splitserve.router.http_api import render_chat
 from tests.e2e.serve_proc import start_serve
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "def step(self):", "Prefill reads the whole prompt at once and"]
@@ -180,7 +180,7 @@ def test_clients_that_leave_or_abort_free_both_legs(served) -> None:
     import socket
     import threading
 
-    from proto.client import AbortedError
+    from splitserve.proto.client import AbortedError
 
     long = dict(max_tokens=3000, temperature=0, ignore_eos=True)
     with Client(served.grpc) as c:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.tiny_checkpoint import TinySpec
+from splitserve.engine.tiny_checkpoint import TinySpec
 
 # One entry per model variant the tests compare against transformers. "mistral" and
 # "mistral_swa" share a seed (so the same weights) and differ only in the sliding window, which

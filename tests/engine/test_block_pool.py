@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_pool import ROOT_HASH, BlockPool, block_hashes, hash_block
+from splitserve.engine.block_pool import ROOT_HASH, BlockPool, block_hashes, hash_block
 
 
 def test_allocate_and_free_return_every_block() -> None:

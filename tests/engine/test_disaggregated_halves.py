@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, KVCapacityError, LLMEngine, SamplingParams, UnknownRequestError
-from engine.config import EngineConfig
+from splitserve.engine import LLM, KVCapacityError, LLMEngine, SamplingParams, UnknownRequestError
+from splitserve.engine.config import EngineConfig
 
 PROMPTS = [[3 + (i * 7 + j * 11) % 480 for j in range(n)] for i, n in enumerate([1, 15, 16, 17, 90, 250])]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import (
+from splitserve.engine import (
     LLM,
     CheckpointError,
     ContextLengthExceededError,

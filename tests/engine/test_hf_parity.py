@@ -14,8 +14,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.tiny_checkpoint import CORPUS  # noqa: E402
+from splitserve.engine import LLM, SamplingParams  # noqa: E402
+from splitserve.engine.tiny_checkpoint import CORPUS  # noqa: E402
 
 MAX_NEW_TOKENS = 64
 # ~50 tokens of text (encoded by Hugging Face's tokenizer for the reference) and 100 random ids

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.sampler import SampleRow, sample
+from splitserve.engine import LLM, SamplingParams
+from splitserve.engine.sampler import SampleRow, sample
 
 PROMPT = [5, 17, 300, 42, 8, 99, 123]
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from engine.block_pool import BlockPool
-from engine.request import FinishReason, Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+import subprocess
+import sys
+
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.request import FinishReason, Request, RequestStatus
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 
 def make(num_blocks: int = 64, block_size: int = 4, **cfg) -> Scheduler:
@@ -27,12 +30,9 @@ def run_step(s: Scheduler, sample_token: int = 7) -> SchedulerOutput:
 
 
 def test_scheduler_does_not_import_torch() -> None:
-    import engine.block_pool  # noqa: E401,F401
-    import engine.request
-    import engine.scheduler
-
-    for mod in (engine.scheduler, engine.block_pool, engine.request):
-        assert "torch" not in vars(mod)
+    code = "import sys, splitserve.engine.scheduler, splitserve.engine.block_pool, splitserve.engine.request; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_chunked_prefill_respects_budget_and_chunk_cap() -> None:

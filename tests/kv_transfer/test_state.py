@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kv_transfer.errors import PayloadError, TransferClosedError, TransferNotFoundError
-from kv_transfer.state import TransferState, TransferTable
+from splitserve.kv_transfer.errors import PayloadError, TransferClosedError, TransferNotFoundError
+from splitserve.kv_transfer.state import TransferState, TransferTable
 
 
 class Clock:
@@ -99,7 +99,7 @@ def test_fail_is_reported_once_and_later_payloads_are_refused() -> None:
 
 
 def test_failures_carry_the_status_their_request_reports() -> None:
-    from kv_transfer.errors import (
+    from splitserve.kv_transfer.errors import (
         HandshakeRefusedError,
         PayloadError,
         PeerUnavailableError,

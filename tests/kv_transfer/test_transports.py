@@ -13,22 +13,22 @@ import grpc
 import pytest
 import torch
 
-from kv_transfer.connect import connect
-from kv_transfer.errors import (
+from splitserve.kv_transfer.connect import connect
+from splitserve.kv_transfer.errors import (
     HandshakeError,
     HandshakeRefusedError,
     PayloadError,
     TransferError,
 )
-from kv_transfer.grpc_transport import CHANNEL_OPTIONS, KVTransferServicer
-from kv_transfer.layout import KVLayout
-from kv_transfer.local import LocalHub
-from kv_transfer.receiver import KVReceiver, TensorKVStore
-from kv_transfer.sender import KVPusher
-from kv_transfer.state import TransferState, TransferTable
-from kv_transfer.torch_transport import TorchKVServer
-from kv_transfer.wire import PayloadHeader
-from proto import kv_pb2, kv_pb2_grpc
+from splitserve.kv_transfer.grpc_transport import CHANNEL_OPTIONS, KVTransferServicer
+from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.local import LocalHub
+from splitserve.kv_transfer.receiver import KVReceiver, TensorKVStore
+from splitserve.kv_transfer.sender import KVPusher
+from splitserve.kv_transfer.state import TransferState, TransferTable
+from splitserve.kv_transfer.torch_transport import TorchKVServer
+from splitserve.kv_transfer.wire import PayloadHeader
+from splitserve.proto import kv_pb2, kv_pb2_grpc
 
 LAYERS, BLOCKS, BS, KH, D = 3, 32, 4, 2, 8
 LAYOUT = KVLayout("fp-1", "float32", BS, "L,NB,2,BS,KH,D", LAYERS, KH, D)

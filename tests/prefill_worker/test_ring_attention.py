@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from prefill_worker.ring_attention import (
+from splitserve.prefill_worker.ring_attention import (
     LinkModel,
     Ring,
     attend_block,
@@ -73,7 +73,7 @@ def _rank_main(rank: int, world: int, port: int, errors) -> None:
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ring_attention_equals_full_attention(world: int) -> None:
-    from cluster.redis_server import free_port
+    from splitserve.cluster.redis_server import free_port
 
     with mp.Manager() as manager:
         errors = manager.list()

@@ -20,9 +20,9 @@ def test_generated_stubs_are_current(tmp_path: Path) -> None:
 
 
 def test_status_table_covers_every_error_status() -> None:
-    import engine.errors as ee
-    import kv_transfer.errors as ke
-    from proto.status import STATUSES
+    import splitserve.engine.errors as ee
+    import splitserve.kv_transfer.errors as ke
+    from splitserve.proto.status import STATUSES
 
     for module in (ee, ke):
         for obj in vars(module).values():

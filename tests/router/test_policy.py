@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from router.policy import (
+from splitserve.router.policy import (
     LeastLoaded,
     NoWorkerError,
     RoundRobin,

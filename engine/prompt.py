@@ -1,0 +1,35 @@
+"""Prompt checks shared by the engine and the router (torch-free, so the router can run them
+before any worker sees the request)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from splitserve.engine.errors import ContextLengthExceededError, InvalidRequestError
+from splitserve.engine.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt (text or ids), checked: non-empty, every id in the vocabulary."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt) if prompt else []
+    else:
+        ids = list(prompt)
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt", f"token id {bad!r} is not in the vocabulary [0, {vocab_size})")
+    if not ids:
+        raise InvalidRequestError("prompt", "is empty")
+    return ids
+
+
+def check_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """The prompt, and the prompt plus `max_tokens`, must fit the model's context."""
+    if num_prompt_tokens >= max_model_len:
+        raise ContextLengthExceededError("prompt", f"has {num_prompt_tokens} tokens; the model's context is {max_model_len}")
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthExceededError(
+            "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {max_model_len}"
+        )
