@@ -100,7 +100,7 @@ class LLMEngine:
         ids = self.encode_prompt(prompt)
         self.check_fits(len(ids), params.max_tokens)
         request = Request(request_id, ids, params, prefill_only=prefill_only)
-        self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer))
+        self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         self.scheduler.add(request)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -227,7 +227,7 @@ class LLMEngine:
             self.pool.free(blocks)
             raise InvalidRequestError("prompt_token_ids", f"{len(ids)} tokens do not match the {len(blocks)} reserved blocks")
         request = Request(request_id, ids, params, block_ids=blocks, num_computed_tokens=len(ids))
-        tracked = _Tracked(request, IncrementalDetokenizer(self.tokenizer))
+        tracked = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         self._requests[request_id] = tracked
         request.first_token_time = time.monotonic()
         reason = self._append(tracked, first_token, first_logprob)

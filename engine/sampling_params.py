@@ -24,6 +24,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # False: special tokens (EOS, BOS, pad) show in the text
 
     def __post_init__(self) -> None:
         # Accept lists from callers but keep the object hashable and immutable.
@@ -53,6 +54,9 @@ class SamplingParams:
                 raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             _require_int("stop_token_ids", t)
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(name, f"must be true or false, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

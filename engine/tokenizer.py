@@ -26,8 +26,25 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on a bad file
             raise CheckpointError("tokenizer.json", f"cannot be loaded: {e}") from e
-        cfg_path = model_dir / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.config: dict[str, Any] = _read_json(model_dir / "tokenizer_config.json")
+        self.special_ids = self._special_ids(model_dir)
+
+    def _special_ids(self, model_dir: Path) -> frozenset[int]:
+        """Ids that are not text: tokens the tokenizer marks special, and the BOS / EOS / pad /
+        unk tokens named by tokenizer_config.json, special_tokens_map.json, config.json or
+        generation_config.json (checkpoints disagree about where, and some leave EOS unmarked)."""
+        ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        for source in (self.config, _read_json(model_dir / "special_tokens_map.json")):
+            for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                token = source.get(key)
+                token = token.get("content") if isinstance(token, dict) else token
+                if isinstance(token, str) and (i := self._tok.token_to_id(token)) is not None:
+                    ids.add(i)
+        for source in (_read_json(model_dir / "config.json"), _read_json(model_dir / "generation_config.json")):
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = source.get(key)
+                ids.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int) and not isinstance(v, bool))
+        return frozenset(ids)
 
     @property
     def vocab_size(self) -> int:
@@ -37,17 +54,30 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; special tokens (see `special_ids`) are left out unless asked for."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
 
-class IncrementalDetokenizer:
-    """Feeds output ids one at a time; `text` is everything decoded so far."""
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path.name, f"is not valid JSON: {e}") from e
+    return value if isinstance(value, dict) else {}
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+
+class IncrementalDetokenizer:
+    """Feeds output ids one at a time; `text` is everything decoded so far. Special tokens add
+    no text unless `skip_special_tokens` is False (then they show, e.g. `</s>`)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
         self._ids: list[int] = []
         self._prefix = 0  # decode window start: a token boundary before `_read`
         self._read = 0  # ids before this are already in `text`
@@ -55,9 +85,11 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (may be empty)."""
+        if token_id in self._skip:
+            return ""
         self._ids.append(token_id)
-        before = self._tokenizer.decode(self._ids[self._prefix : self._read])
-        after = self._tokenizer.decode(self._ids[self._prefix :])
+        before = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=False)
+        after = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=False)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""  # an incomplete character, or a token that renders as nothing yet
         delta = after[len(before) :]

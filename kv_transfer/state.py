@@ -109,7 +109,8 @@ class TransferTable:
             if t is None:
                 raise TransferNotFoundError(f"no reservation for request {request_id!r}")
             if t.state.terminal:
-                raise TransferClosedError(f"request {request_id!r} is {t.state.value} ({t.reason})")
+                # the late sender learns why it ended (a lease that expired stays DEADLINE_EXCEEDED)
+                raise TransferClosedError(f"request {request_id!r} is {t.state.value} ({t.reason})", t.status or None)
             bad = self._target_error(t, layer, block_ids)
             if bad:
                 self._finish(t, TransferState.FAILED, bad, "INTERNAL")

@@ -234,7 +234,7 @@ class CPPrefillWorker:
         if not self.accepting:
             raise PrefillError("UNAVAILABLE", f"prefill group {self.worker_id} is draining")
         try:
-            self.layout.check_peer(descriptor.layout)
+            descriptor.layout.check_peer(self.layout)  # the decode side receives, this side sends
         except HandshakeError as e:
             raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
         if len(descriptor.block_ids) != -(-len(prompt) // self.layout.block_size):

@@ -79,7 +79,7 @@ class PrefillWorker:
         if not self.accepting:
             raise PrefillError("UNAVAILABLE", f"prefill worker {self.worker_id} is draining")
         try:  # refuse a mismatched peer before any work, naming the field that differs
-            self.layout.check_peer(descriptor.layout)
+            descriptor.layout.check_peer(self.layout)  # the decode side receives, this side sends
         except HandshakeError as e:
             raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
         if len(descriptor.block_ids) != -(-len(prompt_token_ids) // self.block_size):

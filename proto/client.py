@@ -98,12 +98,17 @@ class Completion:
     timings: dict[str, float | str | int] = field(default_factory=dict)
 
 
-def _request(prompt: str | list[int], request_id: str | None, model: str, max_tokens: int, temperature: float, top_p: float,
-             top_k: int, seed: int | None, stop: list[str] | None, stop_token_ids: list[int] | None, ignore_eos: bool) -> public_pb2.GenerateRequest:
+def _request(prompt: str | list[int], *, request_id: str | None = None, model: str = "", max_tokens: int = 16, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
+             ignore_eos: bool = False, skip_special_tokens: bool = True) -> public_pb2.GenerateRequest:
+    """The request for `prompt` (text or token ids) with these sampling options; every
+    generate method of both clients takes exactly these keywords."""
     params = public_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                        stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
     if seed is not None:
         params.seed = seed
+    if not skip_special_tokens:
+        params.skip_special_tokens = False
     req = public_pb2.GenerateRequest(request_id=request_id or "", model=model, params=params)
     if isinstance(prompt, str):
         req.text = prompt
@@ -146,11 +151,10 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def generate_stream(self, prompt: str | list[int], *, request_id: str | None = None, model: str = "", max_tokens: int = 16,
-                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                        stop: list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
-                        timeout: float | None = None) -> Iterator[GenerateChunk]:
-        req = _request(prompt, request_id, model, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos)
+    def generate_stream(self, prompt: str | list[int], *, timeout: float | None = None, **options) -> Iterator[GenerateChunk]:
+        """Stream the completion of `prompt`; `options` are `_request`'s keywords (max_tokens,
+        temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos, skip_special_tokens, ...)."""
+        req = _request(prompt, **options)
         call = self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata)
         try:
             for msg in call:
@@ -160,16 +164,12 @@ class Client:
         finally:
             call.cancel()  # leaving early aborts the request on the server
 
-    def generate(self, prompt: str | list[int], **kw) -> Completion:
-        req = _request(prompt, kw.pop("request_id", None), kw.pop("model", ""), kw.pop("max_tokens", 16), kw.pop("temperature", 1.0),
-                       kw.pop("top_p", 1.0), kw.pop("top_k", 0), kw.pop("seed", None), kw.pop("stop", None), kw.pop("stop_token_ids", None),
-                       kw.pop("ignore_eos", False))
-        timeout = kw.pop("timeout", None) or self.timeout
-        if kw:
-            raise TypeError(f"unexpected arguments: {sorted(kw)}")
+    def generate(self, prompt: str | list[int], *, timeout: float | None = None, **options) -> Completion:
+        """The whole completion of `prompt`, with usage and the request's timing breakdown."""
+        req = _request(prompt, **options)
         done = Completion(req.request_id)
         try:
-            for msg in self.stub.Generate(req, timeout=timeout, metadata=self.metadata):
+            for msg in self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata):
                 _add(done, msg)
         except grpc.RpcError as e:
             raise error_from_rpc(e, req.request_id) from None
@@ -224,11 +224,8 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def generate_stream(self, prompt: str | list[int], *, request_id: str | None = None, model: str = "", max_tokens: int = 16,
-                              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                              stop: list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
-                              timeout: float | None = None) -> AsyncIterator[GenerateChunk]:
-        req = _request(prompt, request_id, model, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos)
+    async def generate_stream(self, prompt: str | list[int], *, timeout: float | None = None, **options) -> AsyncIterator[GenerateChunk]:
+        req = _request(prompt, **options)
         call = self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata)
         try:
             async for msg in call:
@@ -238,13 +235,12 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def generate(self, prompt: str | list[int], **kw) -> Completion:
-        done = Completion(kw.get("request_id") or "")
-        async for chunk in self.generate_stream(prompt, **kw):
-            done.request_id = chunk.request_id
-            done.text += chunk.text
-            done.token_ids.extend(chunk.token_ids)
-            done.logprobs.extend(chunk.logprobs)
-            if chunk.finished:
-                done.finish_reason = chunk.finish_reason
+    async def generate(self, prompt: str | list[int], *, timeout: float | None = None, **options) -> Completion:
+        req = _request(prompt, **options)
+        done = Completion(req.request_id)
+        try:
+            async for msg in self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata):
+                _add(done, msg)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, req.request_id) from None
         return done

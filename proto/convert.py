@@ -17,6 +17,8 @@ def params_to_proto(p: SamplingParams) -> worker_pb2.SamplingParams:
     )
     if p.seed is not None:
         msg.seed = p.seed
+    if not p.skip_special_tokens:
+        msg.skip_special_tokens = False
     return msg
 
 
@@ -26,6 +28,7 @@ def params_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
         max_tokens=msg.max_tokens, temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p,
         seed=msg.seed if msg.HasField("seed") else None, stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        skip_special_tokens=msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True,
     )
 
 

@@ -38,7 +38,7 @@ class ClusterView:
         self._stale = stale_seconds
         self._records: list[WorkerRecord] = []
         self._fresh_at = 0.0
-        self._clients: dict[str, WorkerClient] = {}
+        self._clients: dict[tuple[str, str], WorkerClient] = {}  # (worker id, address) -> channel
         self._inflight: Counter[str] = Counter()
         self._inflight_tokens: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -67,6 +67,11 @@ class ClusterView:
         with self._lock:
             self._records = [r for r in records if r.worker_id not in wrong]
             self._fresh_at = time.monotonic()
+            # a worker that left the registry: forget its channel (requests still using it keep it
+            # alive; it closes when the last one lets go)
+            live = {(r.worker_id, r.address) for r in self._records}
+            for key in [k for k in self._clients if k not in live]:
+                del self._clients[key]
         return True
 
     def _run(self) -> None:
@@ -94,9 +99,10 @@ class ClusterView:
 
     def client(self, worker: WorkerLoad) -> WorkerClient:
         with self._lock:
-            c = self._clients.get(worker.address)
+            key = (worker.worker_id, worker.address)
+            c = self._clients.get(key)
             if c is None:
-                c = self._clients[worker.address] = WorkerClient(worker.address, self._token)
+                c = self._clients[key] = WorkerClient(worker.address, self._token, worker.worker_id)
             return c
 
     # ---- the router's own accounting -----------------------------------------------------

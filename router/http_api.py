@@ -26,6 +26,7 @@ from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator
 
 logger = logging.getLogger(__name__)
 MAX_BODY = 64 << 20
+RETRY_AFTER_SECONDS = 1  # sent with 429 / 503: the condition is a worker's, and passes
 
 
 class HTTPError(Exception):
@@ -77,6 +78,7 @@ def sampling_from_body(body: dict, max_tokens_keys: tuple[str, ...] = ("max_toke
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
         stop_token_ids=tuple(_field(body, "stop_token_ids", (list,), [])),
         ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),
+        skip_special_tokens=bool(_field(body, "skip_special_tokens", (bool,), True)),
     )
 
 
@@ -266,23 +268,29 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: str, message: str, param: str | None) -> None:
         code = STATUSES.get(status, STATUSES["INTERNAL"])[1]
-        self._json(code, {"error": {"message": message, "type": status.lower(), "param": param, "code": code}})
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code in (429, 503) else {}
+        self._json(code, {"error": {"message": message, "type": status.lower(), "param": param, "code": code}}, headers=headers)
 
-    def _json(self, code: int, body: dict, request_id: str | None = None) -> None:
-        self._send(code, json.dumps(body).encode(), "application/json", request_id)
+    def _json(self, code: int, body: dict, request_id: str | None = None, headers: dict[str, str] | None = None) -> None:
+        self._send(code, json.dumps(body).encode(), "application/json", request_id, headers)
 
-    def _send(self, code: int, data: bytes, content_type: str, request_id: str | None = None) -> None:
+    def _send(self, code: int, data: bytes, content_type: str, request_id: str | None = None, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         if request_id:
             self.send_header("x-request-id", request_id)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
 
 class HTTPFrontendServer(ThreadingHTTPServer):
     daemon_threads = True
+    # Connections that arrive together wait in the kernel's queue instead of being reset (the
+    # standard library's default backlog is 5); the kernel caps it at net.core.somaxconn.
+    request_queue_size = 4096
 
     def __init__(self, host: str, port: int, frontend: OpenAIFrontend, api_keys: frozenset[str]) -> None:
         super().__init__((host, port), _Handler)

@@ -27,14 +27,15 @@ from splitserve.engine.prompt import check_fits, encode_prompt
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
 from splitserve.proto.convert import params_to_proto
-from splitserve.proto.status import StatusError
+from splitserve.proto.status import StatusError, status_of
 from splitserve.router.cluster_view import ClusterView
-from splitserve.router.legs import WorkerClient
+from splitserve.router.legs import LegError, WorkerClient, prefill_watching
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy import NoWorkerError, RouteRequest, RoutingPolicy, WorkerLoad
 
 logger = logging.getLogger(__name__)
-RETRYABLE = {"UNAVAILABLE"}
+# A leg failing with these is tried again on another worker (nothing has reached the client yet).
+RETRYABLE = {"prefill": {"UNAVAILABLE"}, "decode": {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}}
 TIMINGS_KEPT = 4096
 
 
@@ -144,16 +145,16 @@ class Orchestrator:
         held: list[tuple[str, int, int]] = []  # (worker id, inflight, prompt tokens) to give back
         self.metrics.running.inc()
         try:
-            pre, p_worker, d_worker = self._dispatch(rid, prompt, params, t, legs, held, left)
+            pre, p_worker, stream = self._dispatch(rid, prompt, params, t, legs, held, left)
             t.ttft = time.monotonic() - arrival
             self.metrics.ttft.observe(t.ttft)
             self._give_back(held, p_worker.worker_id)
-            text = _Text(self.tokenizer, params.stop)
+            text = _Text(self.tokenizer, params.stop, params.skip_special_tokens)
             first = Chunk(rid, [pre.first_token], [pre.first_logprob], text.push(pre.first_token))
             yield first
             last_emit = time.monotonic()
             emitted, seen = 1, []
-            for chunk in legs.decode.decode_stream(rid, left()):
+            for chunk in stream:
                 now = time.monotonic()
                 if not seen:
                     t.transfer, t.kv_bytes = chunk.kv_transfer_seconds, chunk.kv_bytes
@@ -186,16 +187,12 @@ class Orchestrator:
             t.outcome = "cancelled"
             self._abort_legs(rid, legs, "client went away")
             raise
-        except StatusError:
-            if legs.aborted:  # whatever a leg reported, the client asked for this
-                e = StatusError("ABORTED", f"request {rid} aborted by the client")
-            t.outcome = e.status
-            self._abort_legs(rid, legs, f"request failed: {e}")
-            raise e from None
-        except BaseException as e:
-            t.outcome = getattr(e, "status", "INTERNAL")
-            self._abort_legs(rid, legs, f"request failed: {e}")
-            raise
+        except Exception as e:
+            err = self._fail(rid, legs, e)
+            t.outcome = err.status
+            if err is e:
+                raise
+            raise err from None
         finally:
             self._give_back(held)
             self.metrics.running.dec()
@@ -203,16 +200,35 @@ class Orchestrator:
             t.e2e = t.e2e or time.monotonic() - arrival
             self._finish(rid, t)
 
+    def _fail(self, rid: str, legs: _Legs, e: Exception) -> Exception:
+        """The one failure path of a request: decide what its client is told, abort both legs."""
+        if legs.aborted:  # whatever a leg reported, the client asked for this
+            err: Exception = StatusError("ABORTED", f"request {rid} aborted by the client")
+        elif status_of(e) == "INTERNAL" and not isinstance(e, StatusError):  # a fault of the router itself
+            logger.exception("request %s failed in the router", rid)
+            err = StatusError("INTERNAL", f"request {rid} failed in the router: {type(e).__name__}: {e}")
+        else:
+            err = e
+        self._abort_legs(rid, legs, f"request failed: {err}")
+        return err
+
     def _dispatch(self, rid, prompt, params, t: Timings, legs: _Legs, held, left):
-        """Route, reserve and prefill, moving to other workers while one is unreachable.
-        Returns (prefill response, prefill worker, decode worker)."""
+        """Route, reserve and prefill; a leg whose worker is unreachable or full is tried again
+        on another worker (bounded by max_retries). Returns (prefill response, prefill worker,
+        the decode stream)."""
         p_params = params_to_proto(params)
         exclude: set[str] = set()
+        failed: LegError | None = None
         for attempt in range(self.max_retries + 1):
             if legs.aborted:
                 raise StatusError("ABORTED", f"request {rid} aborted")
             start = time.monotonic()
-            p_worker, d_worker = self._route(RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude)), left)
+            try:
+                p_worker, d_worker = self._route(RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude)), left)
+            except NoWorkerError as e:
+                if failed is None:
+                    raise
+                raise StatusError(failed.status, f"{failed} (no other {failed.leg} worker to retry on: {e})") from None
             t.route += time.monotonic() - start
             t.prefill_worker, t.decode_worker, t.retries = p_worker.worker_id, d_worker.worker_id, attempt
             self._hold(held, p_worker, len(prompt))
@@ -221,25 +237,25 @@ class Orchestrator:
             start = time.monotonic()
             try:
                 desc = legs.decode.reserve(rid, prompt, p_params, self.transport, min(left(), 30.0))
-            except StatusError as e:
-                if e.status in RETRYABLE and attempt < self.max_retries:
-                    self._retry("decode", d_worker, exclude, e)
-                    continue
-                raise
-            t.reserve = time.monotonic() - start
-            self.metrics.route.observe(t.route + t.reserve)
-            try:
-                pre = legs.prefill.prefill_call(rid, prompt, p_params, desc, left())
-            except StatusError as e:
-                legs.decode.abort_decode(rid, "prefill leg failed")
-                if e.status in RETRYABLE and attempt < self.max_retries and not legs.aborted:
-                    self._retry("prefill", p_worker, exclude, e)
-                    continue
-                raise
+                t.reserve = time.monotonic() - start
+                self.metrics.route.observe(t.route + t.reserve)
+                stream = legs.decode.open_decode(rid, left())
+                try:
+                    pre = prefill_watching(legs.prefill, stream, rid, prompt, p_params, desc, left())
+                except LegError:
+                    stream.cancel()
+                    raise
+            except LegError as e:
+                self._abort_legs(rid, legs, f"{e.leg} leg failed")
+                if e.status not in RETRYABLE[e.leg] or attempt >= self.max_retries or legs.aborted:
+                    raise
+                failed = e
+                self._retry(e, exclude)
+                continue
             t.prefill_queue, t.prefill = pre.queue_seconds, pre.prefill_seconds
             self.metrics.queue.observe(t.prefill_queue)
             self.metrics.prefill.observe(t.prefill)
-            return pre, p_worker, d_worker
+            return pre, p_worker, stream
         raise AssertionError("unreachable")
 
     def _route(self, request: RouteRequest, left) -> tuple[WorkerLoad, WorkerLoad]:
@@ -254,10 +270,10 @@ class Orchestrator:
                     raise
                 time.sleep(0.1)
 
-    def _retry(self, leg: str, worker: WorkerLoad, exclude: set[str], err: StatusError) -> None:
-        logger.warning("%s worker %s unavailable (%s); retrying elsewhere", leg, worker.worker_id, err)
-        exclude.add(worker.worker_id)
-        self.metrics.retries.labels(leg).inc()
+    def _retry(self, err: LegError, exclude: set[str]) -> None:
+        logger.warning("%s; retrying elsewhere", err)
+        exclude.add(err.worker_id)
+        self.metrics.retries.labels(err.leg).inc()
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def _hold(self, held: list, worker: WorkerLoad, tokens: int) -> None:
@@ -307,8 +323,8 @@ class Orchestrator:
 class _Text:
     """The router's detokenizer: the same rule as the engine's, so texts agree."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...], skip_special_tokens: bool = True) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stops = stops
         self.sent = 0
         self.stopped = False
