@@ -222,11 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `pip install "splitserve[serve]"` adds to the light client (SDK + admin CLI).
+SERVE_EXTRA_MODULES = frozenset({"torch", "safetensors", "tokenizers", "numpy", "ray", "redis", "jinja2", "prometheus_client",
+                                 "grpc_health", "grpc_reflection"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in SERVE_EXTRA_MODULES:
+            raise
+        print(f'splitserve: error: `splitserve {args.command}` needs the serve extra (module {missing!r} is missing): pip install "splitserve[serve]"',
+              file=sys.stderr)
+        return 2
     except SplitserveError as e:
         print(f"splitserve: error: {e.status}: {e}", file=sys.stderr)
         return 1

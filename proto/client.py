@@ -8,7 +8,7 @@
 
 Every call has a deadline (`timeout`, default 600 s). Failures raise a subclass of
 `SplitserveError` chosen by the gRPC status: InvalidArgumentError (bad input, naming the
-field), UnauthenticatedError, NotFoundError, ResourceExhaustedError, UnavailableError,
+field), FailedPreconditionError, UnauthenticatedError, NotFoundError, ResourceExhaustedError, UnavailableError,
 DeadlineExceededError, AbortedError, InternalError.
 """
 
@@ -33,6 +33,13 @@ class SplitserveError(Exception):
 
 class InvalidArgumentError(SplitserveError):
     status = "INVALID_ARGUMENT"
+
+
+class FailedPreconditionError(InvalidArgumentError):
+    """The cluster cannot serve the request as it is set up (e.g. two workers whose KV layouts
+    differ); the message names what differs."""
+
+    status = "FAILED_PRECONDITION"
 
 
 class UnauthenticatedError(SplitserveError):
@@ -63,9 +70,8 @@ class InternalError(SplitserveError):
     status = "INTERNAL"
 
 
-_BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, UnauthenticatedError, NotFoundError, ResourceExhaustedError,
-                                          UnavailableError, DeadlineExceededError, AbortedError, InternalError)}
-_BY_STATUS["FAILED_PRECONDITION"] = InvalidArgumentError
+_BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, FailedPreconditionError, UnauthenticatedError, NotFoundError,
+                                          ResourceExhaustedError, UnavailableError, DeadlineExceededError, AbortedError, InternalError)}
 _BY_STATUS["CANCELLED"] = AbortedError
 
 

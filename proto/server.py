@@ -11,6 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 TOKEN_HEADER = "x-splitserve-token"
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+# A synchronous gRPC server runs each call on a thread of its pool, and a decode worker holds a
+# call open per request twice (its token stream, and its KV stream on the gRPC transport): a
+# small pool lets waiting token streams starve the KV streams they wait for. Threads are made
+# on demand, so an idle server holds few.
+MAX_THREADS = 2048
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -39,7 +44,7 @@ def start_server(
     add_services: Callable[[grpc.Server], None],
     service_names: list[str],
     token: str | None = None,
-    max_workers: int = 64,
+    max_workers: int = MAX_THREADS,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     interceptors = [TokenInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers), options=OPTIONS, interceptors=interceptors)

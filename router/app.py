@@ -57,7 +57,7 @@ class Router:
             reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
 
         self.grpc, self.grpc_port, _ = start_server(
-            config.router.host, config.router.grpc_port if grpc_port is None else grpc_port, add, names, max_workers=256
+            config.router.host, config.router.grpc_port if grpc_port is None else grpc_port, add, names
         )
         self.view.start()
         self.http.start()

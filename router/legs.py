@@ -86,10 +86,15 @@ class WorkerClient:
         self._abort(self.prefill, request_id, reason)
 
     def _abort(self, stub, request_id: str, reason: str) -> None:
-        try:
-            stub.Abort(worker_pb2.AbortRequest(request_id=request_id, reason=reason), timeout=ABORT_TIMEOUT, metadata=self.metadata)
-        except grpc.RpcError as e:  # the leg may be gone; its own leases clean up
-            logger.warning("abort of %s on %s failed: %s", request_id, self.label, e.code())
+        """Fire the abort and return: a stalled or dead worker must not hold up the client's
+        answer (a worker that misses it still frees the request by its lease or its stream)."""
+        call = stub.Abort.future(worker_pb2.AbortRequest(request_id=request_id, reason=reason), timeout=ABORT_TIMEOUT, metadata=self.metadata)
+
+        def done(f: grpc.Future) -> None:
+            if f.exception() is not None:
+                logger.warning("abort of %s on %s failed: %s", request_id, self.label, f.code())
+
+        call.add_done_callback(done)
 
 
 class DecodeStream:

@@ -82,8 +82,12 @@ class Chunk:
 
 @dataclass
 class _Legs:
+    """The workers serving a request's current attempt. Each attempt has its own id on the
+    workers (`leg_id`), so a late abort of a failed attempt cannot touch the next one."""
+
     prefill: WorkerClient | None = None
     decode: WorkerClient | None = None
+    leg_id: str = ""
     aborted: bool = False
 
 
@@ -234,14 +238,15 @@ class Orchestrator:
             self._hold(held, p_worker, len(prompt))
             self._hold(held, d_worker, 0)
             legs.prefill, legs.decode = self.view.client(p_worker), self.view.client(d_worker)
+            legs.leg_id = lid = rid if attempt == 0 else f"{rid}.retry{attempt}"
             start = time.monotonic()
             try:
-                desc = legs.decode.reserve(rid, prompt, p_params, self.transport, min(left(), 30.0))
+                desc = legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0))
                 t.reserve = time.monotonic() - start
                 self.metrics.route.observe(t.route + t.reserve)
-                stream = legs.decode.open_decode(rid, left())
+                stream = legs.decode.open_decode(lid, left())
                 try:
-                    pre = prefill_watching(legs.prefill, stream, rid, prompt, p_params, desc, left())
+                    pre = prefill_watching(legs.prefill, stream, lid, prompt, p_params, desc, left())
                 except LegError:
                     stream.cancel()
                     raise
@@ -259,14 +264,16 @@ class Orchestrator:
         raise AssertionError("unreachable")
 
     def _route(self, request: RouteRequest, left) -> tuple[WorkerLoad, WorkerLoad]:
-        """The policy's pick; when a pool looks empty (a worker restarting, the registry just
-        restarted and not yet re-filled by heartbeats) wait a little for one to appear."""
+        """The policy's pick. When a pool looks empty (a worker restarting, the registry just
+        restarted and not yet re-filled by heartbeats) wait a little for one to appear; when
+        every worker of a pool already failed this request, say so at once."""
         end = time.monotonic() + min(self.route_wait, left())
         while True:
+            snapshot = self.view.snapshot()
             try:
-                return self.policy.choose(self.view.snapshot(), request)
+                return self.policy.choose(snapshot, request)
             except NoWorkerError:
-                if time.monotonic() >= end:
+                if (snapshot.prefill and snapshot.decode) or time.monotonic() >= end:
                     raise
                 time.sleep(0.1)
 
@@ -292,10 +299,11 @@ class Orchestrator:
             held.clear()
 
     def _abort_legs(self, rid: str, legs: _Legs, reason: str) -> None:
+        """Tell both workers of the current attempt to drop it (without waiting for them)."""
         if legs.decode is not None:
-            legs.decode.abort_decode(rid, reason)
+            legs.decode.abort_decode(legs.leg_id, reason)
         if legs.prefill is not None:
-            legs.prefill.abort_prefill(rid, reason)
+            legs.prefill.abort_prefill(legs.leg_id, reason)
 
     def _finish(self, rid: str, t: Timings) -> None:
         with self._lock:

@@ -56,10 +56,9 @@ class RoutingPolicy(abc.ABC):
     def candidates(snapshot: Snapshot, request: RouteRequest) -> tuple[list[WorkerLoad], list[WorkerLoad]]:
         p = [w for w in snapshot.prefill if w.worker_id not in request.exclude]
         d = [w for w in snapshot.decode if w.worker_id not in request.exclude]
-        if not p:
-            raise NoWorkerError("no prefill worker is ready")
-        if not d:
-            raise NoWorkerError("no decode worker is ready")
+        for role, pool, left in (("prefill", snapshot.prefill, p), ("decode", snapshot.decode, d)):
+            if not left:
+                raise NoWorkerError(f"every {role} worker already failed this request" if pool else f"no {role} worker is ready")
         return p, d
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_SDK = ("Client", "AsyncClient", "Completion", "GenerateChunk", "SplitserveError", "InvalidArgumentError", "UnauthenticatedError",
+_SDK = ("Client", "AsyncClient", "Completion", "GenerateChunk", "SplitserveError", "InvalidArgumentError", "FailedPreconditionError", "UnauthenticatedError",
         "NotFoundError", "ResourceExhaustedError", "UnavailableError", "DeadlineExceededError", "AbortedError", "InternalError")
 __all__ = list(_SDK)
 

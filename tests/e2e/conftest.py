@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from splitserve.cluster.redis_server import EmbeddedRedis
+from tests.e2e.local_cluster import LocalCluster
 from tests.e2e.procs import Proc, start
 
 
@@ -29,3 +31,26 @@ def spawn() -> Iterator[Callable[..., Proc]]:
     yield run
     for p in procs:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def redis() -> Iterator[EmbeddedRedis]:
+    """One Redis for the session; each LocalCluster has its own namespace in it."""
+    r = EmbeddedRedis()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def make_cluster(e2e_model: Path, tmp_path: Path, redis: EmbeddedRedis) -> Iterator[Callable[..., LocalCluster]]:
+    """`make_cluster(model=..., router={...}, **cluster.yaml keys)`: routers and hand-started workers
+    joined through Redis (see LocalCluster.start); stopped when the test ends."""
+    made: list[LocalCluster] = []
+
+    def make(model: Path | None = None, **config) -> LocalCluster:
+        made.append(LocalCluster(model or e2e_model, tmp_path, redis, **config))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()

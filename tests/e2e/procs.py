@@ -45,24 +45,35 @@ class Proc:
 
 def start(module: str, *args: str, timeout: float = 120.0) -> Proc:
     """Run `python -m module args...` and wait for its ready line."""
+    return launch(module, *args).wait(timeout)
+
+
+def launch(module: str, *args: str) -> "Launched":
+    """Start `python -m module args...` without waiting (start several, then wait for all)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     popen = subprocess.Popen(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    proc = Proc(popen, {})
-    got = threading.Event()
+    return Launched(module, Proc(popen, {}))
 
-    def pump() -> None:
-        for line in popen.stdout:
-            proc.log.append(line.rstrip())
-            if not got.is_set() and line.startswith("{") and '"ready"' in line:
-                proc.ready = json.loads(line)
-                got.set()
 
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not got.wait(0.1):
-        if popen.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{module} did not become ready:\n" + "\n".join(proc.log[-40:]))
-    return proc
+class Launched:
+    def __init__(self, module: str, proc: Proc) -> None:
+        self.module, self.proc = module, proc
+        self._got = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.popen.stdout:
+            self.proc.log.append(line.rstrip())
+            if not self._got.is_set() and line.startswith("{") and '"ready"' in line:
+                self.proc.ready = json.loads(line)
+                self._got.set()
+
+    def wait(self, timeout: float = 120.0) -> Proc:
+        deadline = time.monotonic() + timeout
+        while not self._got.wait(0.1):
+            if self.proc.popen.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"{self.module} did not become ready:\n" + "\n".join(self.proc.log[-40:]))
+        return self.proc

@@ -132,7 +132,7 @@ def test_killed_decode_worker_is_restarted_and_nothing_is_stranded(cluster) -> N
         os.kill(victim.pid, signal.SIGKILL)
         t.join(60)
         assert not t.is_alive(), "the in-flight request hung after its decode worker died"
-        assert len(errors) == 1 and errors[0].status in ("UNAVAILABLE", "CANCELLED", "ABORTED", "INTERNAL"), errors
+        assert len(errors) == 1 and errors[0].status == "UNAVAILABLE" and victim.worker_id in str(errors[0]), errors
         wait_until(lambda: any(w.worker_id == victim.worker_id and w.restarts >= 1 and w.state == "ready" and w.pid != victim.pid
                                for w in decode_workers(c)), 120, "Ray to restart the decode worker and it to re-register")
         wait_until(lambda: c.generate("after the restart", max_tokens=4, temperature=0).finish_reason is not None, 60, "serving to resume")

@@ -1,0 +1,131 @@
+"""A leg's failure as the client sees it, through the router's front doors (gRPC SDK and HTTP):
+the exact status, a message naming the worker and what failed, bounded time, and no worker left
+holding reserved blocks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from splitserve.proto.client import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from tests.e2e.local_cluster import InThread, post, wait_until
+
+LONG_PROMPT = [3 + (i * 37) % 490 for i in range(3000)]
+
+
+def assert_http_error(got: tuple[int, dict, dict], code: int, *needles: str) -> None:
+    status, body, headers = got
+    assert status == code, (status, body)
+    message = body["error"]["message"]
+    for n in needles:
+        assert n in message, (n, message)
+    if code in (429, 503):
+        assert headers.get("Retry-After") == "1"
+
+
+def test_decode_worker_killed_mid_stream(make_cluster) -> None:
+    c = make_cluster(router={"max_retries": 0}).start(("prefill", []), ("decode", []))
+    (d,) = [w for w in c.workers.values() if w.ready["role"] == "decode"]
+    with c.client(timeout=60) as sdk:
+        stream = sdk.generate_stream([5] * 20, max_tokens=3000, temperature=0, ignore_eos=True)
+        next(stream)
+        over_http = InThread(lambda: post(c.http, {"prompt": [6] * 20, "max_tokens": 3000, "temperature": 0, "ignore_eos": True}))
+        wait_until(lambda: c.stats(d).running_requests == 2, 30, "both requests decoding")
+        start = time.monotonic()
+        d.kill()
+        with pytest.raises(UnavailableError) as e:
+            for _ in stream:
+                pass
+        assert e.value.status == "UNAVAILABLE"
+        assert f"decode worker {d.worker_id}" in str(e.value), str(e.value)
+        assert_http_error(over_http.result(), 503, f"decode worker {d.worker_id}")
+        assert time.monotonic() - start < 10
+    c.assert_idle()
+
+
+def test_prefill_worker_killed_mid_prefill_after_the_retries(make_cluster) -> None:
+    c = make_cluster(router={"max_retries": 1}).start(("prefill", ["--max-prefill-chunk", "4"]), ("decode", []))
+    (p,) = [w for w in c.workers.values() if w.ready["role"] == "prefill"]
+    with c.client(timeout=60) as sdk:
+        over_grpc = InThread(lambda: sdk.generate(LONG_PROMPT, max_tokens=4, temperature=0))
+        over_http = InThread(lambda: post(c.http, {"prompt": LONG_PROMPT[::-1], "max_tokens": 4, "temperature": 0}))
+        wait_until(lambda: c.stats(p).running_requests + c.stats(p).waiting_requests == 2, 30, "both prompts on the prefill worker")
+        p.kill()
+        with pytest.raises(UnavailableError) as e:
+            over_grpc.result()
+        message = str(e.value)
+        assert f"prefill worker {p.worker_id}" in message and "no other prefill worker to retry on" in message, message
+        assert_http_error(over_http.result(), 503, f"prefill worker {p.worker_id}")
+    c.assert_idle()
+
+
+def test_prefill_worker_killed_before_the_first_token_is_retried_elsewhere(make_cluster) -> None:
+    c = make_cluster(router={"max_retries": 1, "policy": "round_robin"})
+    c.start(("prefill", ["--max-prefill-chunk", "4"]), ("prefill", ["--max-prefill-chunk", "4"]), ("decode", []))
+    prefills = [w for w in c.workers.values() if w.ready["role"] == "prefill"]
+    with c.client(timeout=60) as sdk:
+        done = InThread(lambda: sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True))
+        wait_until(lambda: any(c.stats(p).running_requests for p in prefills), 30, "the prompt on a prefill worker")
+        victim = next(p for p in prefills if c.stats(p).running_requests)
+        victim.kill()
+        out = done.result()
+        assert out.timings["retries"] == 1 and out.timings["prefill_worker"] != victim.worker_id
+        again = sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True)  # uninterrupted
+        assert out.token_ids == again.token_ids and out.text == again.text and len(out.token_ids) == 8
+    c.assert_idle()
+
+
+def test_decode_kv_capacity_exhausted(make_cluster) -> None:
+    c = make_cluster(router={"max_retries": 1}).start(("prefill", []), ("decode", ["--num-kv-blocks", "64"]))
+    (d,) = [w for w in c.workers.values() if w.ready["role"] == "decode"]
+    with c.client(timeout=60) as sdk:
+        hog = sdk.generate_stream(LONG_PROMPT[:600], max_tokens=400, temperature=0, ignore_eos=True)  # 38+ of 64 blocks
+        next(hog)
+        with pytest.raises(ResourceExhaustedError) as e:
+            sdk.generate(LONG_PROMPT[:500], max_tokens=4, temperature=0)
+        assert e.value.status == "RESOURCE_EXHAUSTED" and f"decode worker {d.worker_id}" in str(e.value), str(e.value)
+        assert_http_error(post(c.http, {"prompt": LONG_PROMPT[:500], "max_tokens": 4}), 429, f"decode worker {d.worker_id}", "free blocks")
+        hog.close()
+    c.assert_idle()
+
+
+def test_lease_expiry_while_the_prefill_worker_is_stalled(make_cluster) -> None:
+    c = make_cluster(router={"max_retries": 0}).start(("prefill", []), ("decode", ["--lease-seconds", "1"]))
+    (p,) = [w for w in c.workers.values() if w.ready["role"] == "prefill"]
+    (d,) = [w for w in c.workers.values() if w.ready["role"] == "decode"]
+    os.kill(p.popen.pid, signal.SIGSTOP)  # alive but silent: no KV ever arrives
+    try:
+        with c.client(timeout=60) as sdk:
+            start = time.monotonic()
+            over_http = InThread(lambda: post(c.http, {"prompt": "a stalled prefill", "max_tokens": 4}))
+            with pytest.raises(DeadlineExceededError) as e:
+                sdk.generate("a stalled prefill", max_tokens=4)
+            assert "lease expired" in str(e.value) and f"decode worker {d.worker_id}" in str(e.value), str(e.value)
+            assert_http_error(over_http.result(), 504, "lease expired")
+            assert time.monotonic() - start < 10  # the lease, not the request's 600 s deadline
+    finally:
+        os.kill(p.popen.pid, signal.SIGCONT)
+    c.assert_idle()
+    with c.client(timeout=60) as sdk:  # and the cluster serves again
+        assert sdk.generate("after the stall", max_tokens=4, temperature=0).finish_reason == "length"
+
+
+def test_handshake_mismatch_between_the_pair(make_cluster) -> None:
+    c = make_cluster(router={"max_retries": 0}).start(("prefill", []), ("decode", ["--block-size", "32"]))
+    (d,) = [w for w in c.workers.values() if w.ready["role"] == "decode"]
+    with c.client(timeout=60) as sdk:
+        with pytest.raises(FailedPreconditionError) as e:
+            sdk.generate("mismatched workers", max_tokens=4)
+        assert e.value.status == "FAILED_PRECONDITION"
+        assert f"decode worker {d.worker_id}" in str(e.value) and "block_size differs (receiver 32, sender 16)" in str(e.value), str(e.value)
+    assert_http_error(post(c.http, {"prompt": "mismatched workers", "max_tokens": 4}), 400, "block_size differs")
+    c.assert_idle()
+
