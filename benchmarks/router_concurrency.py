@@ -6,14 +6,19 @@ request's first token at once, then one token every `--interval` seconds; no mod
 machine's two cores go to the router and the clients), and a router (`python -m
 splitserve.router`) that finds it through Redis.
 
-At each level N, N clients open a streaming completion at the same moment (SSE over HTTP, a lean
-asyncio client) and read it to the end; then N clients read the same streams directly from the
-worker over gRPC (Reserve -> Prefill -> Decode, as the router does). Printed per level: streams
-completed / failed, the router's peak RSS and threads, its CPU (cores), and the inter-token gaps
-seen by clients through the router and directly; "added" is router minus direct.
+At each level N, clients open streaming completions (SSE over HTTP, a lean asyncio client) at
+`--ramp` streams a second until N are open, and read each to its end; then the same is done
+directly against the worker over gRPC (Reserve -> Prefill -> Decode, as the router does).
+Inter-token gaps are counted on the plateau, while all N streams are open. Printed per level:
+streams completed / failed, the router's peak RSS and threads, its CPU (cores), the gaps seen
+through the router and directly, and "added" = router minus direct.
 
-    python -m benchmarks.router_concurrency                       # levels 100, 500, 1000, 2000
-    python -m benchmarks.router_concurrency --levels 100,1000 --tokens 20 --interval 0.25 --json out.json
+`--compare-with REV` also runs every level against the router of an earlier commit (checked
+out into a temporary git worktree), in the same run: e.g. the thread-per-connection router that
+the asyncio one replaced.
+
+    python -m benchmarks.router_concurrency                          # levels 100, 500, 1000, 2000
+    python -m benchmarks.router_concurrency --compare-with dcd26af --json out.json
 """
 
 from __future__ import annotations
@@ -106,10 +111,10 @@ def paced_worker(redis_url: str, cluster: str, interval: float) -> None:
 
 # ---- processes -----------------------------------------------------------------------------
 class Child:
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], cwd: Path = ROOT) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.name = name
-        self.popen = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.popen = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
         self.ready: dict = {}
         self._got = threading.Event()
@@ -153,9 +158,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ---- clients -------------------------------------------------------------------------------
-async def sse_stream(host: str, port: int, body: bytes, go: asyncio.Event) -> list[float]:
+async def sse_stream(host: str, port: int, body: bytes) -> list[float]:
     """One streaming completion over a raw HTTP/1.1 connection; the arrival time of each event."""
-    await go.wait()
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
     try:
         writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -198,36 +202,39 @@ async def _sse_events(reader: asyncio.StreamReader, chunked: bool):
                 yield event[6:]
 
 
-async def direct_stream(stubs, rid: str, tokens: int, go: asyncio.Event) -> list[float]:
+async def direct_stream(stubs, rid: str, tokens: int) -> list[float]:
     from splitserve.proto import worker_pb2
 
     prefill, decode = stubs
-    await go.wait()
     params = worker_pb2.SamplingParams(max_tokens=tokens, temperature=0)
     desc = await decode.Reserve(worker_pb2.ReserveRequest(request_id=rid, prompt_token_ids=[1, 2, 3], params=params), timeout=120)
     call = decode.Decode(worker_pb2.DecodeRequest(request_id=rid), timeout=300)
     await prefill.Prefill(worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=[1, 2, 3], params=params, descriptor=desc), timeout=120)
-    arrivals = []
+    arrivals = [time.monotonic()]  # the first token, as the router sends it on the prefill's answer
     async for chunk in call:
-        if len(arrivals) or chunk.token_ids:
+        if len(arrivals) > 1 or len(chunk.token_ids) and chunk.token_ids != [65]:
             arrivals.append(time.monotonic())
+        elif not arrivals[1:] and chunk.finished:
+            break
         if chunk.finished:
-            return arrivals[1:]  # the decode side repeats the first token: skip it, as the router does
+            return arrivals
     raise RuntimeError("decode stream ended without finishing")
 
 
-async def run_level(n: int, make) -> dict[str, Any]:
-    go = asyncio.Event()
-    tasks = [asyncio.create_task(make(i, go)) for i in range(n)]
-    await asyncio.sleep(0.2)
+async def run_level(n: int, ramp: float, make) -> dict[str, Any]:
+    """Open n streams at `ramp` a second; gaps between tokens that arrive while all n are open."""
     start = time.monotonic()
-    go.set()
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.create_task(make(i)))
+        await asyncio.sleep(max(0.0, start + (i + 1) / ramp - time.monotonic()))
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    ok = [r for r in results if not isinstance(r, BaseException)]
+    ok = [r for r in results if not isinstance(r, BaseException) and r]
     errors = [r for r in results if isinstance(r, BaseException)]
-    gaps = [(b - a) * 1000 for arr in ok for a, b in zip(arr, arr[1:])]
-    return {"ok": len(ok), "failed": len(errors), "error_example": repr(errors[0])[:200] if errors else "", "gaps_ms": gaps,
-            "wall_s": time.monotonic() - start}
+    plateau = (max(a[0] for a in ok), min(a[-1] for a in ok)) if ok else (0.0, 0.0)
+    gaps = [(b - a) * 1000 for arr in ok for a, b in zip(arr, arr[1:]) if a >= plateau[0] and b <= plateau[1]]
+    return {"ok": len(ok), "failed": len(errors), "error_example": repr(errors[0])[-300:] if errors else "", "gaps_ms": gaps,
+            "wall_s": time.monotonic() - start, "plateau_s": max(0.0, plateau[1] - plateau[0])}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -258,52 +265,67 @@ class Sampler:
         self._thread.join()
 
 
-async def measure(router: dict, worker: str, router_pid: int, levels: list[int], tokens: int) -> list[dict[str, Any]]:
+async def measure(routers: dict[str, tuple[dict, int]], worker: str, levels: list[int], ramp: float, interval: float) -> list[dict[str, Any]]:
     import grpc
 
     from splitserve.proto import worker_pb2_grpc
 
-    host, port = router["http"].removeprefix("http://").rsplit(":", 1)
     rows = []
-    channel = grpc.aio.insecure_channel(worker, options=[("grpc.max_concurrent_streams", 10000)])
+    channel = grpc.aio.insecure_channel(worker)
     stubs = (worker_pb2_grpc.PrefillWorkerStub(channel), worker_pb2_grpc.DecodeWorkerStub(channel))
-    body = json.dumps({"prompt": "a stream", "max_tokens": tokens, "temperature": 0, "stream": True}).encode()
     for n in levels:
-        idle_rss, idle_threads = proc_status(router_pid)
-        cpu0 = cpu_seconds(router_pid)
-        with Sampler(router_pid) as s:
-            via = await run_level(n, lambda i, go: sse_stream(host, int(port), body, go))
-        cpu = (cpu_seconds(router_pid) - cpu0) / via["wall_s"]
-        direct = await run_level(n, lambda i, go: direct_stream(stubs, f"d{n}-{i}-{time.monotonic_ns()}", tokens, go))
-        row = {"streams": n, "ok": via["ok"], "failed": via["failed"], "error_example": via["error_example"], "router_rss_mib": s.rss / 2**20,
-               "router_idle_rss_mib": idle_rss / 2**20, "router_threads": s.threads, "router_idle_threads": idle_threads, "router_cpu_cores": cpu,
-               "itl_router_p50_ms": pct(via["gaps_ms"], 50), "itl_router_p99_ms": pct(via["gaps_ms"], 99),
-               "itl_direct_p50_ms": pct(direct["gaps_ms"], 50), "itl_direct_p99_ms": pct(direct["gaps_ms"], 99), "direct_failed": direct["failed"]}
-        row["added_p50_ms"] = row["itl_router_p50_ms"] - row["itl_direct_p50_ms"]
-        row["added_p99_ms"] = row["itl_router_p99_ms"] - row["itl_direct_p99_ms"]
-        rows.append(row)
-        print_row(row)
-        await asyncio.sleep(1.0)
+        tokens = int((n / ramp + 4.0) / interval) + 2  # every stream outlives the ramp by ~4 s
+        body = json.dumps({"prompt": "a stream", "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+        direct = await run_level(n, ramp, lambda i: direct_stream(stubs, f"d{n}-{i}-{time.monotonic_ns()}", tokens))
+        for name, (ready, pid) in routers.items():
+            host, port = ready["http"].removeprefix("http://").rsplit(":", 1)
+            cpu0 = cpu_seconds(pid)
+            with Sampler(pid) as s:
+                via = await run_level(n, ramp, lambda i: sse_stream(host, int(port), body))
+            row = {"router": name, "streams": n, "tokens": tokens, "ok": via["ok"], "failed": via["failed"], "error_example": via["error_example"],
+                   "router_rss_mib": s.rss / 2**20, "router_threads": s.threads, "router_cpu_cores": (cpu_seconds(pid) - cpu0) / via["wall_s"],
+                   "plateau_s": via["plateau_s"], "itl_router_p50_ms": pct(via["gaps_ms"], 50), "itl_router_p99_ms": pct(via["gaps_ms"], 99),
+                   "itl_direct_p50_ms": pct(direct["gaps_ms"], 50), "itl_direct_p99_ms": pct(direct["gaps_ms"], 99), "direct_failed": direct["failed"]}
+            row["added_p50_ms"] = row["itl_router_p50_ms"] - row["itl_direct_p50_ms"]
+            row["added_p99_ms"] = row["itl_router_p99_ms"] - row["itl_direct_p99_ms"]
+            rows.append(row)
+            print_row(row)
+            await asyncio.sleep(1.0)
     await channel.close()
     return rows
 
 
-HEADER = f"{'streams':>7} {'ok':>5} {'fail':>5} {'RSS MiB':>8} {'threads':>7} {'CPU':>5} {'ITL p50 r/d':>13} {'ITL p99 r/d':>13} {'added p50':>9} {'added p99':>9}"
+HEADER = (f"{'router':<8} {'streams':>7} {'ok':>5} {'fail':>5} {'RSS MiB':>8} {'threads':>7} {'CPU':>5} {'ITL p50 r/d':>13} {'ITL p99 r/d':>13} "
+          f"{'added p50':>9} {'added p99':>9}")
 
 
 def print_row(r: dict[str, Any]) -> None:
-    print(f"{r['streams']:>7} {r['ok']:>5} {r['failed']:>5} {r['router_rss_mib']:>8.0f} {r['router_threads']:>7} {r['router_cpu_cores']:>5.2f} "
+    print(f"{r['router']:<8} {r['streams']:>7} {r['ok']:>5} {r['failed']:>5} {r['router_rss_mib']:>8.0f} {r['router_threads']:>7} {r['router_cpu_cores']:>5.2f} "
           f"{r['itl_router_p50_ms']:>6.1f}/{r['itl_direct_p50_ms']:<6.1f} {r['itl_router_p99_ms']:>6.1f}/{r['itl_direct_p99_ms']:<6.1f} "
           f"{r['added_p50_ms']:>9.2f} {r['added_p99_ms']:>9.2f}", flush=True)
     if r["error_example"]:
-        print(f"        e.g. {r['error_example']}")
+        print(f"         e.g. {r['error_example']}")
+
+
+def old_router_path(rev: str, tmp: Path) -> Path:
+    """A folder from which (as the working directory of `python -m`) `splitserve.*` imports as
+    the code of commit `rev`."""
+    tree = tmp / "old-tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True, capture_output=True)
+    pkg = tmp / "old-path" / "splitserve"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    for folder in ("engine", "cluster", "router", "prefill_worker", "decode_worker", "kv_transfer", "proto"):
+        (pkg / folder).symlink_to(tree / folder)
+    return tmp / "old-path"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.router_concurrency", description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="100,500,1000,2000", help="concurrent streams per level")
-    parser.add_argument("--tokens", type=int, default=12, help="tokens per stream")
+    parser.add_argument("--ramp", type=float, default=400.0, help="streams opened per second")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between a stream's tokens at the worker")
+    parser.add_argument("--compare-with", default=None, metavar="REV", help="also run the router of this git commit")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--paced-worker", nargs=3, metavar=("REDIS_URL", "CLUSTER", "INTERVAL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -333,13 +355,17 @@ def main(argv: list[str] | None = None) -> int:
             config = {"name": name, "model": {"path": str(model), "dtype": "float32"}, "redis_url": redis.url,
                       "router": {"host": HOST, "http_port": 0, "grpc_port": 0}}
             (Path(tmp) / "cluster.yaml").write_text(yaml.safe_dump(config))
-            router = Child("router", ["-m", "splitserve.router", "-f", str(Path(tmp) / "cluster.yaml")])
-            children.append(router)
-            ready = router.wait_ready()
-            time.sleep(1.5)  # the router's view has both roles
-            print(f"router {ready['http']}; paced worker {worker_address}: {args.tokens} tokens a stream, one every {args.interval:g} s")
+            routers: dict[str, tuple[dict, int]] = {}
+            variants = [("current", None)] + ([(args.compare_with[:8], old_router_path(args.compare_with, Path(tmp)))] if args.compare_with else [])
+            for label, path in variants:
+                router = Child(f"router {label}", ["-m", "splitserve.router", "-f", str(Path(tmp) / "cluster.yaml")], path or ROOT)
+                children.append(router)
+                routers[label] = (router.wait_ready(), router.popen.pid)
+            time.sleep(1.5)  # the routers' views have both roles
+            print(f"paced worker {worker_address}: one token every {args.interval:g} s; streams opened at {args.ramp:g}/s; "
+                  "ITL in ms through the router / directly, on the plateau")
             print(HEADER)
-            rows = asyncio.run(measure(ready, worker_address, router.popen.pid, levels, args.tokens))
+            rows = asyncio.run(measure(routers, worker_address, levels, args.ramp, args.interval))
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2))
         finally:
@@ -347,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                 c.stop()
             if redis is not None:
                 redis.stop()
+            if args.compare_with:
+                subprocess.run(["git", "worktree", "remove", "--force", str(Path(tmp) / "old-tree")], cwd=ROOT, capture_output=True)
     return 0
 
 

@@ -39,7 +39,7 @@ from splitserve.cluster.worker_runtime import WorkerSpec
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
 from splitserve.proto.client import Client, SplitserveError
-from splitserve.router.legs import WorkerClient, run_disaggregated
+from splitserve.router.legs import run_disaggregated
 
 logger = logging.getLogger("benchmarks.router_overhead")
 
@@ -106,7 +106,7 @@ class Cluster:
         self.children["router"] = Child("router", ["splitserve.router", "-f", str(self.tmp / "cluster.yaml"), "--redis-url", self.redis.url,
                                                    "--http-port", "0", "--grpc-port", "0"])
         self.client = Client(self.children["router"].wait_ready(deadline)["grpc"], timeout=REQUEST_TIMEOUT)
-        self.pair = tuple(WorkerClient(a) for a in addresses)
+        self.pair = tuple(addresses)
         while True:  # both workers ready in the registry, then a first request through the router
             try:
                 if {("prefill", "ready"), ("decode", "ready")} <= {(w.role, w.state) for w in self.client.status().workers}:

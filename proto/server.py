@@ -1,5 +1,5 @@
-"""Boilerplate shared by every gRPC server of splitserve: thread pool, message limits,
-grpc.health.v1, binding a port (0 = any free one), and the cluster-token check."""
+"""Boilerplate shared by every gRPC server of splitserve: thread pool (or asyncio), message
+limits, grpc.health.v1, binding a port (0 = any free one), and the cluster-token check."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent import futures
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 TOKEN_HEADER = "x-splitserve-token"
@@ -58,6 +59,25 @@ def start_server(
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health_servicer
+
+
+async def start_aio_server(
+    host: str, port: int, add_services: Callable[[grpc.aio.Server], None], service_names: list[str]
+) -> tuple[grpc.aio.Server, int]:
+    """The asyncio twin of `start_server` (no thread per call), on the running event loop."""
+    from grpc_health.v1._async import HealthServicer
+
+    server = grpc.aio.server(options=OPTIONS)
+    add_services(server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    await server.start()
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
 
 
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -1,11 +1,22 @@
 """A router process's parts wired together: registry view, policy, orchestrator, metrics, the
-public gRPC server (Generation, Admin, health, reflection) and the OpenAI HTTP server."""
+public gRPC server (Generation, Admin, health, reflection) and the OpenAI HTTP server.
+
+Life cycle: `Router(...)` builds the parts, then starts one event loop on its own thread (uvloop
+when installed) that serves both APIs: the HTTP API on uvicorn, the gRPC API on grpc.aio, and
+every call to workers on grpc.aio channels. No thread per request or per connection. The
+constructor returns once both ports are bound; `stop()` lets running calls end briefly, then
+closes everything.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import threading
 from pathlib import Path
 
+import uvicorn
 from grpc_reflection.v1alpha import reflection
 
 from splitserve.cluster.config import ClusterConfig
@@ -14,19 +25,31 @@ from splitserve.engine.checkpoint import checkpoint_fingerprint, safetensors_fil
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.proto import public_pb2, public_pb2_grpc
-from splitserve.proto.server import start_server
+from splitserve.proto.server import start_aio_server
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.grpc_api import AdminService, GenerationService
-from splitserve.router.http_api import HTTPFrontendServer, OpenAIFrontend
+from splitserve.router.http_api import OpenAIFrontend, build_app
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.orchestrator import Orchestrator
 from splitserve.router.policy import make_policy
 
 logger = logging.getLogger(__name__)
+# Connections that arrive together wait in the kernel's queue instead of being reset; the
+# kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+START_TIMEOUT = 60.0
 
 
 def served_model_name(config: ClusterConfig) -> str:
     return Path(config.model.path).resolve().name
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 class Router:
@@ -44,33 +67,59 @@ class Router:
             max_model_len=config.model.max_model_len, transport=config.kv_transfer.transport,
             timeout=config.router.request_timeout_s, max_retries=config.router.max_retries,
         )
-        keys = frozenset(config.api_keys)
+        self.api_keys = frozenset(config.api_keys)
         special = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
-        self.http = HTTPFrontendServer(config.router.host, config.router.http_port if http_port is None else http_port,
-                                       OpenAIFrontend(self.orchestrator, tokenizer.config.get("chat_template"), special), keys)
-
-        names = [public_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Generation", "Admin")]
-
-        def add(server) -> None:
-            public_pb2_grpc.add_GenerationServicer_to_server(GenerationService(self.orchestrator, keys), server)
-            public_pb2_grpc.add_AdminServicer_to_server(AdminService(self.registry, config.name, served_model_name(config), keys), server)
-            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
-
-        self.grpc, self.grpc_port, _ = start_server(
-            config.router.host, config.router.grpc_port if grpc_port is None else grpc_port, add, names
-        )
+        self.app = build_app(OpenAIFrontend(self.orchestrator, tokenizer.config.get("chat_template"), special), self.api_keys)
+        self._sock = socket.create_server((config.router.host, config.router.http_port if http_port is None else http_port),
+                                          backlog=LISTEN_BACKLOG, reuse_port=False)
+        self.http_port = self._sock.getsockname()[1]
+        self._grpc_port = config.router.grpc_port if grpc_port is None else grpc_port
+        self._loop = new_event_loop()
+        self._started = threading.Event()
+        self._failed: BaseException | None = None
+        self._stopping: asyncio.Event | None = None
         self.view.start()
-        self.http.start()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), name="router-loop", daemon=True)
+        self._thread.start()
+        if not self._started.wait(START_TIMEOUT) or self._failed is not None:
+            self.stop()
+            raise RuntimeError(f"router did not start: {self._failed}") from self._failed
+
+    async def _serve(self) -> None:
+        try:
+            self._stopping = asyncio.Event()
+            names = [public_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Generation", "Admin")]
+
+            def add(server) -> None:
+                public_pb2_grpc.add_GenerationServicer_to_server(GenerationService(self.orchestrator, self.api_keys), server)
+                public_pb2_grpc.add_AdminServicer_to_server(AdminService(self.registry, self.config.name, self.orchestrator.model_name, self.api_keys), server)
+                reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+
+            self.grpc, self.grpc_port = await start_aio_server(self.config.router.host, self._grpc_port, add, names)
+            config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+            self.http = uvicorn.Server(config)
+            http_task = asyncio.ensure_future(self.http.serve(sockets=[self._sock]))
+        except BaseException as e:
+            self._failed = e
+            self._started.set()
+            return
+        self._started.set()
+        await self._stopping.wait()
+        self.http.should_exit = True
+        await asyncio.gather(http_task, self.grpc.stop(2), return_exceptions=True)
+        await self.view.close_channels()
 
     @property
     def http_address(self) -> str:
-        return f"http://{self.config.router.host}:{self.http.port}"
+        return f"http://{self.config.router.host}:{self.http_port}"
 
     @property
     def grpc_address(self) -> str:
         return f"{self.config.router.host}:{self.grpc_port}"
 
     def stop(self) -> None:
-        self.http.stop()
-        self.grpc.stop(2).wait(3)
+        if self._stopping is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stopping.set)
+            self._thread.join(15)
         self.view.stop()
+        self._sock.close()

@@ -1,13 +1,14 @@
 """The router's view of the cluster: a snapshot of ready workers refreshed from the registry,
 a channel per worker, and the router's own count of its requests on each worker.
 
-Life cycle: start() polls the source every `poll_seconds` in the background; snapshot() is a
-cheap read. If the registry is unreachable the last snapshot is kept for `stale_seconds`
+Life cycle: start() polls the source every `poll_seconds` on a background thread; snapshot() is a
+cheap read. Worker channels are grpc.aio channels, made on first use on the router's event loop. If the registry is unreachable the last snapshot is kept for `stale_seconds`
 (workers keep serving while Redis restarts), then routing stops with UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -52,8 +53,12 @@ class ClusterView:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        for c in self._clients.values():
-            c.close()
+
+    async def close_channels(self) -> None:
+        """On the event loop the channels were made on."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
     def refresh(self) -> bool:
         try:

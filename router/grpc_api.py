@@ -1,14 +1,18 @@
-"""The router's public gRPC services: Generation (streaming) and Admin (for the CLI).
+"""The router's public gRPC services on grpc.aio: Generation (streaming) and Admin (for the CLI).
 
 Messages are converted here and nowhere else; errors become status codes through
-proto.status; a caller that goes away aborts its request's two legs.
+proto.status; a caller that goes away aborts its request's two legs. The admin calls read and
+write Redis on a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import grpc
+import grpc.aio
 
 from splitserve.cluster.registry import Registry, WorkerRecord
 from splitserve.engine.sampling_params import SamplingParams
@@ -45,13 +49,13 @@ def chunk_to_public(c: Chunk) -> public_pb2.GenerateResponse:
     return msg
 
 
-def check_api_key(context: grpc.ServicerContext, api_keys: frozenset[str]) -> None:
+async def check_api_key(context: grpc.aio.ServicerContext, api_keys: frozenset[str]) -> None:
     if not api_keys:
         return
     meta = dict(context.invocation_metadata() or ())
     key = meta.get(API_KEY_HEADER, "").removeprefix("Bearer ").strip()
     if key not in api_keys:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (send 'authorization: Bearer KEY')")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (send 'authorization: Bearer KEY')")
 
 
 class GenerationService(public_pb2_grpc.GenerationServicer):
@@ -59,30 +63,35 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
         self.orch = orchestrator
         self.api_keys = api_keys
 
-    def Generate(self, request: public_pb2.GenerateRequest, context: grpc.ServicerContext):
-        check_api_key(context, self.api_keys)
+    async def Generate(self, request: public_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        await check_api_key(context, self.api_keys)
         kind = request.WhichOneof("prompt")
         prompt = request.text if kind == "text" else list(request.token_ids.ids) if kind == "token_ids" else ""
+        failed: Exception | None = None
         try:
             stream = self.orch.generate(GenerateInput(prompt, params_from_public(request.params), request.request_id, request.model))
         except Exception as e:
-            context.abort(grpc_code(e), str(e))
-        context.add_callback(stream.close)  # the caller left (or the call ended): abort the legs if still running
-        try:
-            for chunk in stream:
-                yield chunk_to_public(chunk)
-        except Exception as e:
-            context.abort(grpc_code(e), str(e))
+            failed, stream = e, None
+        if stream is not None:
+            try:
+                async for chunk in stream:  # a caller that leaves cancels this task: the stream aborts both legs
+                    yield chunk_to_public(chunk)
+            except Exception as e:
+                failed = e
+            finally:
+                await stream.aclose()
+        if failed is not None:
+            await context.abort(grpc_code(failed), str(failed))
 
-    def Abort(self, request: public_pb2.AbortRequest, context: grpc.ServicerContext) -> public_pb2.AbortResponse:
-        check_api_key(context, self.api_keys)
+    async def Abort(self, request: public_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> public_pb2.AbortResponse:
+        await check_api_key(context, self.api_keys)
         return public_pb2.AbortResponse(found=self.orch.abort(request.request_id))
 
-    def GetTimings(self, request: public_pb2.TimingsRequest, context: grpc.ServicerContext) -> public_pb2.Timings:
-        check_api_key(context, self.api_keys)
+    async def GetTimings(self, request: public_pb2.TimingsRequest, context: grpc.aio.ServicerContext) -> public_pb2.Timings:
+        await check_api_key(context, self.api_keys)
         t = self.orch.timings(request.request_id)
         if t is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no timings for request {request.request_id!r} (unknown, running, or too old)")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no timings for request {request.request_id!r} (unknown, running, or too old)")
         return timings_to_proto(t)
 
 
@@ -104,40 +113,42 @@ class AdminService(public_pb2_grpc.AdminServicer):
         self.model = model
         self.api_keys = api_keys
 
-    def Status(self, request, context) -> public_pb2.ClusterStatus:
-        import time
-
-        check_api_key(context, self.api_keys)
-        now = time.time()
+    async def _redis(self, context: grpc.aio.ServicerContext, fn, *args):
         try:
-            workers = self.registry.workers()
-            targets = self.registry.targets()
+            return await asyncio.to_thread(fn, *args)
         except Exception as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"registry unreachable: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"registry unreachable: {e}")
+
+    async def Status(self, request, context) -> public_pb2.ClusterStatus:
+        await check_api_key(context, self.api_keys)
+        now = time.time()
+        workers = await self._redis(context, self.registry.workers)
+        targets = await self._redis(context, self.registry.targets)
         return public_pb2.ClusterStatus(cluster=self.cluster, model=self.model, workers=[worker_info(w, now) for w in workers], targets=targets)
 
-    def Scale(self, request: public_pb2.ScaleRequest, context) -> public_pb2.ClusterStatus:
-        check_api_key(context, self.api_keys)
+    async def Scale(self, request: public_pb2.ScaleRequest, context) -> public_pb2.ClusterStatus:
+        await check_api_key(context, self.api_keys)
         for role in ("prefill", "decode"):
             if request.HasField(role):
                 n = getattr(request, role)
                 if n < 0:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{role}: replicas must be >= 0, got {n}")
-                self.registry.set_target(role, n)
-        return self.Status(public_pb2.StatusRequest(), context)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{role}: replicas must be >= 0, got {n}")
+                await self._redis(context, self.registry.set_target, role, n)
+        return await self.Status(public_pb2.StatusRequest(), context)
 
-    def Drain(self, request: public_pb2.DrainRequest, context) -> public_pb2.DrainResponse:
-        check_api_key(context, self.api_keys)
-        record = next((w for w in self.registry.workers() if w.worker_id == request.worker_id), None)
+    async def Drain(self, request: public_pb2.DrainRequest, context) -> public_pb2.DrainResponse:
+        await check_api_key(context, self.api_keys)
+        workers = await self._redis(context, self.registry.workers)
+        record = next((w for w in workers if w.worker_id == request.worker_id), None)
         if record is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"worker_id: no worker {request.worker_id!r} in cluster {self.cluster!r}")
-        targets = self.registry.targets()
-        self.registry.set_target(record.role, max(0, targets.get(record.role, 1) - 1))  # do not replace it
-        self.registry.request_drain(record.worker_id)
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"worker_id: no worker {request.worker_id!r} in cluster {self.cluster!r}")
+        targets = await self._redis(context, self.registry.targets)
+        await self._redis(context, self.registry.set_target, record.role, max(0, targets.get(record.role, 1) - 1))  # do not replace it
+        await self._redis(context, self.registry.request_drain, record.worker_id)
         return public_pb2.DrainResponse(found=True)
 
-    def Shutdown(self, request, context) -> public_pb2.ShutdownResponse:
-        check_api_key(context, self.api_keys)
+    async def Shutdown(self, request, context) -> public_pb2.ShutdownResponse:
+        await check_api_key(context, self.api_keys)
         for role in ("prefill", "decode"):
-            self.registry.set_target(role, 0)
+            await self._redis(context, self.registry.set_target, role, 0)
         return public_pb2.ShutdownResponse()

@@ -1,32 +1,51 @@
-"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (SSE streaming or not),
-/v1/models, /health, /metrics, and /v1/requests/{id}/timings (where a request's time went).
+"""OpenAI-compatible HTTP API on FastAPI: /v1/completions, /v1/chat/completions (SSE streaming or
+not), /v1/models, /health, /metrics, /v1/requests/{id}/timings (where a request's time went),
+and /docs + /openapi.json.
 
-Request bodies are checked field by field: a wrong type or value is a 400 whose message and
-`param` name the field. Errors use the OpenAI error shape, with statuses from proto.status.
-A client that disconnects mid-stream aborts its request's two legs.
+Bodies are pydantic models (router/openai_protocol.py); a wrong type, a bad value or an unknown
+field is a 400 whose message and `param` name the field. Errors use the OpenAI error shape,
+with statuses from proto.status. A streaming request's first chunk is awaited before the
+response starts, so a failure before the first token still gets its own status; later failures
+are reported in-band, as OpenAI does. A client that disconnects aborts its request's two legs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jinja2
 import jinja2.sandbox
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto.status import STATUSES, http_status, status_of
+from splitserve.router.openai_protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Model,
+    ModelList,
+    Usage,
+)
 from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator
 
 logger = logging.getLogger(__name__)
-MAX_BODY = 64 << 20
 RETRY_AFTER_SECONDS = 1  # sent with 429 / 503: the condition is a worker's, and passes
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
 class HTTPError(Exception):
@@ -46,40 +65,30 @@ def render_chat(template: str, messages: list[dict], **special: Any) -> str:
     return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
 
 
-# ---- request parsing ---------------------------------------------------------------------
-def _field(body: dict, key: str, kinds: tuple[type, ...], default: Any = None, what: str = "") -> Any:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise InvalidRequestError(key, f"must be {what or ' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
-    return value
+def error_response(status: str, message: str, param: str | None = None) -> JSONResponse:
+    code = STATUSES.get(status, STATUSES["INTERNAL"])[1]
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code in (429, 503) else None
+    body = {"error": {"message": message, "type": status.lower(), "param": param, "code": code}}
+    return JSONResponse(body, status_code=code, headers=headers)
 
 
-def sampling_from_body(body: dict, max_tokens_keys: tuple[str, ...] = ("max_tokens",)) -> SamplingParams:
-    max_tokens = 16
-    for key in max_tokens_keys:
-        v = _field(body, key, (int,), None, "an integer")
-        if v is not None:
-            max_tokens = v
-            break
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, (str, list)):
-        raise InvalidRequestError("stop", f"must be a string or a list of strings, got {type(stop).__name__}")
-    n = _field(body, "n", (int,), 1)
-    if n != 1:
-        raise InvalidRequestError("n", f"only n=1 is supported, got {n}")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=float(_field(body, "temperature", (int, float), 1.0, "a number")),
-        top_p=float(_field(body, "top_p", (int, float), 1.0, "a number")),
-        top_k=_field(body, "top_k", (int,), 0) if body.get("top_k", 0) != -1 else 0,
-        seed=_field(body, "seed", (int,), None),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-        stop_token_ids=tuple(_field(body, "stop_token_ids", (list,), [])),
-        ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),
-        skip_special_tokens=bool(_field(body, "skip_special_tokens", (bool,), True)),
-    )
+def _param(loc: tuple) -> str:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return error_response("INVALID_ARGUMENT", f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
+    param = _param(tuple(err.get("loc", ())))
+    if not param:
+        return error_response("INVALID_ARGUMENT", f"the body must be a JSON object: {err['msg']}")
+    message = "is not a field of this request (unknown fields are refused, not ignored)" if err["type"] == "extra_forbidden" else err["msg"]
+    return error_response("INVALID_ARGUMENT", f"{param}: {message}", param)
 
 
 class OpenAIFrontend:
@@ -89,227 +98,150 @@ class OpenAIFrontend:
         self.orch = orchestrator
         self.chat_template = chat_template
         self.special = special_tokens
+        self.started = int(time.time())
 
-    def completion_input(self, body: dict) -> GenerateInput:
-        if "prompt" not in body:
-            raise InvalidRequestError("prompt", "is required")
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
-            raise InvalidRequestError("prompt", "must be a string or a list of token ids (one prompt per request)")
-        return GenerateInput(prompt, sampling_from_body(body), model=_field(body, "model", (str,), ""))
+    def completion_input(self, body: CompletionRequest) -> GenerateInput:
+        body.check_supported()
+        return GenerateInput(body.single_prompt(), body.sampling_params(body.max_tokens), model=body.model or "")
 
-    def chat_input(self, body: dict) -> GenerateInput:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise InvalidRequestError(f"messages[{i}]", "must be an object with string 'role' and 'content'")
+    def chat_input(self, body: ChatCompletionRequest) -> GenerateInput:
+        body.check_supported()
         if not self.chat_template:
             raise InvalidRequestError("messages", "this model has no chat template (tokenizer_config.json has none); use /v1/completions")
-        text = render_chat(self.chat_template, messages, **self.special)
-        ids = self.orch.tokenizer.encode(text, add_special_tokens=False)
-        params = sampling_from_body(body, ("max_completion_tokens", "max_tokens"))
-        return GenerateInput(ids, params, model=_field(body, "model", (str,), ""))
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+        ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **self.special), add_special_tokens=False)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return GenerateInput(ids, body.sampling_params(max_tokens), model=body.model or "")
 
-    # ---- responses -------------------------------------------------------------------------
-    def respond(self, kind: str, inp: GenerateInput, stream: bool, include_usage: bool) -> tuple[str, Iterator[dict] | dict]:
+    async def respond(self, kind: str, inp: GenerateInput, stream: bool, include_usage: bool) -> Response:
         chunks = self.orch.generate(inp)  # validation errors raise here, before any byte is sent
         created = int(time.time())
-        if stream:
-            return "stream", self._stream(kind, chunks, created, include_usage)
-        return "json", self._collect(kind, chunks, created)
-
-    def _collect(self, kind: str, chunks: Iterator[Chunk], created: int) -> dict:
-        text, last = [], None
-        for c in chunks:
-            text.append(c.text)
-            last = c
-        body = "".join(text)
-        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-        if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": body}
-        else:
-            choice["text"] = body
-        return {
-            "id": last.request_id, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-            "model": self.orch.model_name, "choices": [choice], "usage": _usage(last.usage), "timings": last.timings.to_dict(),
-        }
-
-    def _stream(self, kind: str, chunks: Iterator[Chunk], created: int, include_usage: bool) -> Iterator[dict]:
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        first = True
-        for c in chunks:
-            if kind == "chat":
-                delta: dict = {"content": c.text}
-                if first:
-                    delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-            first = False
-            event = {"id": c.request_id, "object": obj, "created": created, "model": self.orch.model_name, "choices": [choice]}
-            if c.finished and not include_usage:
-                event["usage"] = _usage(c.usage)
-            yield event
-            if c.finished and include_usage:
-                yield {"id": c.request_id, "object": obj, "created": created, "model": self.orch.model_name, "choices": [], "usage": _usage(c.usage)}
-
-
-def _usage(u: dict | None) -> dict:
-    u = u or {}
-    p, c = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)}}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: "HTTPFrontendServer"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        logger.debug("%s - %s", self.address_string(), fmt % args)
-
-    def do_GET(self) -> None:
-        self._guard(self._get)
-
-    def do_POST(self) -> None:
-        self._guard(self._post)
-
-    def _guard(self, fn: Callable[[], None]) -> None:
+        if not stream:
+            return JSONResponse((await self._collect(kind, chunks, created)).model_dump(exclude_none=False), headers=None)
+        events = self._events(kind, chunks, created, include_usage)
         try:
-            if self.path.split("?")[0] not in ("/health", "/metrics"):
-                self.server.check_key(self.headers.get("Authorization", ""))
-            fn()
-        except (BrokenPipeError, ConnectionResetError):
-            logger.info("client went away during %s", self.path)
-        except HTTPError as e:
-            self._error(e.status, str(e), e.param)
-        except Exception as e:
-            if status_of(e) == "INTERNAL":
-                logger.exception("internal error on %s", self.path)
-            self._error(status_of(e), str(e), getattr(e, "field", None))
-
-    def _get(self) -> None:
-        f = self.server.frontend
-        path = self.path.split("?")[0]
-        if path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": f.orch.model_name, "object": "model", "created": self.server.started, "owned_by": "splitserve"}]})
-        elif path == "/health":
-            snap = f.orch.view.snapshot()
-            ok = bool(snap.prefill) and bool(snap.decode)
-            self._json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "prefill_workers": len(snap.prefill), "decode_workers": len(snap.decode)})
-        elif path == "/metrics":
-            self._send(200, f.orch.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-        elif path.startswith("/v1/requests/") and path.endswith("/timings"):
-            rid = path[len("/v1/requests/") : -len("/timings")]
-            t = f.orch.timings(rid)
-            if t is None:
-                raise HTTPError("NOT_FOUND", f"no timings for request {rid!r} (unknown, running, or too old)")
-            self._json(200, t.to_dict())
-        else:
-            raise HTTPError("NOT_FOUND", f"no route GET {path}")
-
-    def _post(self) -> None:
-        f = self.server.frontend
-        path = self.path.split("?")[0]
-        if path not in ("/v1/completions", "/v1/chat/completions"):
-            raise HTTPError("NOT_FOUND", f"no route POST {path}")
-        body = self._body()
-        kind = "chat" if path == "/v1/chat/completions" else "completion"
-        inp = f.chat_input(body) if kind == "chat" else f.completion_input(body)
-        stream = bool(_field(body, "stream", (bool,), False))
-        options = _field(body, "stream_options", (dict,), {}) or {}
-        mode, result = f.respond(kind, inp, stream, bool(options.get("include_usage")))
-        if mode == "json":
-            self._json(200, result, request_id=result["id"])
-            return
-        self._sse(result)
-
-    def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise HTTPError("INVALID_ARGUMENT", f"body of {length} bytes is over the limit of {MAX_BODY}")
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPError("INVALID_ARGUMENT", f"malformed JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise HTTPError("INVALID_ARGUMENT", "the JSON body must be an object")
-        return body
-
-    def _sse(self, events: Iterator[dict]) -> None:
-        it = iter(events)
-        first = next(it)  # a failure before the first token still gets a proper status
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("x-request-id", first["id"])
-        self.send_header("Connection", "close")
-        self.end_headers()
-        try:
-            self._event(first)
-            for event in it:
-                self._event(event)
-        except (BrokenPipeError, ConnectionResetError):
-            it.close()  # the client left: abort both legs
+            first = await anext(events)  # a failure before the first token still gets its status
+        except BaseException:
+            await events.aclose()
             raise
-        except Exception as e:  # after the headers: report in-band, as OpenAI does
-            self._event({"error": {"message": str(e), "type": status_of(e), "code": http_status(e)}})
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-        self.close_connection = True
+        return StreamingResponse(_sse(first, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "x-request-id": json.loads(first)["id"]})
 
-    def _event(self, event: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-        self.wfile.flush()
+    async def _collect(self, kind: str, chunks: AsyncIterator[Chunk], created: int):
+        text, last = [], None
+        try:
+            async for c in chunks:
+                text.append(c.text)
+                last = c
+        finally:
+            await chunks.aclose()
+        body, model = "".join(text), self.orch.model_name
+        timings = last.timings.to_dict() if last.timings else None
+        if kind == "chat":
+            return ChatCompletionResponse(id=last.request_id, created=created, model=model, usage=Usage.of(last.usage), timings=timings,
+                                          choices=[ChatChoice(message=ChatDelta(role="assistant", content=body), finish_reason=last.finish_reason)])
+        return CompletionResponse(id=last.request_id, created=created, model=model, usage=Usage.of(last.usage), timings=timings,
+                                  choices=[CompletionChoice(text=body, finish_reason=last.finish_reason)])
 
-    def _error(self, status: str, message: str, param: str | None) -> None:
-        code = STATUSES.get(status, STATUSES["INTERNAL"])[1]
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code in (429, 503) else {}
-        self._json(code, {"error": {"message": message, "type": status.lower(), "param": param, "code": code}}, headers=headers)
+    async def _events(self, kind: str, chunks: AsyncIterator[Chunk], created: int, include_usage: bool) -> AsyncIterator[str]:
+        model, first = self.orch.model_name, True
+        try:
+            async for c in chunks:
+                usage = Usage.of(c.usage) if c.finished and not include_usage else None
+                if kind == "chat":
+                    delta = ChatDelta(role="assistant" if first else None, content=c.text)
+                    event = ChatCompletionChunk(id=c.request_id, created=created, model=model, usage=usage,
+                                                choices=[ChatChunkChoice(delta=delta, finish_reason=c.finish_reason)])
+                else:
+                    event = CompletionResponse(id=c.request_id, created=created, model=model, usage=usage,
+                                               choices=[CompletionChoice(text=c.text, finish_reason=c.finish_reason)])
+                first = False
+                yield event.model_dump_json(exclude_none=kind == "chat")
+                if c.finished and include_usage:
+                    cls = ChatCompletionChunk if kind == "chat" else CompletionResponse
+                    yield cls(id=c.request_id, created=created, model=model, choices=[], usage=Usage.of(c.usage)).model_dump_json()
+        finally:
+            await chunks.aclose()
 
-    def _json(self, code: int, body: dict, request_id: str | None = None, headers: dict[str, str] | None = None) -> None:
-        self._send(code, json.dumps(body).encode(), "application/json", request_id, headers)
 
-    def _send(self, code: int, data: bytes, content_type: str, request_id: str | None = None, headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        if request_id:
-            self.send_header("x-request-id", request_id)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+async def _sse(first: str, events: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    try:
+        yield b"data: " + first.encode() + b"\n\n"
+        async for event in events:
+            yield b"data: " + event.encode() + b"\n\n"
+    except Exception as e:  # after the headers: report in-band, as OpenAI does
+        if status_of(e) == "INTERNAL":
+            logger.exception("stream failed")
+        yield b"data: " + json.dumps({"error": {"message": str(e), "type": status_of(e).lower(), "code": http_status(e)}}).encode() + b"\n\n"
+    finally:
+        await events.aclose()
+    yield b"data: [DONE]\n\n"
 
 
-class HTTPFrontendServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # Connections that arrive together wait in the kernel's queue instead of being reset (the
-    # standard library's default backlog is 5); the kernel caps it at net.core.somaxconn.
-    request_queue_size = 4096
+def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
+    orch = frontend.orch
+    app = FastAPI(title="splitserve", summary="OpenAI-compatible API of a disaggregated prefill/decode cluster", version="1")
 
-    def __init__(self, host: str, port: int, frontend: OpenAIFrontend, api_keys: frozenset[str]) -> None:
-        super().__init__((host, port), _Handler)
-        self.frontend = frontend
-        self.api_keys = api_keys
-        self.started = int(time.time())
-        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def check_key(self, header: str) -> None:
-        if self.api_keys and header.removeprefix("Bearer ").strip() not in self.api_keys:
+    async def check_key(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        if api_keys and header.removeprefix("Bearer ").strip() not in api_keys:
             raise HTTPError("UNAUTHENTICATED", "missing or unknown API key (send 'Authorization: Bearer KEY')")
 
-    def start(self) -> None:
-        self._thread.start()
+    keyed = [Depends(check_key)]
 
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+    @app.exception_handler(HTTPError)
+    async def on_http_error(request: Request, e: HTTPError) -> JSONResponse:
+        return error_response(e.status, str(e), e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return validation_error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_starlette_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        status = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}.get(e.status_code, "INVALID_ARGUMENT")
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        response = error_response(status, message)
+        if e.status_code == 405:
+            response.status_code = 405
+        return response
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, e: Exception) -> JSONResponse:
+        if status_of(e) == "INTERNAL":
+            logger.exception("internal error on %s", request.url.path)
+        return error_response(status_of(e), str(e), getattr(e, "field", None))
+
+    @app.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=ERRORS)
+    async def completions(body: CompletionRequest) -> Response:
+        options = body.stream_options
+        return await frontend.respond("completion", frontend.completion_input(body), body.stream, bool(options and options.include_usage))
+
+    @app.post("/v1/chat/completions", dependencies=keyed, response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        options = body.stream_options
+        return await frontend.respond("chat", frontend.chat_input(body), body.stream, bool(options and options.include_usage))
+
+    @app.get("/v1/models", dependencies=keyed, response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[Model(id=orch.model_name, created=frontend.started)])
+
+    @app.get("/v1/requests/{request_id}/timings", dependencies=keyed)
+    async def timings(request_id: str) -> dict:
+        t = orch.timings(request_id)
+        if t is None:
+            raise HTTPError("NOT_FOUND", f"no timings for request {request_id!r} (unknown, running, or too old)")
+        return t.to_dict()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        snap = orch.view.snapshot()
+        ok = bool(snap.prefill) and bool(snap.decode)
+        body = {"status": "ok" if ok else "unavailable", "prefill_workers": len(snap.prefill), "decode_workers": len(snap.decode)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(orch.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,4 +1,5 @@
-"""Per-request orchestration: validate, route, run the two legs, stream, account.
+"""Per-request orchestration, as coroutines on the router's event loop: validate, route, run
+the two legs, stream, account.
 
 A request's journey through `Orchestrator.generate`:
     validate (prompt, context, sampling, model name)   -> INVALID_ARGUMENT naming the field
@@ -13,12 +14,12 @@ Every step's time goes into the request's `Timings`, logged once per request and
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 from splitserve.engine.config import ModelConfig
@@ -120,7 +121,6 @@ class Orchestrator:
         self.route_wait = route_wait
         self._legs: dict[str, _Legs] = {}
         self._timings: OrderedDict[str, Timings] = OrderedDict()
-        self._lock = threading.Lock()
 
     # ---- the request ---------------------------------------------------------------------
     def validate(self, inp: GenerateInput) -> list[int]:
@@ -130,17 +130,17 @@ class Orchestrator:
         check_fits(len(ids), inp.params.max_tokens, self.max_model_len)
         return ids
 
-    def generate(self, inp: GenerateInput) -> Iterator[Chunk]:
-        """Validate synchronously (raises before the first chunk), then stream."""
+    def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
+        """Validate at once (raises before the first chunk), then stream. Closing the stream
+        early (the client left) aborts both legs."""
         prompt = self.validate(inp)
         rid = inp.request_id or f"req-{uuid.uuid4().hex}"
-        with self._lock:
-            if rid in self._legs:
-                raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
-            self._legs[rid] = _Legs()
+        if rid in self._legs:
+            raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
+        self._legs[rid] = _Legs()
         return self._run(rid, prompt, inp.params)
 
-    def _run(self, rid: str, prompt: list[int], params: SamplingParams) -> Iterator[Chunk]:
+    async def _run(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         t = Timings(rid)
         arrival = time.monotonic()
         deadline = arrival + self.timeout
@@ -149,7 +149,7 @@ class Orchestrator:
         held: list[tuple[str, int, int]] = []  # (worker id, inflight, prompt tokens) to give back
         self.metrics.running.inc()
         try:
-            pre, p_worker, stream = self._dispatch(rid, prompt, params, t, legs, held, left)
+            pre, p_worker, stream = await self._dispatch(rid, prompt, params, t, legs, held, left)
             t.ttft = time.monotonic() - arrival
             self.metrics.ttft.observe(t.ttft)
             self._give_back(held, p_worker.worker_id)
@@ -158,7 +158,7 @@ class Orchestrator:
             yield first
             last_emit = time.monotonic()
             emitted, seen = 1, []
-            for chunk in stream:
+            async for chunk in stream:
                 now = time.monotonic()
                 if not seen:
                     t.transfer, t.kv_bytes = chunk.kv_transfer_seconds, chunk.kv_bytes
@@ -187,7 +187,7 @@ class Orchestrator:
                 if chunk.finished:
                     return
             raise StatusError("INTERNAL", f"decode stream of {rid} ended without finishing")
-        except GeneratorExit:
+        except (GeneratorExit, asyncio.CancelledError):
             t.outcome = "cancelled"
             self._abort_legs(rid, legs, "client went away")
             raise
@@ -216,7 +216,7 @@ class Orchestrator:
         self._abort_legs(rid, legs, f"request failed: {err}")
         return err
 
-    def _dispatch(self, rid, prompt, params, t: Timings, legs: _Legs, held, left):
+    async def _dispatch(self, rid, prompt, params, t: Timings, legs: _Legs, held, left):
         """Route, reserve and prefill; a leg whose worker is unreachable or full is tried again
         on another worker (bounded by max_retries). Returns (prefill response, prefill worker,
         the decode stream)."""
@@ -228,7 +228,7 @@ class Orchestrator:
                 raise StatusError("ABORTED", f"request {rid} aborted")
             start = time.monotonic()
             try:
-                p_worker, d_worker = self._route(RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude)), left)
+                p_worker, d_worker = await self._route(RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude)), left)
             except NoWorkerError as e:
                 if failed is None:
                     raise
@@ -241,12 +241,12 @@ class Orchestrator:
             legs.leg_id = lid = rid if attempt == 0 else f"{rid}.retry{attempt}"
             start = time.monotonic()
             try:
-                desc = legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0))
+                desc = await legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0))
                 t.reserve = time.monotonic() - start
                 self.metrics.route.observe(t.route + t.reserve)
                 stream = legs.decode.open_decode(lid, left())
                 try:
-                    pre = prefill_watching(legs.prefill, stream, lid, prompt, p_params, desc, left())
+                    pre = await prefill_watching(legs.prefill, stream, lid, prompt, p_params, desc, left())
                 except LegError:
                     stream.cancel()
                     raise
@@ -263,7 +263,7 @@ class Orchestrator:
             return pre, p_worker, stream
         raise AssertionError("unreachable")
 
-    def _route(self, request: RouteRequest, left) -> tuple[WorkerLoad, WorkerLoad]:
+    async def _route(self, request: RouteRequest, left) -> tuple[WorkerLoad, WorkerLoad]:
         """The policy's pick. When a pool looks empty (a worker restarting, the registry just
         restarted and not yet re-filled by heartbeats) wait a little for one to appear; when
         every worker of a pool already failed this request, say so at once."""
@@ -275,7 +275,7 @@ class Orchestrator:
             except NoWorkerError:
                 if (snapshot.prefill and snapshot.decode) or time.monotonic() >= end:
                     raise
-                time.sleep(0.1)
+                await asyncio.sleep(0.1)
 
     def _retry(self, err: LegError, exclude: set[str]) -> None:
         logger.warning("%s; retrying elsewhere", err)
@@ -306,17 +306,15 @@ class Orchestrator:
             legs.prefill.abort_prefill(legs.leg_id, reason)
 
     def _finish(self, rid: str, t: Timings) -> None:
-        with self._lock:
-            self._legs.pop(rid, None)
-            self._timings[rid] = t
-            while len(self._timings) > TIMINGS_KEPT:
-                self._timings.popitem(last=False)
+        self._legs.pop(rid, None)
+        self._timings[rid] = t
+        while len(self._timings) > TIMINGS_KEPT:
+            self._timings.popitem(last=False)
         if logger.isEnabledFor(logging.INFO):  # the breakdown line costs more than the check
             logger.info("request %s %s", rid, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in t.to_dict().items() if k != "request_id"))
 
     def abort(self, rid: str) -> bool:
-        with self._lock:
-            legs = self._legs.get(rid)
+        legs = self._legs.get(rid)
         if legs is None:
             return False
         legs.aborted = True
@@ -324,8 +322,7 @@ class Orchestrator:
         return True
 
     def timings(self, rid: str) -> Timings | None:
-        with self._lock:
-            return self._timings.get(rid)
+        return self._timings.get(rid)
 
 
 class _Text:

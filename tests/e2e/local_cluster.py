@@ -20,8 +20,8 @@ import yaml
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.proto import worker_pb2
 from splitserve.proto.client import Client
-from splitserve.router.legs import WorkerClient
 from tests.e2e.procs import Proc, launch
+from tests.e2e.workers import WorkerStub
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -33,12 +33,12 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def post(base: str, body: dict, timeout: float = 60.0) -> tuple[int, dict, dict]:
-    """POST /v1/completions; returns (status, JSON body, headers)."""
+    """POST /v1/completions; returns (status, JSON body, headers with lower-case names)."""
     u = urllib.parse.urlparse(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     r = conn.getresponse()
-    return r.status, json.loads(r.read() or b"{}"), dict(r.getheaders())
+    return r.status, json.loads(r.read() or b"{}"), {k.lower(): v for k, v in r.getheaders()}
 
 
 class InThread:
@@ -124,12 +124,11 @@ class LocalCluster:
 
     def stats(self, worker: Proc) -> worker_pb2.WorkerStats:
         """A worker's counters, read from the worker itself (not its last heartbeat)."""
-        wc = WorkerClient(worker.address)
+        stub = WorkerStub(worker.address)
         try:
-            stub = wc.decode if worker.ready["role"] == "decode" else wc.prefill
-            return stub.Stats(worker_pb2.StatsRequest(), timeout=10)
+            return stub.stats(worker.ready["role"])
         finally:
-            wc.close()
+            stub.channel.close()
 
     def assert_idle(self, timeout: float = 15.0) -> None:
         """Every live worker: no reserved blocks, no transfer, nothing running or queued."""

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from splitserve.engine import LLM, SamplingParams
-from splitserve.proto import worker_pb2
 from splitserve.proto.status import StatusError
-from splitserve.router.legs import WorkerClient, run_disaggregated
+from splitserve.router.legs import run_disaggregated
+from tests.e2e.workers import WorkerStub
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -36,12 +36,12 @@ def expected(long_model: Path, prompt: list[int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def decode(spawn, long_model: Path) -> WorkerClient:
-    return WorkerClient(spawn("splitserve.decode_worker", "--model", str(long_model), "--dtype", "float32", "--transports", "grpc,torch").address)
+def decode(spawn, long_model: Path) -> WorkerStub:
+    return WorkerStub(spawn("splitserve.decode_worker", "--model", str(long_model), "--dtype", "float32", "--transports", "grpc,torch").address)
 
 
-def reserved(d: WorkerClient) -> int:
-    s = d.decode.Stats(worker_pb2.StatsRequest(), timeout=10)
+def reserved(d: WorkerStub) -> int:
+    s = d.stats()
     return s.reserved_blocks + s.active_transfers
 
 
@@ -49,7 +49,7 @@ def reserved(d: WorkerClient) -> int:
 @pytest.mark.parametrize("cp, transport", [(2, "torch"), (4, "grpc")])
 def test_cp_prefill_then_decode_equals_single_engine(spawn, long_model, prompt, expected, decode, cp: int, transport: str) -> None:
     group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", str(cp))
-    r = run_disaggregated(WorkerClient(group.address), decode, f"cp{cp}", prompt, GREEDY, transport=transport, timeout=300)
+    r = run_disaggregated(group.address, decode.address, f"cp{cp}", prompt, GREEDY, transport=transport, timeout=300)
     assert r.token_ids == expected
     assert reserved(decode) == 0
     group.stop()
@@ -70,7 +70,7 @@ def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(sp
 
     def client() -> None:
         try:
-            run_disaggregated(WorkerClient(group.address), decode, "cp-kill", prompt * 2, GREEDY, transport="torch", timeout=120)
+            run_disaggregated(group.address, decode.address, "cp-kill", prompt * 2, GREEDY, transport="torch", timeout=120)
         except BaseException as e:
             errors.append(e)
 
@@ -89,7 +89,7 @@ def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(sp
         time.sleep(0.1)
     assert reserved(decode) == 0
     with pytest.raises(StatusError) as again:  # the broken group refuses work until restarted
-        run_disaggregated(WorkerClient(group.address), decode, "cp-after", prompt[:100], GREEDY, timeout=30)
+        run_disaggregated(group.address, decode.address, "cp-after", prompt[:100], GREEDY, timeout=30)
     assert again.value.status == "UNAVAILABLE" and "broken" in str(again.value)
     assert reserved(decode) == 0
 

@@ -21,7 +21,8 @@ from splitserve.prefill_worker.service import PrefillService
 from splitserve.prefill_worker.worker import PrefillWorker
 from splitserve.proto import kv_pb2_grpc, worker_pb2_grpc
 from splitserve.proto.server import start_server
-from splitserve.router.legs import WorkerClient, run_disaggregated
+from splitserve.router.legs import run_disaggregated
+from tests.e2e.workers import WorkerStub
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 CHUNK = "64"  # chunked prefill on: prompts longer than this take several steps
@@ -51,7 +52,7 @@ def workers(e2e_model: Path, spawn):
     }
 
 
-def run_all(pairs: list[tuple[WorkerClient, WorkerClient]], transport: str, expected: dict) -> None:
+def run_all(pairs: list[tuple[str, str]], transport: str, expected: dict) -> None:
     ps = prompts()
 
     def one(i: int) -> tuple[list[int], list[int]]:
@@ -66,31 +67,29 @@ def run_all(pairs: list[tuple[WorkerClient, WorkerClient]], transport: str, expe
     assert not mismatched, f"prompts of these lengths diverged from the single engine: {mismatched}"
 
 
-def assert_no_blocks_held(*clients: WorkerClient) -> None:
-    from splitserve.proto import worker_pb2
-
-    for c in clients:
-        stats = c.decode.Stats(worker_pb2.StatsRequest(), timeout=10)
+def assert_no_blocks_held(*addresses: str) -> None:
+    for a in addresses:
+        stats = WorkerStub(a).stats()
         assert stats.reserved_blocks == 0 and stats.active_transfers == 0 and stats.running_requests == 0
 
 
 @pytest.mark.parametrize("transport", ["torch", "grpc"])
 def test_parity_across_processes(workers, expected, transport: str) -> None:
-    p1, d1 = WorkerClient(workers["p1"].address), WorkerClient(workers["d1"].address)
+    p1, d1 = workers["p1"].address, workers["d1"].address
     run_all([(p1, d1)], transport, expected)
     assert_no_blocks_held(d1)
 
 
 def test_fan_in_two_prefill_workers_one_decode_worker(workers, expected) -> None:
-    d1 = WorkerClient(workers["d1"].address)
-    pairs = [(WorkerClient(workers["p1"].address), d1), (WorkerClient(workers["p2"].address), d1)]
+    d1 = workers["d1"].address
+    pairs = [(workers["p1"].address, d1), (workers["p2"].address, d1)]
     run_all(pairs, "torch", expected)
     assert_no_blocks_held(d1)
 
 
 def test_fan_out_one_prefill_worker_two_decode_workers(workers, expected) -> None:
-    p1 = WorkerClient(workers["p1"].address)
-    d1, d2 = WorkerClient(workers["d1"].address), WorkerClient(workers["d2"].address)
+    p1 = workers["p1"].address
+    d1, d2 = workers["d1"].address, workers["d2"].address
     run_all([(p1, d1), (p1, d2)], "grpc", expected)
     assert_no_blocks_held(d1, d2)
 
@@ -114,7 +113,7 @@ def test_parity_in_process(e2e_model: Path, expected) -> None:
             [],
         )
         servers = [ps, ds]
-        p, d = WorkerClient(f"127.0.0.1:{pport}"), WorkerClient(f"127.0.0.1:{dport}")
+        p, d = f"127.0.0.1:{pport}", f"127.0.0.1:{dport}"
         run_all([(p, d)], "local", expected)
         assert_no_blocks_held(d)
     finally:

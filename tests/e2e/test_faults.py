@@ -3,6 +3,7 @@ decode worker holding no reserved blocks."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -12,16 +13,17 @@ import grpc
 import pytest
 
 from splitserve.engine import SamplingParams
-from splitserve.proto import kv_pb2, kv_pb2_grpc, worker_pb2
+from splitserve.proto import kv_pb2, worker_pb2
 from splitserve.proto.convert import params_to_proto
 from splitserve.proto.status import StatusError
-from splitserve.router.legs import WorkerClient, run_disaggregated
+from splitserve.router.legs import WorkerClient, run_disaggregated, stream_disaggregated
+from tests.e2e.workers import WorkerStub
 
 LONG = [3 + (i * 37) % 490 for i in range(3000)]
 
 
-def stats(d: WorkerClient) -> worker_pb2.WorkerStats:
-    return d.decode.Stats(worker_pb2.StatsRequest(), timeout=10)
+def stats(d: WorkerStub) -> worker_pb2.WorkerStats:
+    return d.stats()
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -32,7 +34,7 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def assert_drained(d: WorkerClient, timeout: float = 10.0) -> None:
+def assert_drained(d: WorkerStub, timeout: float = 10.0) -> None:
     wait_until(lambda: (s := stats(d)).reserved_blocks == 0 and s.active_transfers == 0 and s.running_requests == 0, timeout, "no blocks reserved")
 
 
@@ -42,29 +44,29 @@ def common(e2e_model: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def decode(spawn, common) -> WorkerClient:
-    return WorkerClient(spawn("splitserve.decode_worker", *common, "--transports", "grpc,torch").address)
+def decode(spawn, common) -> WorkerStub:
+    return WorkerStub(spawn("splitserve.decode_worker", *common, "--transports", "grpc,torch").address)
 
 
 @pytest.fixture(scope="module")
-def prefill(spawn, common) -> WorkerClient:
-    return WorkerClient(spawn("splitserve.prefill_worker", *common).address)
+def prefill(spawn, common) -> WorkerStub:
+    return WorkerStub(spawn("splitserve.prefill_worker", *common).address)
 
 
-def reserve(d: WorkerClient, rid: str, prompt: list[int], lease: float = 0.0, max_tokens: int = 8) -> worker_pb2.TransferDescriptor:
+def reserve(d: WorkerStub, rid: str, prompt: list[int], lease: float = 0.0, max_tokens: int = 8) -> worker_pb2.TransferDescriptor:
     req = worker_pb2.ReserveRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(SamplingParams(max_tokens=max_tokens)), lease_seconds=lease)
     return d.decode.Reserve(req, timeout=10)
 
 
 @pytest.mark.parametrize("transport", ["torch", "grpc"])
-def test_prefill_process_killed_mid_transfer(spawn, common, decode: WorkerClient, transport: str) -> None:
+def test_prefill_process_killed_mid_transfer(spawn, common, decode: WorkerStub, transport: str) -> None:
     victim = spawn("splitserve.prefill_worker", *common, "--max-prefill-chunk", "16")  # ~190 steps for LONG
     before = stats(decode).kv_bytes_received
     errors: list[BaseException] = []
 
     def client() -> None:
         try:
-            run_disaggregated(WorkerClient(victim.address), decode, f"kill-{transport}", LONG, SamplingParams(max_tokens=4), transport=transport, timeout=60)
+            run_disaggregated(victim.address, decode.address, f"kill-{transport}", LONG, SamplingParams(max_tokens=4), transport=transport, timeout=60)
         except BaseException as e:
             errors.append(e)
 
@@ -81,7 +83,7 @@ def test_prefill_process_killed_mid_transfer(spawn, common, decode: WorkerClient
     assert time.monotonic() - start < 40
 
 
-def test_lease_expires_without_prefill(decode: WorkerClient) -> None:
+def test_lease_expires_without_prefill(decode: WorkerStub) -> None:
     reserve(decode, "orphan", [5] * 100, lease=1.0)
     assert stats(decode).reserved_blocks == 7
     start = time.monotonic()
@@ -92,26 +94,35 @@ def test_lease_expires_without_prefill(decode: WorkerClient) -> None:
     assert_drained(decode)
 
 
-def test_abort_during_decode(prefill: WorkerClient, decode: WorkerClient) -> None:
-    from splitserve.router.legs import stream_disaggregated
+def test_abort_during_decode(prefill: WorkerStub, decode: WorkerStub) -> None:
+    async def run() -> None:
+        p, d = WorkerClient(prefill.address), WorkerClient(decode.address)
+        chunks = stream_disaggregated(p, d, "abort-me", [7] * 50, SamplingParams(max_tokens=3000, ignore_eos=True), timeout=60)
+        first = await anext(chunks)
+        assert first.token_ids
+        await d.decode.Abort(worker_pb2.AbortRequest(request_id="abort-me", reason="test"), timeout=10)
+        with pytest.raises(StatusError) as e:
+            async for _ in chunks:
+                pass
+        assert e.value.status == "ABORTED"
+        await p.close()
+        await d.close()
 
-    chunks = stream_disaggregated(prefill, decode, "abort-me", [7] * 50, SamplingParams(max_tokens=3000, ignore_eos=True), timeout=60)
-    first = next(chunks)
-    assert first.token_ids
-    decode.decode.Abort(worker_pb2.AbortRequest(request_id="abort-me", reason="test"), timeout=10)
-    with pytest.raises(StatusError) as e:
-        for _ in chunks:
-            pass
-    assert e.value.status == "ABORTED"
+    asyncio.run(run())
     assert_drained(decode)
 
 
-def test_client_leaving_the_stream_aborts_the_request(prefill: WorkerClient, decode: WorkerClient) -> None:
-    from splitserve.router.legs import stream_disaggregated
+def test_client_leaving_the_stream_aborts_the_request(prefill: WorkerStub, decode: WorkerStub) -> None:
+    async def run() -> None:
+        p, d = WorkerClient(prefill.address), WorkerClient(decode.address)
+        chunks = stream_disaggregated(p, d, "walk-away", [9] * 40, SamplingParams(max_tokens=3000, ignore_eos=True), timeout=60)
+        await anext(chunks)
+        await chunks.aclose()  # closes the decode stream, which cancels it
+        await asyncio.sleep(0.2)
+        await p.close()
+        await d.close()
 
-    chunks = stream_disaggregated(prefill, decode, "walk-away", [9] * 40, SamplingParams(max_tokens=3000, ignore_eos=True), timeout=60)
-    next(chunks)
-    chunks.close()  # closes the decode stream, which cancels it
+    asyncio.run(run())
     assert_drained(decode)
 
 
@@ -120,26 +131,26 @@ def test_client_leaving_the_stream_aborts_the_request(prefill: WorkerClient, dec
     (["--dtype", "bfloat16"], "dtype"),
     ("other-model", "model_fingerprint"),
 ])
-def test_handshake_mismatch_is_refused_naming_the_field(spawn, common, make_checkpoint, prefill: WorkerClient, variant, field) -> None:
+def test_handshake_mismatch_is_refused_naming_the_field(spawn, common, make_checkpoint, prefill: WorkerStub, variant, field) -> None:
     if variant == "other-model":
         other = make_checkpoint(arch="llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, max_position_embeddings=4096, seed=99)
         args = ["--model", str(other), "--dtype", "float32"]
     else:
         args = [*common, *variant]
-    d = WorkerClient(spawn("splitserve.decode_worker", *args).address)
+    d = WorkerStub(spawn("splitserve.decode_worker", *args).address)
     with pytest.raises(StatusError) as e:
-        run_disaggregated(prefill, d, f"mismatch-{field}", [4] * 40, SamplingParams(max_tokens=4), timeout=30)
+        run_disaggregated(prefill.address, d.address, f"mismatch-{field}", [4] * 40, SamplingParams(max_tokens=4), timeout=30)
     assert e.value.status == "FAILED_PRECONDITION" and field in str(e.value)
     assert_drained(d)
 
 
-def test_truncated_payload_fails_the_transfer_and_frees_the_blocks(decode: WorkerClient) -> None:
+def test_truncated_payload_fails_the_transfer_and_frees_the_blocks(decode: WorkerStub) -> None:
     d = reserve(decode, "trunc", [1] * 20)
     shape = [len(d.block_ids), 2, d.layout.block_size, d.layout.num_kv_heads, d.layout.head_dim]
     nbytes = 4 * shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
     payload = kv_pb2.KVPayload(request_id="trunc", layer=0, block_ids=d.block_ids, dtype="float32", shape=shape, byte_length=nbytes, data=b"\0" * (nbytes // 2))
     with pytest.raises(grpc.RpcError) as e:
-        kv_pb2_grpc.KVTransferStub(decode.channel).Push(iter([kv_pb2.KVMessage(payload=payload)]), timeout=10)
+        decode.kv.Push(iter([kv_pb2.KVMessage(payload=payload)]), timeout=10)
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "truncated" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         list(decode.decode.Decode(worker_pb2.DecodeRequest(request_id="trunc"), timeout=10))
@@ -148,7 +159,7 @@ def test_truncated_payload_fails_the_transfer_and_frees_the_blocks(decode: Worke
     assert_drained(decode)
 
 
-def test_decode_of_an_unknown_request_is_not_found(decode: WorkerClient) -> None:
+def test_decode_of_an_unknown_request_is_not_found(decode: WorkerStub) -> None:
     with pytest.raises(grpc.RpcError) as e:
         list(decode.decode.Decode(worker_pb2.DecodeRequest(request_id="never-reserved"), timeout=10))
     assert e.value.code() is grpc.StatusCode.NOT_FOUND

@@ -28,7 +28,7 @@ def assert_http_error(got: tuple[int, dict, dict], code: int, *needles: str) -> 
     for n in needles:
         assert n in message, (n, message)
     if code in (429, 503):
-        assert headers.get("Retry-After") == "1"
+        assert headers.get("retry-after") == "1"
 
 
 def test_decode_worker_killed_mid_stream(make_cluster) -> None:

@@ -137,7 +137,7 @@ def test_malformed_json_and_bad_chat_messages(served) -> None:
     status, err = _post(served, "/v1/completions", b"{not json")
     assert status == 400 and "malformed JSON" in err["error"]["message"]
     status, err = _post(served, "/v1/chat/completions", json.dumps({"messages": [{"role": "user"}]}).encode())
-    assert status == 400 and err["error"]["param"] == "messages[0]"
+    assert status == 400 and err["error"]["param"] == "messages[0].content"
 
 
 def test_bad_input_over_grpc_is_invalid_argument(served) -> None:
