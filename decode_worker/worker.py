@@ -1,7 +1,8 @@
 """The decode worker's core, free of gRPC: reservations, KV landing, token streams.
 
 A request's journey here:
-    reserve()   engine blocks allocated, a transfer entry RESERVED under a lease, a stream opened
+    reserve()   the prompt's cached prefix pinned, the other blocks allocated, a transfer entry
+                RESERVED for those (only they are sent) under a lease, a stream opened
     KV payloads (any transport) land in the blocks; the commit carries the first token
     transfer COMPLETE  -> admitted into the running batch (engine.admit_prefilled), tokens flow
     transfer FAILED / EXPIRED -> blocks freed, the stream ends with that status
@@ -113,13 +114,15 @@ class DecodeWorker:
                 raise DecodeError("ALREADY_EXISTS", f"request {request_id!r} is already on {self.worker_id}")
             self._streams[request_id] = _Stream(list(prompt_token_ids), params)
         try:
-            blocks = self.loop.call(lambda e: e.reserve(request_id, len(prompt_token_ids), params.max_tokens))
-            self.table.reserve(request_id, blocks, len(prompt_token_ids), lease)
+            r = self.loop.call(lambda e: e.reserve(request_id, prompt_token_ids, params.max_tokens))
+            # the blocks this worker's prefix cache already holds are not sent again
+            self.table.reserve(request_id, r.block_ids[r.num_cached_blocks:], len(prompt_token_ids), lease)
         except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)
             raise
-        return TransferDescriptor(request_id, tuple(blocks), transport, self.endpoints[transport], self.layout, time.time() + lease, self.worker_id)
+        return TransferDescriptor(request_id, tuple(r.block_ids), transport, self.endpoints[transport], self.layout, time.time() + lease,
+                                  self.worker_id, r.num_cached_blocks)
 
     def _on_transfer_done(self, t: Transfer) -> None:
         """A transfer reached a final state (on a transport or the loop thread)."""

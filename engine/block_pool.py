@@ -12,6 +12,10 @@ least-recently-freed order, so a prefix stays reusable as long as memory allows.
 Block hashes chain: hash(block i) = H(hash(block i-1), token ids of block i). They are stable
 across processes (sha256, not Python's salted `hash`) so workers can publish them and a router
 can compute the same values for a prompt.
+
+With `record_events`, every hash that becomes findable (stored) or stops being findable
+(removed: evicted, or the cache reset) is recorded as a `KVEvent`, in order, for the worker to
+publish (`drain_events`); `cached_hashes` is the whole current set, for snapshots.
 """
 
 from __future__ import annotations
@@ -20,8 +24,17 @@ import hashlib
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 ROOT_HASH = 0
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    kind: str  # "stored" | "removed"
+    block_hash: int
+    parent_hash: int = ROOT_HASH  # stored: the hash of the block before it (ROOT_HASH for the first)
+    position: int = 0  # stored: the block's index in its sequence
 
 
 def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
@@ -44,7 +57,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int, start: list[int] | N
 class BlockPool:
     """Ref-counted fixed-size KV blocks with a content-hash index for prefix caching."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, record_events: bool = False) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
         if block_size <= 0:
@@ -57,6 +70,8 @@ class BlockPool:
         self._free_uncached: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU first
         self.num_evictions = 0
+        self.record_events = record_events
+        self._events: list[KVEvent] = []
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -95,8 +110,11 @@ class BlockPool:
                 block, _ = self._free_uncached.popitem(last=False)
             else:
                 block, _ = self._free_cached.popitem(last=False)
-                del self._by_hash[self._hash_of.pop(block)]
+                evicted = self._hash_of.pop(block)
+                del self._by_hash[evicted]
                 self.num_evictions += 1
+                if self.record_events:
+                    self._events.append(KVEvent("removed", evicted))
             self._ref[block] = 1
             out.append(block)
         return out
@@ -126,15 +144,27 @@ class BlockPool:
                 queue = self._free_cached if block in self._hash_of else self._free_uncached
                 queue[block] = None
 
-    def cache(self, block_id: int, block_hash: int) -> None:
+    def cache(self, block_id: int, block_hash: int, parent_hash: int = ROOT_HASH, position: int = 0) -> None:
         """Make a full, computed block findable by its content hash (first writer wins)."""
         if block_id in self._hash_of or block_hash in self._by_hash:
             return
         self._hash_of[block_id] = block_hash
         self._by_hash[block_hash] = block_id
+        if self.record_events:
+            self._events.append(KVEvent("stored", block_hash, parent_hash, position))
+
+    def drain_events(self) -> list[KVEvent]:
+        """The events recorded since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    def cached_hashes(self) -> list[int]:
+        return list(self._by_hash)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after weights change)."""
+        if self.record_events:
+            self._events += [KVEvent("removed", h) for h in self._by_hash]
         for block in list(self._free_cached):
             self._free_uncached[block] = None
         self._free_cached.clear()

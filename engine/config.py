@@ -159,6 +159,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "torch"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    record_kv_events: bool = False  # workers publish prefix-cache events (BlockPool.drain_events)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.block_pool import BlockPool, block_hashes
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.errors import (
     ContextLengthExceededError,
@@ -63,6 +63,16 @@ class RequestOutput:
         return [self]
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks held for a prompt's KV on the decode side: the first `num_cached_blocks` come
+    from this engine's prefix cache (pinned), the rest are to be written."""
+
+    block_ids: list[int]
+    num_cached_blocks: int
+    block_hashes: list[int]  # of the prompt's full blocks
+
+
 @dataclass
 class _Tracked:
     request: Request
@@ -79,11 +89,11 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings)
         num_blocks = config.num_kv_blocks or self._blocks_for_budget()
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, config.block_size, config.attention_backend, config.seed)
-        self.pool = BlockPool(num_blocks, config.block_size)
+        self.pool = BlockPool(num_blocks, config.block_size, record_events=config.record_kv_events)
         self.scheduler = Scheduler(config.scheduler, self.pool)
         self.eos_ids = set(self.model_config.eos_token_ids)
         self._requests: dict[str, _Tracked] = {}
-        self._reserved: dict[str, list[int]] = {}
+        self._reserved: dict[str, Reservation] = {}
         # called as on_layer_done(layer, scheduled) once a step's KV for `layer` is written
         self.on_layer_done: Callable[[int, list[ScheduledRequest]], None] | None = None
         logger.info("engine ready: %d KV blocks of %d tokens", num_blocks, config.block_size)
@@ -116,9 +126,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks; also drops a reservation or a held prefill."""
-        blocks = self._reserved.pop(request_id, None)
-        if blocks is not None:
-            self.pool.free(blocks)
+        reservation = self._reserved.pop(request_id, None)
+        if reservation is not None:
+            self.pool.free(list(reversed(reservation.block_ids)))
             return
         if self.scheduler.release(request_id) is not None:
             return
@@ -200,33 +210,45 @@ class LLMEngine:
             raise UnknownRequestError(request_id)
 
     # ---- disaggregation: decode side -----------------------------------------------------
-    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> list[int]:
+    def reserve(self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int) -> Reservation:
         """Allocate the blocks a prompt's KV will be written into; the caller must later
-        `admit_prefilled` or `abort_request` it."""
+        `admit_prefilled` or `abort_request` it. The prompt's leading full blocks that this
+        engine's prefix cache already holds are pinned and reused: only the blocks after
+        `num_cached_blocks` need their KV written."""
         if request_id in self._requests or request_id in self._reserved:
             raise DuplicateRequestError(request_id)
-        if num_prompt_tokens <= 0:
+        ids = list(prompt_token_ids)
+        if not ids:
             raise InvalidRequestError("prompt", "is empty")
-        self.check_fits(num_prompt_tokens, max_tokens)
-        blocks = self.pool.allocate(-(-num_prompt_tokens // self.pool.block_size))
-        if blocks is None:
-            raise KVCapacityError(f"no room for {num_prompt_tokens} tokens of KV: {self.pool.num_free} free blocks")
-        self._reserved[request_id] = blocks
-        return blocks
+        self.check_fits(len(ids), max_tokens)
+        bs = self.pool.block_size
+        hashes = block_hashes(ids, bs) if self.config.scheduler.enable_prefix_caching else []
+        cached = self.pool.touch(hashes)
+        fresh = self.pool.allocate(-(-len(ids) // bs) - len(cached))
+        if fresh is None:
+            self.pool.free(list(reversed(cached)))
+            raise KVCapacityError(f"no room for {len(ids)} tokens of KV: {self.pool.num_free} free blocks")
+        reservation = Reservation(cached + fresh, len(cached), hashes)
+        self._reserved[request_id] = reservation
+        return reservation
 
     def admit_prefilled(
         self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams, first_logprob: float = 0.0
     ) -> RequestOutput:
         """Admit a request whose prompt KV now fills its reserved blocks. Returns its output
         after the first token (already finished if that token ends it)."""
-        blocks = self._reserved.pop(request_id, None)
-        if blocks is None:
+        reservation = self._reserved.pop(request_id, None)
+        if reservation is None:
             raise UnknownRequestError(request_id)
-        ids = list(prompt_token_ids)
+        ids, blocks = list(prompt_token_ids), reservation.block_ids
         if len(blocks) != -(-len(ids) // self.pool.block_size):
-            self.pool.free(blocks)
+            self.pool.free(list(reversed(blocks)))
             raise InvalidRequestError("prompt_token_ids", f"{len(ids)} tokens do not match the {len(blocks)} reserved blocks")
         request = Request(request_id, ids, params, block_ids=blocks, num_computed_tokens=len(ids))
+        # the pinned prefix is in the cache already; the blocks that arrived are cached as full
+        request.block_hashes = list(reservation.block_hashes)
+        request.num_cached_blocks = reservation.num_cached_blocks
+        request.num_cached_tokens = reservation.num_cached_blocks * self.pool.block_size
         tracked = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         self._requests[request_id] = tracked
         request.first_token_time = time.monotonic()
@@ -272,7 +294,7 @@ class LLMEngine:
 
     # ---- counters ------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
-        reserved = sum(len(b) for b in self._reserved.values())
+        reserved = sum(len(r.block_ids) for r in self._reserved.values())
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),

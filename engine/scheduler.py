@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from splitserve.engine.block_pool import BlockPool, block_hashes
+from splitserve.engine.block_pool import ROOT_HASH, BlockPool, block_hashes
 from splitserve.engine.request import FinishReason, Request, RequestStatus
 
 
@@ -194,7 +194,7 @@ class Scheduler:
             request.token_slice(0, full * self.block_size), self.block_size, request.block_hashes[:full]
         )
         for i in range(request.num_cached_blocks, full):
-            self.pool.cache(request.block_ids[i], request.block_hashes[i])
+            self.pool.cache(request.block_ids[i], request.block_hashes[i], request.block_hashes[i - 1] if i else ROOT_HASH, i)
         request.num_cached_blocks = full
 
     def _preempt(self, request: Request) -> None:

@@ -54,3 +54,4 @@ class TransferDescriptor:
     layout: KVLayout
     lease_expiry_unix: float
     decode_worker_id: str
+    num_cached_blocks: int = 0  # the first blocks already hold this KV on the decode side: not sent

@@ -197,7 +197,7 @@ class CPRank:
 
     def _push(self, pusher, rid: str, desc: TransferDescriptor, layer: int, ranges, k: torch.Tensor, v: torch.Tensor) -> None:
         """Ship this rank's blocks of one layer ([n, 2, bs, KH, D]) and let them go."""
-        bs, row = self.block_size, 0
+        bs, row, skip = self.block_size, 0, desc.num_cached_blocks
         for a, b in ranges:
             if a == b:
                 continue
@@ -205,8 +205,10 @@ class CPRank:
             kv = torch.zeros(2, n * bs, *k.shape[1:], dtype=k.dtype, device=k.device)
             kv[0, : b - a] = k[row : row + b - a]
             kv[1, : b - a] = v[row : row + b - a]
-            kv = kv.view(2, n, bs, *k.shape[1:]).transpose(0, 1).contiguous()  # [n, 2, bs, KH, D]
-            pusher.push(rid, layer, list(desc.block_ids[a // bs : a // bs + n]), kv)
+            kv = kv.view(2, n, bs, *k.shape[1:]).transpose(0, 1)  # [n, 2, bs, KH, D]
+            first = max(0, skip - a // bs)  # blocks the decode side already holds are not sent
+            if first < n:
+                pusher.push(rid, layer, list(desc.block_ids[a // bs + first : a // bs + n]), kv[first:].contiguous())
             row += b - a
 
     def close(self) -> None:
@@ -229,7 +231,7 @@ class CPPrefillWorker:
         self._current: str | None = None
 
     def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float):
-        from splitserve.prefill_worker.worker import PrefillError, PrefillResult
+        from splitserve.prefill_worker.worker import PrefillError, PrefillResult, check_descriptor
 
         if not self.accepting:
             raise PrefillError("UNAVAILABLE", f"prefill group {self.worker_id} is draining")
@@ -237,8 +239,7 @@ class CPPrefillWorker:
             descriptor.layout.check_peer(self.layout)  # the decode side receives, this side sends
         except HandshakeError as e:
             raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
-        if len(descriptor.block_ids) != -(-len(prompt) // self.layout.block_size):
-            raise PrefillError("INVALID_ARGUMENT", f"descriptor has {len(descriptor.block_ids)} blocks for a prompt of {len(prompt)} tokens")
+        check_descriptor(descriptor, len(prompt), self.layout.block_size)
         arrival = time.monotonic()
         self._waiting[request_id] = len(prompt)
         try:

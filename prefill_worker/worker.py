@@ -82,8 +82,7 @@ class PrefillWorker:
             descriptor.layout.check_peer(self.layout)  # the decode side receives, this side sends
         except HandshakeError as e:
             raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
-        if len(descriptor.block_ids) != -(-len(prompt_token_ids) // self.block_size):
-            raise PrefillError("INVALID_ARGUMENT", f"descriptor has {len(descriptor.block_ids)} blocks for a prompt of {len(prompt_token_ids)} tokens (block size {self.block_size})")
+        check_descriptor(descriptor, len(prompt_token_ids), self.block_size)
         job = _Job(descriptor, self._pusher(descriptor), len(prompt_token_ids))
         with self._lock:
             if request_id in self._jobs:
@@ -115,10 +114,13 @@ class PrefillWorker:
             if job is None:
                 continue
             end = s.start + s.num_new_tokens
-            first = min(job.pushed_tokens, s.start) // bs  # a cached prefix is sent on the first chunk
+            # from the first block not yet sent (this side's cached prefix goes with the first
+            # chunk), but never a block the decode side already holds
+            first = max(min(job.pushed_tokens, s.start) // bs, job.descriptor.num_cached_blocks)
             last = -(-end // bs)
-            kv = self.engine.read_kv(layer, s.request.block_ids[first:last])  # a copy: blocks may move on
-            job.pusher.push(s.request.request_id, layer, list(job.descriptor.block_ids[first:last]), kv)
+            if first < last:
+                kv = self.engine.read_kv(layer, s.request.block_ids[first:last])  # a copy: blocks may move on
+                job.pusher.push(s.request.request_id, layer, list(job.descriptor.block_ids[first:last]), kv)
             if layer == self.num_layers - 1:
                 job.pushed_tokens = end // bs * bs  # a partly filled block is sent again next chunk
                 job.first_scheduled = job.first_scheduled or time.monotonic()
@@ -172,6 +174,14 @@ class PrefillWorker:
     def close(self) -> None:
         self.loop.stop()
         self.pushers.close()
+
+
+def check_descriptor(d: TransferDescriptor, num_prompt_tokens: int, block_size: int) -> None:
+    blocks = -(-num_prompt_tokens // block_size)
+    if len(d.block_ids) != blocks:
+        raise PrefillError("INVALID_ARGUMENT", f"descriptor has {len(d.block_ids)} blocks for a prompt of {num_prompt_tokens} tokens (block size {block_size})")
+    if not 0 <= d.num_cached_blocks <= min(blocks, num_prompt_tokens // block_size):
+        raise PrefillError("INVALID_ARGUMENT", f"descriptor says {d.num_cached_blocks} blocks are cached on the decode side, of {blocks}")
 
 
 def _release(engine: LLMEngine, request_id: str) -> None:

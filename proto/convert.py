@@ -47,6 +47,7 @@ def descriptor_to_proto(d: TransferDescriptor) -> worker_pb2.TransferDescriptor:
     return worker_pb2.TransferDescriptor(
         request_id=d.request_id, block_ids=list(d.block_ids), transport=d.transport, endpoint=d.endpoint,
         layout=layout_to_proto(d.layout), lease_expiry_unix=d.lease_expiry_unix, decode_worker_id=d.decode_worker_id,
+        num_cached_blocks=d.num_cached_blocks,
     )
 
 
@@ -54,6 +55,7 @@ def descriptor_from_proto(msg: worker_pb2.TransferDescriptor) -> TransferDescrip
     return TransferDescriptor(
         request_id=msg.request_id, block_ids=tuple(msg.block_ids), transport=msg.transport, endpoint=msg.endpoint,
         layout=layout_from_proto(msg.layout), lease_expiry_unix=msg.lease_expiry_unix, decode_worker_id=msg.decode_worker_id,
+        num_cached_blocks=msg.num_cached_blocks,
     )
 
 

@@ -30,7 +30,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class TransferDescriptor(_message.Message):
-    __slots__ = ("request_id", "block_ids", "transport", "endpoint", "layout", "lease_expiry_unix", "decode_worker_id")
+    __slots__ = ("request_id", "block_ids", "transport", "endpoint", "layout", "lease_expiry_unix", "decode_worker_id", "num_cached_blocks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class TransferDescriptor(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRY_UNIX_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     transport: str
@@ -45,7 +46,8 @@ class TransferDescriptor(_message.Message):
     layout: _kv_pb2.KVLayout
     lease_expiry_unix: float
     decode_worker_id: str
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., endpoint: _Optional[str] = ..., layout: _Optional[_Union[_kv_pb2.KVLayout, _Mapping]] = ..., lease_expiry_unix: _Optional[float] = ..., decode_worker_id: _Optional[str] = ...) -> None: ...
+    num_cached_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., endpoint: _Optional[str] = ..., layout: _Optional[_Union[_kv_pb2.KVLayout, _Mapping]] = ..., lease_expiry_unix: _Optional[float] = ..., decode_worker_id: _Optional[str] = ..., num_cached_blocks: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params", "transport", "lease_seconds")

@@ -106,3 +106,21 @@ def test_serve_with_a_cp_prefill_group(long_model: Path) -> None:
             assert c.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == expected
     finally:
         serve.stop()
+
+
+def test_cp_group_sends_only_what_the_decode_worker_lacks(spawn, long_model: Path, decode: WorkerStub) -> None:
+    """Turn 2 of a conversation through a CP group: the decode worker holds turn 1, each rank
+    skips the blocks it already has, and the tokens equal the single engine's."""
+    single = LLM(str(long_model), dtype="float32")
+    group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
+    turn1 = [3 + (i * 17) % 480 for i in range(900)]
+    r1 = run_disaggregated(group.address, decode.address, "cp-turn1", turn1, GREEDY, transport="torch", timeout=120)
+    assert r1.token_ids == single.generate([turn1], GREEDY)[0].token_ids
+    turn2 = turn1 + r1.token_ids + [5 + (i * 7) % 400 for i in range(300)]
+    before = decode.stats().kv_bytes_received
+    r2 = run_disaggregated(group.address, decode.address, "cp-turn2", turn2, GREEDY, transport="torch", timeout=120)
+    assert r2.token_ids == single.generate([turn2], GREEDY)[0].token_ids
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4
+    assert decode.stats().kv_bytes_received - before <= (-(-len(turn2) // 16) - (len(turn1) + 11) // 16) * block_bytes
+    assert reserved(decode) == 0
+    group.stop()

@@ -121,3 +121,28 @@ def test_parity_in_process(e2e_model: Path, expected) -> None:
             s.stop(0)
         prefill.close()
         decode.close()
+
+
+@pytest.mark.parametrize("transport", ["torch", "grpc"])
+def test_conversation_moves_only_the_missing_kv(workers, e2e_model: Path, transport: str) -> None:
+    """Turns of one conversation, with the prefix cached on both sides, on the decode side only
+    and on the prefill side only: every turn equals the single engine, and a turn whose history
+    the decode worker holds moves only its new tokens' KV."""
+    single = LLM(str(e2e_model), dtype="float32")
+    p1, p2, d1, d2 = (workers[k].address for k in ("p1", "p2", "d1", "d2"))
+    rng = random.Random(transport)
+    history: list[int] = []
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers x (K, V) x block size x KV heads x head dim x float32
+    for turn, (p, d, decode_has_history) in enumerate([(p1, d1, False), (p1, d1, True), (p2, d1, True), (p1, d2, False)]):
+        prompt = history + [rng.randrange(3, 500) for _ in range(150)]
+        before = WorkerStub(d).stats().kv_bytes_received
+        r = run_disaggregated(p, d, f"conv-{transport}-{turn}-{uuid.uuid4().hex[:6]}", prompt, GREEDY, transport=transport, timeout=120)
+        assert r.token_ids == single.generate([prompt], GREEDY)[0].token_ids, f"turn {turn} diverged"
+        moved = WorkerStub(d).stats().kv_bytes_received - before
+        all_blocks = -(-len(prompt) // 16)
+        if decode_has_history:
+            assert moved <= (all_blocks - (len(history) - 1) // 16) * block_bytes, (turn, moved)
+        else:
+            assert moved == all_blocks * block_bytes, (turn, moved)
+        history = prompt + r.token_ids
+    assert_no_blocks_held(d1, d2)
