@@ -81,7 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "model.path": args.model, "model.dtype": args.dtype, "router.http_port": args.http_port, "router.grpc_port": args.grpc_port,
         "prefill.replicas": args.prefill, "decode.replicas": args.decode, "kv_transfer.transport": args.transport,
-        "router.host": args.host, "name": args.name, "prefill.cp_degree": args.prefill_cp,
+        "router.host": args.host, "name": args.name, "prefill.cp_degree": args.prefill_cp, "router.policy": args.routing_policy,
+        "routing.local_prefill_tokens": args.local_prefill_tokens,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = load_cluster_config(args.config, overrides) if args.config else parse_cluster_config({}, overrides)
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode", type=int, help="decode workers (default 1)")
     serve.add_argument("--transport", choices=["torch", "grpc", "local"], help="KV transport (default grpc)")
     serve.add_argument("--prefill-cp", type=int, help="context-parallel ranks per prefill worker (default 1)")
+    serve.add_argument("--routing-policy", choices=["workload_aware", "least_loaded", "round_robin"], help="default workload_aware")
+    serve.add_argument("--local-prefill-tokens", type=int, help="workload_aware: a decode worker lacking at most this many prompt tokens "
+                       "prefills them itself (0: always disaggregate; default 256)")
     serve.add_argument("--name", help="cluster name (namespaces Redis keys and Ray actors)")
     serve.set_defaults(func=_serve)
 

@@ -70,11 +70,21 @@ class SLO:
 
 
 @dataclass(frozen=True)
+class RoutingSection:
+    """The workload-aware policy's knobs (router.policy: workload_aware)."""
+
+    local_prefill_tokens: int = 256  # the decode worker prefills itself when it lacks at most this many prompt tokens
+    balance_factor: float = 1.15  # no worker takes more than this x its share of recent requests
+    balance_window: int = 64  # recent requests that share counts over
+    index_capacity_blocks: int = 1_000_000  # the router's prefix index remembers this many block hashes at most
+
+
+@dataclass(frozen=True)
 class RouterSection:
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 50051
-    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+    policy: Literal["workload_aware", "least_loaded", "round_robin"] = "workload_aware"
     request_timeout_s: float = 600.0
     max_retries: int = 1
 
@@ -91,6 +101,7 @@ class ClusterConfig:
     redis_url: str | None = None  # None: `splitserve serve` starts one for the run
     ray_address: str | None = None  # None: a local Ray instance
     router: RouterSection = field(default_factory=RouterSection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
     api_keys: list[str] = field(default_factory=list)
     cluster_token: str | None = None
     heartbeat_seconds: float = 1.0
@@ -110,6 +121,10 @@ class ClusterConfig:
             ("router.http_port", 0 <= self.router.http_port < 65536, "a port in 0..65535 (0 = any free)"),
             ("router.grpc_port", 0 <= self.router.grpc_port < 65536, "a port in 0..65535 (0 = any free)"),
             ("router.max_retries", self.router.max_retries >= 0, ">= 0"),
+            ("routing.local_prefill_tokens", self.routing.local_prefill_tokens >= 0, ">= 0 (0: never prefill on the decode worker)"),
+            ("routing.balance_factor", self.routing.balance_factor >= 1.0, ">= 1.0"),
+            ("routing.balance_window", self.routing.balance_window >= 1, ">= 1"),
+            ("routing.index_capacity_blocks", self.routing.index_capacity_blocks >= 1, ">= 1"),
             ("heartbeat_ttl_seconds", self.heartbeat_ttl_seconds > self.heartbeat_seconds > 0, "> heartbeat_seconds > 0"),
             ("name", bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
         ]

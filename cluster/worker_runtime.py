@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
+from splitserve.cluster.kv_events import KVEventPublisher
 from splitserve.cluster.registry import Heartbeat, Registry, WorkerRecord
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class WorkerSpec:
             kv_cache_memory_bytes=self.kv_cache_memory, max_model_len=self.max_model_len, seed=self.seed,
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_prefill_chunk=self.max_prefill_chunk, enable_prefix_caching=self.enable_prefix_caching),
+            record_kv_events=bool(self.redis_url),  # published for the routers' prefix index
         )
 
 
@@ -97,8 +99,11 @@ class WorkerRuntime:
         self.record = WorkerRecord(spec.worker_id, spec.role, self.address, "ready", self.worker.layout.model_fingerprint,
                                    self.worker.layout.to_dict(), pid=os.getpid(), restarts=restarts)
         self.heartbeat: Heartbeat | None = None
+        self.kv_events: KVEventPublisher | None = None
         if spec.redis_url:
             registry = Registry(spec.redis_url, spec.cluster, spec.heartbeat_ttl_seconds)
+            self.kv_events = KVEventPublisher(registry.redis, registry.prefix, spec.worker_id, self.worker.kv_events)
+            self.kv_events.start()
             self.heartbeat = Heartbeat(registry, self.record, self._load, self._drain, spec.heartbeat_seconds)
             self.heartbeat.start()
         logger.info("%s worker %s serving on %s%s", spec.role, spec.worker_id, self.address,
@@ -168,8 +173,10 @@ class WorkerRuntime:
     def stop(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+            self.kv_events.stop()
             try:
                 self.heartbeat.registry.forget(self.spec.worker_id)
+                self.kv_events.forget()
             except Exception as e:  # the registry may be gone already; the record expires anyway
                 logger.debug("could not unregister %s: %s", self.spec.worker_id, e)
         self.server.stop(2).wait(3)

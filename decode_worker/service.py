@@ -25,7 +25,16 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return descriptor_to_proto(d)
 
     def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.ServicerContext):
-        rid = request.request_id
+        yield from self._stream(request.request_id, context)
+
+    def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext):
+        try:
+            self.worker.generate(request.request_id, list(request.prompt_token_ids), params_from_proto(request.params))
+        except Exception as e:
+            context.abort(grpc_code(e), str(e))
+        yield from self._stream(request.request_id, context)
+
+    def _stream(self, rid: str, context: grpc.ServicerContext):
         # a caller that goes away mid-stream must not leave its request decoding
         context.add_callback(lambda: None if finished else self.worker.abort(rid, "decode stream cancelled"))
         finished = False
@@ -36,7 +45,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 yield worker_pb2.TokenChunk(
                     request_id=rid, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text,
                     finished=c.finished, finish_reason=c.finish_reason or "", num_prompt_tokens=c.num_prompt_tokens,
-                    kv_transfer_seconds=c.kv_transfer_seconds, kv_bytes=c.kv_bytes,
+                    kv_transfer_seconds=c.kv_transfer_seconds, kv_bytes=c.kv_bytes, num_cached_tokens=c.num_cached_tokens,
                 )
         except Exception as e:
             finished = True  # the worker already cleaned up

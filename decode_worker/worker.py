@@ -7,6 +7,8 @@ A request's journey here:
     transfer COMPLETE  -> admitted into the running batch (engine.admit_prefilled), tokens flow
     transfer FAILED / EXPIRED -> blocks freed, the stream ends with that status
     abort()     at any point: transfer failed or request aborted, blocks freed, stream ended
+Selective disaggregation skips the transfer: generate() adds the request to the engine as a
+whole (its prefix cache supplies most of the prompt's KV) and its tokens flow the same way.
 Every engine call runs on the engine loop thread; transports only write into reserved blocks.
 """
 
@@ -49,6 +51,7 @@ class TokenChunk:
     num_prompt_tokens: int
     kv_transfer_seconds: float = 0.0  # first chunk only
     kv_bytes: int = 0  # first chunk only
+    num_cached_tokens: int = 0  # first chunk only
 
 
 @dataclass
@@ -93,6 +96,7 @@ class DecodeWorker:
         self.accepting = True  # False once draining: running requests finish, no new ones
         self.loop = EngineLoop(engine, self._on_outputs, idle_hook=self._housekeeping, on_crash=self._on_crash, name=f"decode-{worker_id}")
         self.loop.start()
+        self.kv_events = self.loop.kv_events  # what this worker's prefix cache gained and lost
 
     def set_rpc_endpoint(self, address: str) -> None:
         """The worker's gRPC address, which the grpc and torch transports handshake with."""
@@ -103,16 +107,10 @@ class DecodeWorker:
     # ---- reservations --------------------------------------------------------------------
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transport: str = "", lease_seconds: float = 0.0) -> TransferDescriptor:
         transport = transport or self.default_transport
-        if not self.accepting:
-            raise DecodeError("UNAVAILABLE", f"decode worker {self.worker_id} is draining")
         if transport not in self.endpoints:
             raise DecodeError("FAILED_PRECONDITION", f"transport {transport!r} is not enabled on decode worker {self.worker_id} (enabled: {sorted(self.endpoints)}; known: {TRANSPORTS})")
         lease = lease_seconds or self.lease_seconds
-        with self._lock:
-            live = self._streams.get(request_id)
-            if live is not None and live.ended_at is None:
-                raise DecodeError("ALREADY_EXISTS", f"request {request_id!r} is already on {self.worker_id}")
-            self._streams[request_id] = _Stream(list(prompt_token_ids), params)
+        self._open_stream(request_id, prompt_token_ids, params)
         try:
             r = self.loop.call(lambda e: e.reserve(request_id, prompt_token_ids, params.max_tokens))
             # the blocks this worker's prefix cache already holds are not sent again
@@ -123,6 +121,25 @@ class DecodeWorker:
             raise
         return TransferDescriptor(request_id, tuple(r.block_ids), transport, self.endpoints[transport], self.layout, time.time() + lease,
                                   self.worker_id, r.num_cached_blocks)
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Take the whole request: prefill it here, then decode; read it with `stream()`."""
+        self._open_stream(request_id, prompt_token_ids, params)
+        try:
+            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+
+    def _open_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not self.accepting:
+            raise DecodeError("UNAVAILABLE", f"decode worker {self.worker_id} is draining")
+        with self._lock:
+            live = self._streams.get(request_id)
+            if live is not None and live.ended_at is None:
+                raise DecodeError("ALREADY_EXISTS", f"request {request_id!r} is already on {self.worker_id}")
+            self._streams[request_id] = _Stream(list(prompt_token_ids), params)
 
     def _on_transfer_done(self, t: Transfer) -> None:
         """A transfer reached a final state (on a transport or the loop thread)."""
@@ -178,6 +195,7 @@ class DecodeWorker:
                                out.finished, out.finish_reason, len(out.prompt_token_ids))
             if stream.tokens_sent == 0:
                 chunk.kv_transfer_seconds, chunk.kv_bytes = stream.kv_transfer_seconds, stream.kv_bytes
+                chunk.num_cached_tokens = out.num_cached_tokens
             stream.tokens_sent, stream.text_sent = len(out.token_ids), len(out.text)
             if out.finished:
                 self._end(out.request_id, chunk)

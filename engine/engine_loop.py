@@ -68,6 +68,11 @@ class EngineLoop:
     def call(self, fn: Callable[[LLMEngine], T], timeout: float | None = 30.0) -> T:
         return self.submit(fn).result(timeout)
 
+    def kv_events(self, snapshot: bool) -> tuple[list, list[int] | None]:
+        """The block pool's prefix-cache events since the last call, and with `snapshot` its
+        whole cached set, read together between two steps (so the two agree)."""
+        return self.call(lambda e: (e.pool.drain_events(), e.pool.cached_hashes() if snapshot else None))
+
     # ---- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
         try:

@@ -271,6 +271,10 @@ class CPPrefillWorker:
             return True
         return False
 
+    def kv_events(self, snapshot: bool) -> tuple[list, list[int] | None]:
+        """A CP group keeps no KV cache: it never holds a prefix."""
+        return [], ([] if snapshot else None)
+
     def stats(self) -> dict[str, int]:
         busy = self._current is not None
         return {"running": int(busy), "waiting": len(self._waiting), "queued_prefill_tokens": sum(self._waiting.values()),

@@ -73,6 +73,7 @@ class PrefillWorker:
         engine.on_layer_done = self._on_layer_done
         self.loop = EngineLoop(engine, self._on_outputs, on_crash=self._on_crash, name=f"prefill-{worker_id}")
         self.loop.start()
+        self.kv_events = self.loop.kv_events  # what this worker's prefix cache gained and lost
 
     # ---- requests ------------------------------------------------------------------------
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float) -> PrefillResult:

@@ -127,17 +127,20 @@ def _chunk(msg: public_pb2.GenerateResponse) -> GenerateChunk:
     return GenerateChunk(msg.request_id, list(msg.token_ids), msg.text, list(msg.logprobs), msg.finished, msg.finish_reason or None)
 
 
-def _add(done: Completion, msg: public_pb2.GenerateResponse) -> None:
-    from google.protobuf.json_format import MessageToDict
+def _fields(msg) -> dict:
+    """A message's fields as plain Python values (int64 stays an int, unlike JSON mapping)."""
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
 
+
+def _add(done: Completion, msg: public_pb2.GenerateResponse) -> None:
     done.request_id = msg.request_id
     done.text += msg.text
     done.token_ids.extend(msg.token_ids)
     done.logprobs.extend(msg.logprobs)
     if msg.finished:
         done.finish_reason = msg.finish_reason
-        done.usage = MessageToDict(msg.usage, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        done.timings = MessageToDict(msg.timings, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        done.usage = _fields(msg.usage)
+        done.timings = _fields(msg.timings)
 
 
 class Client:

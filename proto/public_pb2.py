@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/proto/public.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8b\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"\xab\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParamsB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x8b\x02\n\x07Timings\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x01(\x01\x12\x0f\n\x07reserve\x18\x03 \x01(\x01\x12\x15\n\rprefill_queue\x18\x04 \x01(\x01\x12\x0f\n\x07prefill\x18\x05 \x01(\x01\x12\x10\n\x08transfer\x18\x06 \x01(\x01\x12\x14\n\x0c\x66irst_decode\x18\x07 \x01(\x01\x12\x0c\n\x04ttft\x18\x08 \x01(\x01\x12\x0b\n\x03\x65\x32\x65\x18\t \x01(\x01\x12\x16\n\x0eprefill_worker\x18\n \x01(\t\x12\x15\n\rdecode_worker\x18\x0b \x01(\t\x12\x0f\n\x07retries\x18\x0c \x01(\x05\x12\x10\n\x08kv_bytes\x18\r \x01(\x03\x12\x0f\n\x07outcome\x18\x0e \x01(\t\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x08 \x01(\x0b\x32\x16.splitserve.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"$\n\x0eTimingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9d\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x1d\n\x15queued_prefill_tokens\x18\x07 \x01(\x03\x12\x13\n\x0bused_blocks\x18\x08 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\t \x01(\x05\x12\x17\n\x0freserved_blocks\x18\n \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x0b \x01(\x05\x12\x15\n\rheartbeat_age\x18\x0c \x01(\x01\x12\x10\n\x08restarts\x18\r \x01(\x05\x12\x0b\n\x03pid\x18\x0e \x01(\x05\"\x0f\n\rStatusRequest\"\xc7\x01\n\rClusterStatus\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07workers\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12:\n\x07targets\x18\x04 \x03(\x0b\x32).splitserve.v1.ClusterStatus.TargetsEntry\x1a.\n\x0cTargetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"P\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decode\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1e\n\rDrainResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xe4\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12\x43\n\nGetTimings\x12\x1d.splitserve.v1.TimingsRequest\x1a\x16.splitserve.v1.Timings2\xa2\x02\n\x05\x41\x64min\x12\x44\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1c.splitserve.v1.ClusterStatus\x12\x42\n\x05Scale\x12\x1b.splitserve.v1.ScaleRequest\x1a\x1c.splitserve.v1.ClusterStatus\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12K\n\x08Shutdown\x12\x1e.splitserve.v1.ShutdownRequest\x1a\x1f.splitserve.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/proto/public.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8b\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"\xab\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParamsB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xd6\x02\n\x07Timings\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x01(\x01\x12\x0f\n\x07reserve\x18\x03 \x01(\x01\x12\x15\n\rprefill_queue\x18\x04 \x01(\x01\x12\x0f\n\x07prefill\x18\x05 \x01(\x01\x12\x10\n\x08transfer\x18\x06 \x01(\x01\x12\x14\n\x0c\x66irst_decode\x18\x07 \x01(\x01\x12\x0c\n\x04ttft\x18\x08 \x01(\x01\x12\x0b\n\x03\x65\x32\x65\x18\t \x01(\x01\x12\x16\n\x0eprefill_worker\x18\n \x01(\t\x12\x15\n\rdecode_worker\x18\x0b \x01(\t\x12\x0f\n\x07retries\x18\x0c \x01(\x05\x12\x10\n\x08kv_bytes\x18\r \x01(\x03\x12\x0f\n\x07outcome\x18\x0e \x01(\t\x12\x0c\n\x04path\x18\x0f \x01(\t\x12\x1d\n\x15prefill_cached_tokens\x18\x10 \x01(\x05\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x11 \x01(\x05\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x08 \x01(\x0b\x32\x16.splitserve.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"$\n\x0eTimingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9d\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x1d\n\x15queued_prefill_tokens\x18\x07 \x01(\x03\x12\x13\n\x0bused_blocks\x18\x08 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\t \x01(\x05\x12\x17\n\x0freserved_blocks\x18\n \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x0b \x01(\x05\x12\x15\n\rheartbeat_age\x18\x0c \x01(\x01\x12\x10\n\x08restarts\x18\r \x01(\x05\x12\x0b\n\x03pid\x18\x0e \x01(\x05\"\x0f\n\rStatusRequest\"\xc7\x01\n\rClusterStatus\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07workers\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12:\n\x07targets\x18\x04 \x03(\x0b\x32).splitserve.v1.ClusterStatus.TargetsEntry\x1a.\n\x0cTargetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"P\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decode\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1e\n\rDrainResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xe4\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12\x43\n\nGetTimings\x12\x1d.splitserve.v1.TimingsRequest\x1a\x16.splitserve.v1.Timings2\xa2\x02\n\x05\x41\x64min\x12\x44\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1c.splitserve.v1.ClusterStatus\x12\x42\n\x05Scale\x12\x1b.splitserve.v1.ScaleRequest\x1a\x1c.splitserve.v1.ClusterStatus\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12K\n\x08Shutdown\x12\x1e.splitserve.v1.ShutdownRequest\x1a\x1f.splitserve.v1.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,35 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=517
   _globals['_USAGE']._serialized_end=597
   _globals['_TIMINGS']._serialized_start=600
-  _globals['_TIMINGS']._serialized_end=867
-  _globals['_GENERATERESPONSE']._serialized_start=870
-  _globals['_GENERATERESPONSE']._serialized_end=1078
-  _globals['_ABORTREQUEST']._serialized_start=1080
-  _globals['_ABORTREQUEST']._serialized_end=1114
-  _globals['_ABORTRESPONSE']._serialized_start=1116
-  _globals['_ABORTRESPONSE']._serialized_end=1146
-  _globals['_TIMINGSREQUEST']._serialized_start=1148
-  _globals['_TIMINGSREQUEST']._serialized_end=1184
-  _globals['_WORKERINFO']._serialized_start=1187
-  _globals['_WORKERINFO']._serialized_end=1472
-  _globals['_STATUSREQUEST']._serialized_start=1474
-  _globals['_STATUSREQUEST']._serialized_end=1489
-  _globals['_CLUSTERSTATUS']._serialized_start=1492
-  _globals['_CLUSTERSTATUS']._serialized_end=1691
-  _globals['_CLUSTERSTATUS_TARGETSENTRY']._serialized_start=1645
-  _globals['_CLUSTERSTATUS_TARGETSENTRY']._serialized_end=1691
-  _globals['_SCALEREQUEST']._serialized_start=1693
-  _globals['_SCALEREQUEST']._serialized_end=1773
-  _globals['_DRAINREQUEST']._serialized_start=1775
-  _globals['_DRAINREQUEST']._serialized_end=1808
-  _globals['_DRAINRESPONSE']._serialized_start=1810
-  _globals['_DRAINRESPONSE']._serialized_end=1840
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1842
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1859
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=1861
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=1879
-  _globals['_GENERATION']._serialized_start=1882
-  _globals['_GENERATION']._serialized_end=2110
-  _globals['_ADMIN']._serialized_start=2113
-  _globals['_ADMIN']._serialized_end=2403
+  _globals['_TIMINGS']._serialized_end=942
+  _globals['_GENERATERESPONSE']._serialized_start=945
+  _globals['_GENERATERESPONSE']._serialized_end=1153
+  _globals['_ABORTREQUEST']._serialized_start=1155
+  _globals['_ABORTREQUEST']._serialized_end=1189
+  _globals['_ABORTRESPONSE']._serialized_start=1191
+  _globals['_ABORTRESPONSE']._serialized_end=1221
+  _globals['_TIMINGSREQUEST']._serialized_start=1223
+  _globals['_TIMINGSREQUEST']._serialized_end=1259
+  _globals['_WORKERINFO']._serialized_start=1262
+  _globals['_WORKERINFO']._serialized_end=1547
+  _globals['_STATUSREQUEST']._serialized_start=1549
+  _globals['_STATUSREQUEST']._serialized_end=1564
+  _globals['_CLUSTERSTATUS']._serialized_start=1567
+  _globals['_CLUSTERSTATUS']._serialized_end=1766
+  _globals['_CLUSTERSTATUS_TARGETSENTRY']._serialized_start=1720
+  _globals['_CLUSTERSTATUS_TARGETSENTRY']._serialized_end=1766
+  _globals['_SCALEREQUEST']._serialized_start=1768
+  _globals['_SCALEREQUEST']._serialized_end=1848
+  _globals['_DRAINREQUEST']._serialized_start=1850
+  _globals['_DRAINREQUEST']._serialized_end=1883
+  _globals['_DRAINRESPONSE']._serialized_start=1885
+  _globals['_DRAINRESPONSE']._serialized_end=1915
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1917
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1934
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=1936
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=1954
+  _globals['_GENERATION']._serialized_start=1957
+  _globals['_GENERATION']._serialized_end=2185
+  _globals['_ADMIN']._serialized_start=2188
+  _globals['_ADMIN']._serialized_end=2478
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("request_id", "route", "reserve", "prefill_queue", "prefill", "transfer", "first_decode", "ttft", "e2e", "prefill_worker", "decode_worker", "retries", "kv_bytes", "outcome")
+    __slots__ = ("request_id", "route", "reserve", "prefill_queue", "prefill", "transfer", "first_decode", "ttft", "e2e", "prefill_worker", "decode_worker", "retries", "kv_bytes", "outcome", "path", "prefill_cached_tokens", "decode_cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     RESERVE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,9 @@ class Timings(_message.Message):
     RETRIES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     route: float
     reserve: float
@@ -88,7 +91,10 @@ class Timings(_message.Message):
     retries: int
     kv_bytes: int
     outcome: str
-    def __init__(self, request_id: _Optional[str] = ..., route: _Optional[float] = ..., reserve: _Optional[float] = ..., prefill_queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., first_decode: _Optional[float] = ..., ttft: _Optional[float] = ..., e2e: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., retries: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., outcome: _Optional[str] = ...) -> None: ...
+    path: str
+    prefill_cached_tokens: int
+    decode_cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., route: _Optional[float] = ..., reserve: _Optional[float] = ..., prefill_queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., first_decode: _Optional[float] = ..., ttft: _Optional[float] = ..., e2e: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., retries: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., outcome: _Optional[str] = ..., path: _Optional[str] = ..., prefill_cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "logprobs", "text", "finished", "finish_reason", "usage", "timings")

@@ -44,6 +44,11 @@ class DecodeWorkerStub:
                 request_serializer=splitserve_dot_proto_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=splitserve_dot_proto_dot_worker__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/splitserve.worker.DecodeWorker/Generate',
+                request_serializer=splitserve_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_worker__pb2.TokenChunk.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.worker.DecodeWorker/Abort',
                 request_serializer=splitserve_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -72,6 +77,13 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Prefill here and decode: the whole request on this worker's engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -95,6 +107,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
                     request_deserializer=splitserve_dot_proto_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_worker__pb2.TokenChunk.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=splitserve_dot_proto_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=splitserve_dot_proto_dot_worker__pb2.TokenChunk.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
@@ -161,6 +178,33 @@ class DecodeWorker:
             target,
             '/splitserve.worker.DecodeWorker/Decode',
             splitserve_dot_proto_dot_worker__pb2.DecodeRequest.SerializeToString,
+            splitserve_dot_proto_dot_worker__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitserve.worker.DecodeWorker/Generate',
+            splitserve_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
             splitserve_dot_proto_dot_worker__pb2.TokenChunk.FromString,
             options,
             channel_credentials,

@@ -20,6 +20,7 @@ import uvicorn
 from grpc_reflection.v1alpha import reflection
 
 from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.kv_events import KVEventReader
 from splitserve.cluster.registry import Registry
 from splitserve.engine.checkpoint import checkpoint_fingerprint, safetensors_files
 from splitserve.engine.config import ModelConfig
@@ -32,6 +33,7 @@ from splitserve.router.http_api import OpenAIFrontend, build_app
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.orchestrator import Orchestrator
 from splitserve.router.policy import make_policy
+from splitserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 # Connections that arrive together wait in the kernel's queue instead of being reset; the
@@ -62,10 +64,14 @@ class Router:
         self.registry = Registry(redis_url, config.name, config.heartbeat_ttl_seconds)
         self.view = ClusterView(self.registry.workers, token=config.cluster_token, model_fingerprint=fingerprint)
         self.metrics = RouterMetrics(self.view.records)
+        r = config.routing
+        self.index = PrefixIndex(r.index_capacity_blocks)
+        self.kv_events = KVEventReader(self.registry.redis, self.registry.prefix, self.index, lambda: {w.worker_id for w in self.view.records()})
+        options = dict(index=self.index, local_prefill_tokens=r.local_prefill_tokens, balance_factor=r.balance_factor, balance_window=r.balance_window)
         self.orchestrator = Orchestrator(
-            self.view, make_policy(config.router.policy), self.metrics, tokenizer, model_config, served_model_name(config),
+            self.view, make_policy(config.router.policy, **options), self.metrics, tokenizer, model_config, served_model_name(config),
             max_model_len=config.model.max_model_len, transport=config.kv_transfer.transport,
-            timeout=config.router.request_timeout_s, max_retries=config.router.max_retries,
+            timeout=config.router.request_timeout_s, max_retries=config.router.max_retries, block_size=config.block_size,
         )
         self.api_keys = frozenset(config.api_keys)
         special = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
@@ -79,6 +85,7 @@ class Router:
         self._failed: BaseException | None = None
         self._stopping: asyncio.Event | None = None
         self.view.start()
+        self.kv_events.start()
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), name="router-loop", daemon=True)
         self._thread.start()
         if not self._started.wait(START_TIMEOUT) or self._failed is not None:
@@ -121,5 +128,6 @@ class Router:
         if self._stopping is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stopping.set)
             self._thread.join(15)
+        self.kv_events.stop()
         self.view.stop()
         self._sock.close()

@@ -1,18 +1,20 @@
 """The router's view of the cluster: a snapshot of ready workers refreshed from the registry,
 a channel per worker, and the router's own count of its requests on each worker.
 
-Life cycle: start() polls the source every `poll_seconds` on a background thread; snapshot() is a
-cheap read. Worker channels are grpc.aio channels, made on first use on the router's event loop. If the registry is unreachable the last snapshot is kept for `stale_seconds`
-(workers keep serving while Redis restarts), then routing stops with UNAVAILABLE.
+Life cycle: start() polls the source every `poll_seconds` on a background thread and rebuilds
+the workers' loads; snapshot() adds this router's in-flight counts to the workers that have
+some (cheap at any cluster size). Worker channels are grpc.aio channels, made on first use on
+the router's event loop. If the registry is unreachable the last snapshot is kept for
+`stale_seconds` (workers keep serving while Redis restarts), then routing stops with UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 
 from splitserve.cluster.registry import WorkerRecord
@@ -40,8 +42,8 @@ class ClusterView:
         self._records: list[WorkerRecord] = []
         self._fresh_at = 0.0
         self._clients: dict[tuple[str, str], WorkerClient] = {}  # (worker id, address) -> channel
-        self._inflight: Counter[str] = Counter()
-        self._inflight_tokens: Counter[str] = Counter()
+        self._inflight: dict[str, tuple[int, int, int]] = {}  # worker -> (requests, prompt tokens, blocks)
+        self._base = Snapshot()  # loads as reported, rebuilt at each refresh
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cluster-view", daemon=True)
@@ -69,8 +71,11 @@ class ClusterView:
         wrong = [r.worker_id for r in records if self._fingerprint and r.model_fingerprint and r.model_fingerprint != self._fingerprint]
         if wrong:
             logger.warning("ignoring workers serving another model: %s", wrong)
+        ready = [self._load(r) for r in records if r.state == "ready" and r.worker_id not in wrong]
+        base = Snapshot(tuple(w for w in ready if w.role == "prefill"), tuple(w for w in ready if w.role == "decode"))
         with self._lock:
             self._records = [r for r in records if r.worker_id not in wrong]
+            self._base = base
             self._fresh_at = time.monotonic()
             # a worker that left the registry: forget its channel (requests still using it keep it
             # alive; it closes when the last one lets go)
@@ -89,17 +94,27 @@ class ClusterView:
             return list(self._records) if time.monotonic() - self._fresh_at < self._stale else []
 
     def snapshot(self) -> Snapshot:
-        loads = [self._load(r) for r in self.records() if r.state == "ready"]
-        return Snapshot(tuple(w for w in loads if w.role == "prefill"), tuple(w for w in loads if w.role == "decode"))
-
-    def _load(self, r: WorkerRecord) -> WorkerLoad:
-        s = r.load
         with self._lock:
-            inflight, tokens = self._inflight[r.worker_id], self._inflight_tokens[r.worker_id]
+            if time.monotonic() - self._fresh_at >= self._stale:
+                return Snapshot()
+            base, inflight = self._base, dict(self._inflight)
+        if not inflight:
+            return base
+
+        def fresh(pool: tuple[WorkerLoad, ...]) -> tuple[WorkerLoad, ...]:
+            return tuple(w if w.worker_id not in inflight else dataclasses.replace(
+                w, inflight=inflight[w.worker_id][0], inflight_prompt_tokens=inflight[w.worker_id][1], inflight_blocks=inflight[w.worker_id][2])
+                for w in pool)
+
+        return Snapshot(fresh(base.prefill), fresh(base.decode))
+
+    @staticmethod
+    def _load(r: WorkerRecord) -> WorkerLoad:
+        s = r.load
         return WorkerLoad(
             r.worker_id, r.role, r.address, queued_prefill_tokens=s.get("queued_prefill_tokens", 0), running=s.get("running", 0),
             used_blocks=s.get("used_blocks", 0), reserved_blocks=s.get("reserved_blocks", 0), free_blocks=s.get("free_blocks", 0),
-            total_blocks=s.get("total_blocks", 0), inflight=inflight, inflight_prompt_tokens=tokens,
+            total_blocks=s.get("total_blocks", 0),
         )
 
     def client(self, worker: WorkerLoad) -> WorkerClient:
@@ -111,7 +126,11 @@ class ClusterView:
             return c
 
     # ---- the router's own accounting -----------------------------------------------------
-    def add_inflight(self, worker_id: str, n: int = 1, prompt_tokens: int = 0) -> None:
+    def add_inflight(self, worker_id: str, n: int = 1, prompt_tokens: int = 0, blocks: int = 0) -> None:
         with self._lock:
-            self._inflight[worker_id] += n
-            self._inflight_tokens[worker_id] += prompt_tokens
+            r, t, b = self._inflight.get(worker_id, (0, 0, 0))
+            now = (r + n, t + prompt_tokens, b + blocks)
+            if now == (0, 0, 0):
+                del self._inflight[worker_id]
+            else:
+                self._inflight[worker_id] = now

@@ -81,6 +81,11 @@ class WorkerClient:
         call = self.decode.Decode(worker_pb2.DecodeRequest(request_id=request_id), timeout=timeout, metadata=self.metadata)
         return DecodeStream(self, call)
 
+    def open_generate(self, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams, timeout: float) -> "DecodeStream":
+        """Selective disaggregation: the decode worker prefills the prompt itself."""
+        req = worker_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, params=params)
+        return DecodeStream(self, self.decode.Generate(req, timeout=timeout, metadata=self.metadata))
+
     def abort_decode(self, request_id: str, reason: str) -> None:
         self._abort(self.decode, request_id, reason)
 
@@ -129,14 +134,35 @@ class DecodeStream:
     async def __aiter__(self) -> AsyncIterator[worker_pb2.TokenChunk]:
         """Yield the decode worker's chunks; cancels the stream if the consumer leaves."""
         try:
-            async for chunk in self.call:
+            while (chunk := await self._read()) is not None:
                 yield chunk
                 if chunk.finished:
                     return
-        except grpc.aio.AioRpcError as e:
-            raise self.worker.rpc_error(e, "decode", "decode") from None
         finally:
             self.cancel()
+
+    async def first(self) -> worker_pb2.TokenChunk:
+        """The first chunk (a failure before it raises here, where it can still be retried)."""
+        chunk = await self._read()
+        if chunk is None:
+            raise self.worker.error(grpc.StatusCode.UNAVAILABLE, "the stream ended before its first token", "decode", "generate")
+        return chunk
+
+    async def after(self, head: worker_pb2.TokenChunk) -> AsyncIterator[worker_pb2.TokenChunk]:
+        """`head` (read with `first`), then the rest of the stream."""
+        yield head
+        if not head.finished:
+            async for chunk in self:
+                yield chunk
+        else:
+            self.cancel()
+
+    async def _read(self) -> worker_pb2.TokenChunk | None:
+        try:
+            chunk = await self.call.read()
+        except grpc.aio.AioRpcError as e:
+            raise self.worker.rpc_error(e, "decode", "decode") from None
+        return None if chunk is grpc.aio.EOF else chunk
 
     def cancel(self) -> None:
         self.call.cancel()  # no-op once finished; otherwise the decode side aborts the request

@@ -3,10 +3,11 @@ the two legs, stream, account.
 
 A request's journey through `Orchestrator.generate`:
     validate (prompt, context, sampling, model name)   -> INVALID_ARGUMENT naming the field
-    route: the policy picks (prefill P, decode D) from the cluster snapshot
-    reserve on D, prefill on P                          -> retried on another worker when a
-                                                           worker is unreachable (bounded)
-    first token (from P) streamed at once, then D's tokens; text is detokenized here
+    route: the policy picks a Route from the cluster snapshot and the prefix index:
+      disaggregated: reserve on D (its cached prefix pinned), open D's stream, prefill on P
+      local:         D prefills the prompt itself (it lacks only a little of it) and decodes
+    a leg that fails before the first token is retried on another worker (bounded)
+    first token streamed at once, then D's tokens; text is detokenized here
     finish, failure of a leg (the other is aborted), client gone (both aborted)
 Every step's time goes into the request's `Timings`, logged once per request and kept for
 `timings(request_id)`; metrics are updated as the request moves.
@@ -22,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
+from splitserve.engine.block_pool import block_hashes
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.prompt import check_fits, encode_prompt
@@ -32,7 +34,7 @@ from splitserve.proto.status import StatusError, status_of
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.legs import LegError, WorkerClient, prefill_watching
 from splitserve.router.metrics import RouterMetrics
-from splitserve.router.policy import NoWorkerError, RouteRequest, RoutingPolicy, WorkerLoad
+from splitserve.router.policy import NoWorkerError, Route, RouteRequest, RoutingPolicy, WorkerLoad
 
 logger = logging.getLogger(__name__)
 # A leg failing with these is tried again on another worker (nothing has reached the client yet).
@@ -62,7 +64,10 @@ class Timings:
     prefill_worker: str = ""
     decode_worker: str = ""
     retries: int = 0
-    kv_bytes: int = 0
+    kv_bytes: int = 0  # KV bytes actually moved to the decode worker
+    path: str = ""  # "disaggregated" | "local"
+    prefill_cached_tokens: int = 0  # prompt tokens the prefill worker did not compute
+    decode_cached_tokens: int = 0  # prompt tokens the decode worker already held (not moved)
     outcome: str = "running"
 
     def to_dict(self) -> dict:
@@ -79,6 +84,18 @@ class Chunk:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     timings: Timings | None = None
+
+
+@dataclass
+class _Started:
+    """A request placed on workers: its first token when the prefill worker sent it, and the
+    decode worker's stream, whose first `skip` tokens repeat it."""
+
+    first_token: list[int]
+    first_logprob: list[float]
+    stream: AsyncIterator
+    skip: int
+    cached_tokens: int  # prompt tokens not recomputed
 
 
 @dataclass
@@ -107,6 +124,7 @@ class Orchestrator:
         timeout: float = 600.0,
         max_retries: int = 1,
         route_wait: float = 5.0,
+        block_size: int = 16,
     ) -> None:
         self.view = view
         self.policy = policy
@@ -119,6 +137,7 @@ class Orchestrator:
         self.timeout = timeout
         self.max_retries = max_retries
         self.route_wait = route_wait
+        self.block_size = block_size
         self._legs: dict[str, _Legs] = {}
         self._timings: OrderedDict[str, Timings] = OrderedDict()
 
@@ -146,43 +165,42 @@ class Orchestrator:
         deadline = arrival + self.timeout
         left = lambda: max(0.001, deadline - time.monotonic())  # noqa: E731
         legs = self._legs[rid]
-        held: list[tuple[str, int, int]] = []  # (worker id, inflight, prompt tokens) to give back
+        held: list[tuple[str, int, int, int]] = []  # (worker, requests, prompt tokens, blocks) to give back
+        text = _Text(self.tokenizer, params.stop, params.skip_special_tokens)
+        out_tokens: list[int] = []
         self.metrics.running.inc()
         try:
-            pre, p_worker, stream = await self._dispatch(rid, prompt, params, t, legs, held, left)
-            t.ttft = time.monotonic() - arrival
-            self.metrics.ttft.observe(t.ttft)
-            self._give_back(held, p_worker.worker_id)
-            text = _Text(self.tokenizer, params.stop, params.skip_special_tokens)
-            first = Chunk(rid, [pre.first_token], [pre.first_logprob], text.push(pre.first_token))
-            yield first
+            started = await self._dispatch(rid, prompt, params, t, legs, held, left)
             last_emit = time.monotonic()
-            emitted, seen = 1, []
-            async for chunk in stream:
+            if started.first_token:
+                yield self._first(t, arrival, held, text, rid, started.first_token, started.first_logprob)
+                out_tokens += started.first_token
+                last_emit = time.monotonic()
+            skip = started.skip
+            async for chunk in started.stream:
                 now = time.monotonic()
-                if not seen:
+                tokens, logprobs = list(chunk.token_ids), list(chunk.logprobs)
+                if skip:
+                    dropped = min(skip, len(tokens))
+                    tokens, logprobs, skip = tokens[dropped:], logprobs[dropped:], skip - dropped
+                if chunk.kv_bytes or chunk.kv_transfer_seconds:
                     t.transfer, t.kv_bytes = chunk.kv_transfer_seconds, chunk.kv_bytes
                     self.metrics.kv_seconds.observe(t.transfer)
                     self.metrics.kv_bytes.inc(t.kv_bytes)
-                seen.extend(chunk.token_ids)
-                new = seen[emitted:]
-                if new and emitted == 1:
-                    t.first_decode = now - last_emit
-                if new:
-                    for _ in new:
-                        self.metrics.itl.observe((now - last_emit) / len(new))
-                    emitted, last_emit = len(seen), now
-                out = Chunk(rid, new, list(chunk.logprobs)[-len(new):] if new else [], "".join(text.push(tok) for tok in new))
+                if tokens and not out_tokens:  # the local path: the first token comes from the decode worker
+                    out = self._first(t, arrival, held, text, rid, tokens, logprobs)
+                else:
+                    if tokens and len(out_tokens) == 1:
+                        t.first_decode = now - last_emit
+                    for _ in tokens:
+                        self.metrics.itl.observe((now - last_emit) / len(tokens))
+                    out = Chunk(rid, tokens, logprobs, "".join(text.push(tok) for tok in tokens))
+                out_tokens += tokens
+                if tokens:
+                    last_emit = now
                 if chunk.finished:
-                    t.e2e = now - arrival
-                    t.outcome = "ok"
-                    out.finished, out.finish_reason = True, chunk.finish_reason
-                    out.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(seen), "cached_tokens": pre.num_cached_tokens}
-                    out.timings = t
-                    self.metrics.e2e.observe(t.e2e)
-                    self.metrics.prompt_tokens.inc(len(prompt))
-                    self.metrics.generation_tokens.inc(len(seen))
-                if new or out.finished:
+                    self._finished(t, arrival, out, chunk.finish_reason, prompt, out_tokens, started.cached_tokens)
+                if tokens or out.finished:
                     yield out
                 if chunk.finished:
                     return
@@ -204,6 +222,28 @@ class Orchestrator:
             t.e2e = t.e2e or time.monotonic() - arrival
             self._finish(rid, t)
 
+    def _first(self, t: Timings, arrival: float, held: list, text: "_Text", rid: str, tokens: list[int], logprobs: list[float]) -> Chunk:
+        t.ttft = time.monotonic() - arrival
+        self.metrics.ttft.observe(t.ttft)
+        self._give_back(held, prompts_only=True)  # the prompt is computed: it no longer loads a prefill queue
+        return Chunk(rid, tokens, logprobs, "".join(text.push(tok) for tok in tokens))
+
+    def _finished(self, t: Timings, arrival: float, out: Chunk, reason: str, prompt: list[int], tokens: list[int], cached: int) -> None:
+        t.e2e = time.monotonic() - arrival
+        t.outcome = "ok"
+        out.finished, out.finish_reason = True, reason
+        out.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens), "cached_tokens": cached}
+        out.timings = t
+        m = self.metrics
+        m.e2e.observe(t.e2e)
+        m.prompt_tokens.inc(len(prompt))
+        m.generation_tokens.inc(len(tokens))
+        m.paths.labels(t.path).inc()
+        for pool, hits in (("prefill", t.prefill_cached_tokens), ("decode", t.decode_cached_tokens)):
+            if pool == "decode" or t.path == "disaggregated":
+                m.prefix_queries.labels(pool).inc(len(prompt))
+                m.prefix_hits.labels(pool).inc(hits)
+
     def _fail(self, rid: str, legs: _Legs, e: Exception) -> Exception:
         """The one failure path of a request: decide what its client is told, abort both legs."""
         if legs.aborted:  # whatever a leg reported, the client asked for this
@@ -216,11 +256,12 @@ class Orchestrator:
         self._abort_legs(rid, legs, f"request failed: {err}")
         return err
 
-    async def _dispatch(self, rid, prompt, params, t: Timings, legs: _Legs, held, left):
-        """Route, reserve and prefill; a leg whose worker is unreachable or full is tried again
-        on another worker (bounded by max_retries). Returns (prefill response, prefill worker,
-        the decode stream)."""
+    async def _dispatch(self, rid: str, prompt: list[int], params: SamplingParams, t: Timings, legs: _Legs, held: list, left) -> _Started:
+        """Route and start the request; a leg that fails before the first token (its worker
+        unreachable or full) is tried again elsewhere, `max_retries` times at most."""
         p_params = params_to_proto(params)
+        bs = self.block_size
+        hashes = tuple(block_hashes(prompt, bs))
         exclude: set[str] = set()
         failed: LegError | None = None
         for attempt in range(self.max_retries + 1):
@@ -228,42 +269,56 @@ class Orchestrator:
                 raise StatusError("ABORTED", f"request {rid} aborted")
             start = time.monotonic()
             try:
-                p_worker, d_worker = await self._route(RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude)), left)
+                route = await self._route(RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude), hashes, bs), left)
             except NoWorkerError as e:
                 if failed is None:
                     raise
                 raise StatusError(failed.status, f"{failed} (no other {failed.leg} worker to retry on: {e})") from None
             t.route += time.monotonic() - start
-            t.prefill_worker, t.decode_worker, t.retries = p_worker.worker_id, d_worker.worker_id, attempt
-            self._hold(held, p_worker, len(prompt))
-            self._hold(held, d_worker, 0)
-            legs.prefill, legs.decode = self.view.client(p_worker), self.view.client(d_worker)
+            t.retries, t.path = attempt, route.path
+            t.prefill_worker, t.decode_worker = route.prefill.worker_id if route.prefill else "", route.decode.worker_id
             legs.leg_id = lid = rid if attempt == 0 else f"{rid}.retry{attempt}"
-            start = time.monotonic()
             try:
-                desc = await legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0))
-                t.reserve = time.monotonic() - start
-                self.metrics.route.observe(t.route + t.reserve)
-                stream = legs.decode.open_decode(lid, left())
-                try:
-                    pre = await prefill_watching(legs.prefill, stream, lid, prompt, p_params, desc, left())
-                except LegError:
-                    stream.cancel()
-                    raise
+                return await self._start(route, lid, prompt, p_params, t, legs, held, left)
             except LegError as e:
                 self._abort_legs(rid, legs, f"{e.leg} leg failed")
+                self._give_back(held)
                 if e.status not in RETRYABLE[e.leg] or attempt >= self.max_retries or legs.aborted:
                     raise
                 failed = e
                 self._retry(e, exclude)
-                continue
-            t.prefill_queue, t.prefill = pre.queue_seconds, pre.prefill_seconds
-            self.metrics.queue.observe(t.prefill_queue)
-            self.metrics.prefill.observe(t.prefill)
-            return pre, p_worker, stream
         raise AssertionError("unreachable")
 
-    async def _route(self, request: RouteRequest, left) -> tuple[WorkerLoad, WorkerLoad]:
+    async def _start(self, route: Route, lid: str, prompt: list[int], p_params, t: Timings, legs: _Legs, held: list, left) -> _Started:
+        bs, blocks = self.block_size, -(-len(prompt) // self.block_size)
+        self._hold(held, route.decode, 0, blocks - route.decode_cached_blocks)
+        legs.decode = self.view.client(route.decode)
+        legs.prefill = None
+        start = time.monotonic()
+        if route.prefill is None:  # selective disaggregation: the decode worker prefills it
+            stream = legs.decode.open_generate(lid, prompt, p_params, left())
+            head = await stream.first()  # a failure before the first token may still be retried
+            t.decode_cached_tokens = head.num_cached_tokens
+            t.prefill = time.monotonic() - start
+            return _Started([], [], stream.after(head), 0, head.num_cached_tokens)
+        self._hold(held, route.prefill, len(prompt) - route.prefill_cached_blocks * bs, 0)
+        legs.prefill = self.view.client(route.prefill)
+        desc = await legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0))
+        t.reserve = time.monotonic() - start
+        t.decode_cached_tokens = desc.num_cached_blocks * bs
+        self.metrics.route.observe(t.route + t.reserve)
+        stream = legs.decode.open_decode(lid, left())
+        try:
+            pre = await prefill_watching(legs.prefill, stream, lid, prompt, p_params, desc, left())
+        except LegError:
+            stream.cancel()
+            raise
+        t.prefill_queue, t.prefill, t.prefill_cached_tokens = pre.queue_seconds, pre.prefill_seconds, pre.num_cached_tokens
+        self.metrics.queue.observe(t.prefill_queue)
+        self.metrics.prefill.observe(t.prefill)
+        return _Started([pre.first_token], [pre.first_logprob], stream, 1, pre.num_cached_tokens)
+
+    async def _route(self, request: RouteRequest, left) -> Route:
         """The policy's pick. When a pool looks empty (a worker restarting, the registry just
         restarted and not yet re-filled by heartbeats) wait a little for one to appear; when
         every worker of a pool already failed this request, say so at once."""
@@ -283,19 +338,20 @@ class Orchestrator:
         self.metrics.retries.labels(err.leg).inc()
 
     # ---- bookkeeping ---------------------------------------------------------------------
-    def _hold(self, held: list, worker: WorkerLoad, tokens: int) -> None:
-        self.view.add_inflight(worker.worker_id, 1, tokens)
-        held.append((worker.worker_id, 1, tokens))
+    def _hold(self, held: list, worker: WorkerLoad, prompt_tokens: int, blocks: int) -> None:
+        self.view.add_inflight(worker.worker_id, 1, prompt_tokens, blocks)
+        held.append((worker.worker_id, 1, prompt_tokens, blocks))
 
-    def _give_back(self, held: list, only: str | None = None) -> None:
-        """Return in-flight counts (all, or just the prompt tokens of `only` once prefilled)."""
-        for i, (wid, n, tokens) in enumerate(held):
-            if only is None:
-                self.view.add_inflight(wid, -n, -tokens)
-            elif wid == only and tokens:
-                self.view.add_inflight(wid, 0, -tokens)
-                held[i] = (wid, n, 0)
-        if only is None:
+    def _give_back(self, held: list, prompts_only: bool = False) -> None:
+        """Return this request's in-flight counts: all of them, or only the prompt tokens (once
+        the prompt is computed)."""
+        for i, (wid, n, tokens, blocks) in enumerate(held):
+            if not prompts_only:
+                self.view.add_inflight(wid, -n, -tokens, -blocks)
+            elif tokens:
+                self.view.add_inflight(wid, 0, -tokens, 0)
+                held[i] = (wid, n, 0, blocks)
+        if not prompts_only:
             held.clear()
 
     def _abort_legs(self, rid: str, legs: _Legs, reason: str) -> None:

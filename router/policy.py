@@ -1,14 +1,27 @@
 """Routing policies: pure functions of a cluster snapshot and a request, plain Python.
 
-Every policy implements `RoutingPolicy.choose`, so benchmarks can compare them on identical
-traces. Round-robin and least-loaded ship here; the workload-aware policy is added the same way.
+Every policy implements `RoutingPolicy.choose` and returns a `Route`, so benchmarks compare
+them on identical traces:
+    round_robin     each pool in turn
+    least_loaded    fewest queued prompt tokens / fewest decodes in flight
+    workload_aware  the pair with the least work for this request, knowing which worker caches
+                    which prefix (the router's PrefixIndex), and the decode worker alone when it
+                    lacks at most `local_prefill_tokens` of the prompt (selective
+                    disaggregation); a bounded-load cap keeps any worker from taking much more
+                    than its share of recent requests, so a prompt shared by every request
+                    cannot pull them all onto one worker.
 """
 
 from __future__ import annotations
 
 import abc
+import heapq
 import itertools
+import math
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -25,6 +38,7 @@ class WorkerLoad:
     # this router's own count of its requests on the worker (fresh, unlike the heartbeat's)
     inflight: int = 0
     inflight_prompt_tokens: int = 0
+    inflight_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -39,18 +53,36 @@ class RouteRequest:
     num_prompt_tokens: int
     max_tokens: int
     exclude: frozenset[str] = field(default_factory=frozenset)  # workers that failed this request
+    block_hashes: tuple[int, ...] = ()  # of the prompt's full blocks, as workers compute them
+    block_size: int = 16
+
+
+@dataclass(frozen=True)
+class Route:
+    decode: WorkerLoad
+    prefill: WorkerLoad | None = None  # None: the decode worker prefills the prompt itself
+    prefill_cached_blocks: int = 0  # the chosen workers' cached prefix, as the index believes
+    decode_cached_blocks: int = 0
+
+    @property
+    def path(self) -> str:
+        return "local" if self.prefill is None else "disaggregated"
 
 
 class NoWorkerError(Exception):
     status = "UNAVAILABLE"
 
 
+class PrefixLookup(Protocol):
+    def match(self, block_hashes: Sequence[int]) -> dict[str, int]: ...
+
+
 class RoutingPolicy(abc.ABC):
     name = "abstract"
 
     @abc.abstractmethod
-    def choose(self, snapshot: Snapshot, request: RouteRequest) -> tuple[WorkerLoad, WorkerLoad]:
-        """(prefill worker, decode worker) for the request; NoWorkerError if a pool is empty."""
+    def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
+        """Where the request goes; NoWorkerError if a pool has no usable worker."""
 
     @staticmethod
     def candidates(snapshot: Snapshot, request: RouteRequest) -> tuple[list[WorkerLoad], list[WorkerLoad]]:
@@ -68,10 +100,10 @@ class RoundRobin(RoutingPolicy):
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def choose(self, snapshot: Snapshot, request: RouteRequest) -> tuple[WorkerLoad, WorkerLoad]:
+    def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
         p, d = self.candidates(snapshot, request)
         i = next(self._counter)
-        return p[i % len(p)], d[i % len(d)]
+        return Route(decode=d[i % len(d)], prefill=p[i % len(p)])
 
 
 class LeastLoaded(RoutingPolicy):
@@ -85,18 +117,95 @@ class LeastLoaded(RoutingPolicy):
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def choose(self, snapshot: Snapshot, request: RouteRequest) -> tuple[WorkerLoad, WorkerLoad]:
+    def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
         p, d = self.candidates(snapshot, request)
         i = next(self._counter)
         best_p = min(range(len(p)), key=lambda k: (p[k].inflight_prompt_tokens, p[k].queued_prefill_tokens, (k - i) % len(p)))
         best_d = min(range(len(d)), key=lambda k: (d[k].inflight, d[k].used_blocks + d[k].reserved_blocks, (k - i) % len(d)))
-        return p[best_p], d[best_d]
+        return Route(decode=d[best_d], prefill=p[best_p])
 
 
-POLICIES: dict[str, type[RoutingPolicy]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
+class _BoundedLoad:
+    """At most `factor` x an equal share of the last `window` picks per worker: the cap that
+    keeps cache affinity from becoming a hotspot (bounded-load hashing's rule, over recent
+    requests). Whatever the costs say, a worker at its cap waits for the others to catch up."""
+
+    def __init__(self, factor: float, window: int) -> None:
+        self.factor = factor
+        self.recent: deque[str] = deque(maxlen=window)
+        self.counts: Counter[str] = Counter()
+
+    def allows(self, worker_id: str, pool_size: int) -> bool:
+        cap = math.ceil(self.factor * (len(self.recent) + 1) / pool_size)
+        return self.counts[worker_id] + 1 <= cap
+
+    def record(self, worker_id: str) -> None:
+        if len(self.recent) == self.recent.maxlen:
+            self.counts[self.recent[0]] -= 1
+        self.recent.append(worker_id)
+        self.counts[worker_id] += 1
 
 
-def make_policy(name: str) -> RoutingPolicy:
+class WorkloadAware(RoutingPolicy):
+    """The pair that does the least work for this request.
+
+    prefill cost (tokens) = prompt tokens queued on the worker + this prompt's tokens it has
+                            not cached
+    decode cost (blocks)  = KV blocks the worker holds active + blocks it would have to receive
+    Both sides pass the bounded-load cap. When the chosen decode worker lacks at most
+    `local_prefill_tokens` of the prompt and has the room, it prefills that part itself and
+    no prefill worker is used."""
+
+    name = "workload_aware"
+
+    def __init__(self, index: PrefixLookup | None = None, *, local_prefill_tokens: int = 0, balance_factor: float = 1.15,
+                 balance_window: int = 64, candidates_per_pool: int = 8) -> None:
+        self.index = index
+        self.local_prefill_tokens = local_prefill_tokens
+        self.top = candidates_per_pool
+        self.balance = {"prefill": _BoundedLoad(balance_factor, balance_window), "decode": _BoundedLoad(balance_factor, balance_window)}
+
+    def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
+        p_pool, d_pool = self.candidates(snapshot, request)
+        matched = self.index.match(request.block_hashes) if self.index is not None and request.block_hashes else {}
+        bs, n = request.block_size, request.num_prompt_tokens
+        blocks = -(-n // bs)
+
+        def decode_cost(w: WorkerLoad) -> float:
+            return w.used_blocks + w.reserved_blocks + w.inflight_blocks + blocks - matched.get(w.worker_id, 0)
+
+        def prefill_cost(w: WorkerLoad) -> float:
+            return w.queued_prefill_tokens + w.inflight_prompt_tokens + n - matched.get(w.worker_id, 0) * bs
+
+        d = self._pick("decode", d_pool, matched, decode_cost)
+        d_cached = min(matched.get(d.worker_id, 0), blocks)
+        if n - d_cached * bs <= self.local_prefill_tokens and d.free_blocks - d.inflight_blocks >= blocks - d_cached:
+            self.balance["decode"].record(d.worker_id)
+            return Route(decode=d, prefill=None, decode_cached_blocks=d_cached)
+        p = self._pick("prefill", p_pool, matched, prefill_cost)
+        self.balance["decode"].record(d.worker_id)
+        self.balance["prefill"].record(p.worker_id)
+        return Route(decode=d, prefill=p, prefill_cached_blocks=matched.get(p.worker_id, 0), decode_cached_blocks=d_cached)
+
+    def _pick(self, role: str, pool: list[WorkerLoad], matched: dict[str, int], cost) -> WorkerLoad:
+        """The cheapest worker within its cap, among those caching a prefix of the prompt and
+        the least loaded few (costs grow with load, so others cannot be cheaper)."""
+        size = len(pool)
+        if size > self.top:
+            least = heapq.nsmallest(self.top, pool, key=cost)
+            pool = list({w.worker_id: w for w in [*least, *(w for w in pool if w.worker_id in matched)]}.values())
+        cap = self.balance[role]
+        allowed = [w for w in pool if cap.allows(w.worker_id, size)] or pool
+        # equal costs go to the worker with fewer recent requests, then fewer in flight
+        return min(allowed, key=lambda w: (cost(w), cap.counts[w.worker_id], w.inflight))
+
+
+POLICIES: dict[str, type[RoutingPolicy]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "workload_aware": WorkloadAware}
+
+
+def make_policy(name: str, **options) -> RoutingPolicy:
+    """`options` go to policies that take them (workload_aware: index, local_prefill_tokens,
+    balance_factor, balance_window)."""
     if name not in POLICIES:
         raise ValueError(f"routing policy must be one of {sorted(POLICIES)}, got {name!r}")
-    return POLICIES[name]()
+    return POLICIES[name](**options) if name == "workload_aware" else POLICIES[name]()

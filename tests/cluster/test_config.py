@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_annotated_example_loads_with_documented_values() -> None:
     c = load_cluster_config(ROOT / "cluster.example.yaml")
     assert c.model.path == "/models/Llama-3.2-1B" and c.kv_transfer.transport == "grpc"
-    assert c.prefill.kv_cache_memory == 1 << 30 and c.router.policy == "least_loaded"
+    assert c.prefill.kv_cache_memory == 1 << 30 and c.router.policy == "workload_aware" and c.routing.local_prefill_tokens == 256
     assert parse_cluster_config({"model": {"path": "x"}}) == parse_cluster_config({"model": {"path": "x"}, "block_size": 16})
 
 

@@ -67,8 +67,9 @@ class LocalCluster:
     def __init__(self, model: Path, tmp: Path, redis: EmbeddedRedis, *, router: dict | None = None, **config) -> None:
         self.model, self.tmp, self.redis = model, tmp, redis
         self.name = f"t{uuid.uuid4().hex[:8]}"
+        # every request disaggregated unless a test asks for selective disaggregation
         self.config = {"name": self.name, "model": {"path": str(model), "dtype": "float32"}, "redis_url": redis.url,
-                       "heartbeat_seconds": 0.3, "heartbeat_ttl_seconds": 2.0,
+                       "heartbeat_seconds": 0.3, "heartbeat_ttl_seconds": 2.0, "routing": {"local_prefill_tokens": 0},
                        "router": {"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, **(router or {})}, **config}
         self.procs: list[Proc] = []
         self.routers: list[Proc] = []
@@ -78,9 +79,7 @@ class LocalCluster:
     def start(self, *workers: tuple[str, list[str]], routers: int = 1) -> "LocalCluster":
         """Start routers and workers (`(role, extra flags)`) together; wait until the first
         router's registry shows every worker ready."""
-        path = self.tmp / f"{self.name}.yaml"
-        path.write_text(yaml.safe_dump(self.config))
-        launched = [launch("splitserve.router", "-f", str(path)) for _ in range(routers)]
+        launched = [self._launch_router() for _ in range(routers)]
         launched += [self._launch_worker(role, flags) for role, flags in workers]
         procs = [w.wait() for w in launched]
         self.procs += procs
@@ -89,6 +88,18 @@ class LocalCluster:
             self.workers[p.worker_id] = p
         self.wait_workers(set(self.workers))
         return self
+
+    def _launch_router(self):
+        path = self.tmp / f"{self.name}.yaml"
+        path.write_text(yaml.safe_dump(self.config))
+        return launch("splitserve.router", "-f", str(path))
+
+    def add_router(self) -> Proc:
+        proc = self._launch_router().wait()
+        self.procs.append(proc)
+        self.routers.append(proc)
+        time.sleep(1.0)  # its view polls the registry, its index reads the snapshots
+        return proc
 
     def _launch_worker(self, role: str, flags: list[str]):
         return launch(f"splitserve.{role}_worker", "--model", str(self.model), "--dtype", "float32", "--redis-url", self.redis.url,

@@ -90,9 +90,9 @@ def test_decode_kv_capacity_exhausted(make_cluster) -> None:
         hog = sdk.generate_stream(LONG_PROMPT[:600], max_tokens=400, temperature=0, ignore_eos=True)  # 38+ of 64 blocks
         next(hog)
         with pytest.raises(ResourceExhaustedError) as e:
-            sdk.generate(LONG_PROMPT[:500], max_tokens=4, temperature=0)
+            sdk.generate(LONG_PROMPT[1000:1500], max_tokens=4, temperature=0)  # shares no prefix with the hog
         assert e.value.status == "RESOURCE_EXHAUSTED" and f"decode worker {d.worker_id}" in str(e.value), str(e.value)
-        assert_http_error(post(c.http, {"prompt": LONG_PROMPT[:500], "max_tokens": 4}), 429, f"decode worker {d.worker_id}", "free blocks")
+        assert_http_error(post(c.http, {"prompt": LONG_PROMPT[2000:2500], "max_tokens": 4}), 429, f"decode worker {d.worker_id}", "free blocks")
         hog.close()
     c.assert_idle()
 

@@ -25,7 +25,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def served(e2e_model: Path):
-    serve = start_serve("--model", str(e2e_model), "--dtype", "float32")
+    serve = start_serve("--model", str(e2e_model), "--dtype", "float32", "--local-prefill-tokens", "0")  # every request disaggregated
     yield serve
     serve.stop()
 

@@ -1,4 +1,4 @@
-"""Routing policies on hand-made snapshots: plain data in, a pair out."""
+"""Routing policies on hand-made snapshots: plain data in, a route out."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ REQ = RouteRequest("r", num_prompt_tokens=100, max_tokens=10)
 def test_round_robin_cycles_both_pools() -> None:
     snap = Snapshot((w("p1", "prefill"), w("p2", "prefill")), (w("d1", "decode"), w("d2", "decode"), w("d3", "decode")))
     policy = RoundRobin()
-    picks = [tuple(x.worker_id for x in policy.choose(snap, REQ)) for _ in range(6)]
+    picks = [(r.prefill.worker_id, r.decode.worker_id) for r in (policy.choose(snap, REQ) for _ in range(6))]
     assert Counter(p for p, _ in picks) == {"p1": 3, "p2": 3}
     assert Counter(d for _, d in picks) == {"d1": 2, "d2": 2, "d3": 2}
 
@@ -37,29 +37,85 @@ def test_least_loaded_prefers_short_queues_and_free_decoders() -> None:
         (w("p1", "prefill", queued_prefill_tokens=5000), w("p2", "prefill", queued_prefill_tokens=10)),
         (w("d1", "decode", used_blocks=900), w("d2", "decode", used_blocks=20, reserved_blocks=5)),
     )
-    p, d = LeastLoaded().choose(snap, REQ)
-    assert (p.worker_id, d.worker_id) == ("p2", "d2")
+    r = LeastLoaded().choose(snap, REQ)
+    assert (r.prefill.worker_id, r.decode.worker_id) == ("p2", "d2") and r.path == "disaggregated"
 
 
 def test_least_loaded_counts_this_routers_inflight_first() -> None:
     # the heartbeat says d2 is emptier, but this router just sent it three requests
     snap = Snapshot((w("p1", "prefill"),), (w("d1", "decode", used_blocks=50), w("d2", "decode", used_blocks=10, inflight=3)))
-    assert LeastLoaded().choose(snap, REQ)[1].worker_id == "d1"
+    assert LeastLoaded().choose(snap, REQ).decode.worker_id == "d1"
 
 
 def test_ties_are_shared() -> None:
     snap = Snapshot((w("p1", "prefill"), w("p2", "prefill")), (w("d1", "decode"), w("d2", "decode")))
     policy = LeastLoaded()
-    assert {policy.choose(snap, REQ)[1].worker_id for _ in range(4)} == {"d1", "d2"}
+    assert {policy.choose(snap, REQ).decode.worker_id for _ in range(4)} == {"d1", "d2"}
 
 
 def test_excluded_workers_and_empty_pools() -> None:
     snap = Snapshot((w("p1", "prefill"), w("p2", "prefill")), (w("d1", "decode"),))
     retry = RouteRequest("r", 100, 10, frozenset({"p1"}))
-    assert all(LeastLoaded().choose(snap, retry)[0].worker_id == "p2" for _ in range(3))
+    assert all(LeastLoaded().choose(snap, retry).prefill.worker_id == "p2" for _ in range(3))
     with pytest.raises(NoWorkerError, match="decode"):
         RoundRobin().choose(Snapshot(snap.prefill, ()), REQ)
     with pytest.raises(NoWorkerError, match="prefill"):
         LeastLoaded().choose(snap, RouteRequest("r", 1, 1, frozenset({"p1", "p2"})))
     with pytest.raises(ValueError, match="round_robin"):
         make_policy("random")
+
+
+# ---- workload_aware ------------------------------------------------------------------------
+class FakeIndex:
+    """worker -> number of leading blocks it holds of any prompt (the index's answer)."""
+
+    def __init__(self, held: dict[str, int]) -> None:
+        self.held = held
+
+    def match(self, block_hashes) -> dict[str, int]:
+        return {w: min(n, len(block_hashes)) for w, n in self.held.items() if n}
+
+
+def prompt_request(tokens: int, **kw) -> RouteRequest:
+    return RouteRequest("r", tokens, 16, block_hashes=tuple(range(tokens // 16)), **kw)
+
+
+def pools(**loads) -> Snapshot:
+    return Snapshot(tuple(w(k, "prefill", **v) for k, v in loads.items() if k.startswith("p")),
+                    tuple(w(k, "decode", **{"free_blocks": 1000, **v}) for k, v in loads.items() if k.startswith("d")))
+
+
+def test_workload_aware_follows_cached_prefixes() -> None:
+    policy = make_policy("workload_aware", index=FakeIndex({"p2": 60, "d1": 62}), local_prefill_tokens=0)
+    r = policy.choose(pools(p1={}, p2={}, d1={}, d2={}), prompt_request(1000))
+    assert (r.prefill.worker_id, r.decode.worker_id) == ("p2", "d1")
+    assert (r.prefill_cached_blocks, r.decode_cached_blocks) == (60, 62)
+
+
+def test_workload_aware_trades_a_cache_hit_for_a_shorter_queue() -> None:
+    policy = make_policy("workload_aware", index=FakeIndex({"p2": 60}), local_prefill_tokens=0)
+    busy = pools(p1={}, p2={"queued_prefill_tokens": 5000}, d1={})
+    assert policy.choose(busy, prompt_request(1000)).prefill.worker_id == "p1"  # 1000 new tokens < 5000 queued + 40
+    light = pools(p1={}, p2={"queued_prefill_tokens": 500}, d1={})
+    assert policy.choose(light, prompt_request(1000)).prefill.worker_id == "p2"
+
+
+def test_workload_aware_prefills_locally_when_the_decode_worker_lacks_little() -> None:
+    policy = make_policy("workload_aware", index=FakeIndex({"d1": 60}), local_prefill_tokens=64)
+    r = policy.choose(pools(p1={}, d1={}), prompt_request(1000))  # 1000 - 60 x 16 = 40 tokens missing
+    assert r.prefill is None and r.path == "local" and r.decode_cached_blocks == 60
+    far = policy.choose(pools(p1={}, d1={}), prompt_request(2000))
+    assert far.prefill is not None and far.path == "disaggregated"
+    full = pools(p1={}, d1={"free_blocks": 0})
+    assert policy.choose(full, prompt_request(1000)).path == "disaggregated"  # no room to prefill there
+
+
+def test_workload_aware_caps_a_shared_prefix_hotspot() -> None:
+    """Every request shares one cached system prompt held by p1 / d1 only, and the cluster is
+    idle: the costs alone would send every request there; the bounded-load cap splits them."""
+    policy = make_policy("workload_aware", index=FakeIndex({"p1": 62, "d1": 62}), local_prefill_tokens=0, balance_factor=1.2)
+    snap = pools(p1={}, p2={}, d1={}, d2={})
+    picks = [policy.choose(snap, prompt_request(1100)) for _ in range(200)]
+    for role in ("prefill", "decode"):
+        counts = Counter(getattr(r, role).worker_id for r in picks)
+        assert max(counts.values()) <= 1.5 * min(counts.values()), counts
