@@ -28,7 +28,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,9 +38,8 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
-TICK = os.sysconf("SC_CLK_TCK")
+from benchmarks.procs import HOST, ROOT, Child, cpu_seconds
+
 logger = logging.getLogger("benchmarks.router_concurrency")
 
 
@@ -110,37 +108,6 @@ def paced_worker(redis_url: str, cluster: str, interval: float) -> None:
 
 
 # ---- processes -----------------------------------------------------------------------------
-class Child:
-    def __init__(self, name: str, args: list[str], cwd: Path = ROOT) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.name = name
-        self.popen = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.log: list[str] = []
-        self.ready: dict = {}
-        self._got = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.popen.stdout:
-            self.log = (self.log + [line.rstrip()])[-50:]
-            if not self._got.is_set() and line.startswith("{") and '"ready"' in line:
-                self.ready = json.loads(line)
-                self._got.set()
-
-    def wait_ready(self, timeout: float = 120.0) -> dict:
-        if not self._got.wait(timeout):
-            raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.log))
-        return self.ready
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-
-
 def proc_status(pid: int) -> tuple[int, int]:
     """(RSS bytes, threads) of a process."""
     rss = threads = 0
@@ -150,11 +117,6 @@ def proc_status(pid: int) -> tuple[int, int]:
         elif line.startswith("Threads:"):
             threads = int(line.split()[1])
     return rss, threads
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 # ---- clients -------------------------------------------------------------------------------
@@ -349,16 +311,16 @@ def main(argv: list[str] | None = None) -> int:
             model = write_tiny_checkpoint(Path(tmp) / "model", TinySpec())
             redis = EmbeddedRedis(HOST)
             name = f"concurrency{os.getpid()}"
-            worker = Child("paced worker", ["-m", "benchmarks.router_concurrency", "--paced-worker", redis.url, name, str(args.interval)])
+            worker = Child("paced worker", ["benchmarks.router_concurrency", "--paced-worker", redis.url, name, str(args.interval)])
             children.append(worker)
             worker_address = worker.wait_ready()["address"]
             config = {"name": name, "model": {"path": str(model), "dtype": "float32"}, "redis_url": redis.url,
-                      "router": {"host": HOST, "http_port": 0, "grpc_port": 0}}
+                      "router": {"host": HOST, "http_port": 0, "grpc_port": 0}, "routing": {"local_prefill_tokens": 0}}
             (Path(tmp) / "cluster.yaml").write_text(yaml.safe_dump(config))
             routers: dict[str, tuple[dict, int]] = {}
             variants = [("current", None)] + ([(args.compare_with[:8], old_router_path(args.compare_with, Path(tmp)))] if args.compare_with else [])
             for label, path in variants:
-                router = Child(f"router {label}", ["-m", "splitserve.router", "-f", str(Path(tmp) / "cluster.yaml")], path or ROOT)
+                router = Child(f"router {label}", ["splitserve.router", "-f", str(Path(tmp) / "cluster.yaml")], path or ROOT)
                 children.append(router)
                 routers[label] = (router.wait_ready(), router.popen.pid)
             time.sleep(1.5)  # the routers' views have both roles

@@ -23,7 +23,6 @@ import logging
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks.procs import Child
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.cluster.worker_runtime import WorkerSpec
 from splitserve.engine.sampling_params import SamplingParams
@@ -53,38 +53,6 @@ PROCS = ("router", "prefill", "decode", "redis", "loadgen")
 
 
 # ---- processes ---------------------------------------------------------------------------
-class Child:
-    """`python -m ARGS...`, its output pumped (last lines kept for errors), its JSON ready line parsed."""
-
-    def __init__(self, name: str, args: list[str]) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.name, self.ready, self.log, self._got = name, {}, collections.deque(maxlen=40), threading.Event()
-        self.popen = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True)  # no preexec_fn: forking next to gRPC threads can crash the child
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.popen.stdout:
-            self.log.append(line.rstrip())
-            if not self._got.is_set() and line.startswith("{") and '"ready"' in line:
-                self.ready = json.loads(line)
-                self._got.set()
-
-    def wait_ready(self, deadline: float) -> dict:
-        while not self._got.wait(0.1):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not become ready:\n" + "\n".join(self.log))
-        return self.ready
-
-    def stop(self) -> None:
-        self.popen.terminate()
-        try:
-            self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
 class Cluster:
     """Checkpoint, Redis, one prefill + one decode worker, one router; close() undoes whatever start() got to."""
 
@@ -99,13 +67,14 @@ class Cluster:
             spec = WorkerSpec(role=role, worker_id=f"{role}-0", cluster=name, redis_url=self.redis.url, model=str(model),
                               dtype="float32", kv_cache_memory=64 << 20, transport="grpc", host=HOST)
             self.children[role] = Child(role, ["splitserve.cluster.worker_runtime", spec.to_json()])
-        addresses = [self.children[r].wait_ready(deadline)["address"] for r in ("prefill", "decode")]
+        addresses = [self.children[r].wait_ready(deadline - time.monotonic())["address"] for r in ("prefill", "decode")]
         config = {"name": name, "model": {"path": str(model), "dtype": "float32", "device": "cpu"}, "redis_url": self.redis.url,
-                  "kv_transfer": {"transport": "grpc"}, "router": {"host": HOST, "http_port": 0, "grpc_port": 0}}
+                  "kv_transfer": {"transport": "grpc"}, "router": {"host": HOST, "http_port": 0, "grpc_port": 0},
+                  "routing": {"local_prefill_tokens": 0}}  # the same two legs as the direct path
         (self.tmp / "cluster.yaml").write_text(yaml.safe_dump(config))
         self.children["router"] = Child("router", ["splitserve.router", "-f", str(self.tmp / "cluster.yaml"), "--redis-url", self.redis.url,
                                                    "--http-port", "0", "--grpc-port", "0"])
-        self.client = Client(self.children["router"].wait_ready(deadline)["grpc"], timeout=REQUEST_TIMEOUT)
+        self.client = Client(self.children["router"].wait_ready(deadline - time.monotonic())["grpc"], timeout=REQUEST_TIMEOUT)
         self.pair = tuple(addresses)
         while True:  # both workers ready in the registry, then a first request through the router
             try:
@@ -122,9 +91,8 @@ class Cluster:
         return {**{n: c.popen.pid for n, c in self.children.items()}, "redis": self.redis.proc.pid, "loadgen": os.getpid()}
 
     def close(self) -> None:
-        for c in (self.client, *self.pair):
-            if c is not None:
-                c.close()
+        if self.client is not None:
+            self.client.close()
         for child in reversed(self.children.values()):  # router first, then the workers
             child.stop()
         if self.redis is not None:
