@@ -23,10 +23,11 @@ HOST = "127.0.0.1"
 class Child:
     """`python -m ARGS...`, its output pumped (last lines kept for errors), its JSON ready line parsed."""
 
-    def __init__(self, name: str, args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, cpus: str | None = None) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.name, self.ready, self.log, self._got = name, {}, collections.deque(maxlen=40), threading.Event()
-        self.popen = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        pin = ["taskset", "-c", cpus] if cpus else []  # every thread of the process on these CPUs
+        self.popen = subprocess.Popen([*pin, sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True)  # no preexec_fn: forking next to gRPC threads can crash the child
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -68,13 +69,16 @@ class BenchCluster:
         self.workers: list[Child] = []
         self.routers: list[Child] = []
 
-    def start(self, workers: list[tuple[str, list[str]]], routers: int = 1, timeout: float = 300.0) -> "BenchCluster":
+    def start(self, workers: list[tuple[str, list[str]]], routers: int = 1, timeout: float = 300.0,
+              cpus: dict[str, str] | None = None) -> "BenchCluster":
+        """`workers`: (role, extra flags) each; `cpus`: role -> the CPUs (taskset list) its workers run on."""
         path = self.tmp / f"{self.name}.yaml"
         path.write_text(yaml.safe_dump(self.config))
         self.routers = [Child("router", ["splitserve.router", "-f", str(path)]) for _ in range(routers)]
         self.workers = [Child(f"{role} {i}", [f"splitserve.{role}_worker", "--model", str(self.model), "--dtype", "float32",
                                               "--redis-url", self.redis_url, "--cluster", self.name, "--heartbeat-seconds", "0.5",
-                                              "--heartbeat-ttl-seconds", "3", *flags]) for i, (role, flags) in enumerate(workers)]
+                                              "--heartbeat-ttl-seconds", "3", *flags], cpus=(cpus or {}).get(role))
+                        for i, (role, flags) in enumerate(workers)]
         for c in [*self.routers, *self.workers]:
             c.wait_ready(timeout)
         from splitserve.proto.client import Client

@@ -165,7 +165,7 @@ class Orchestrator:
         deadline = arrival + self.timeout
         left = lambda: max(0.001, deadline - time.monotonic())  # noqa: E731
         legs = self._legs[rid]
-        held: list[tuple[str, int, int, int]] = []  # (worker, requests, prompt tokens, blocks) to give back
+        held: list[tuple[str, str, int, int, int]] = []  # (worker, role, requests, prompt tokens, blocks) to give back
         text = _Text(self.tokenizer, params.stop, params.skip_special_tokens)
         out_tokens: list[int] = []
         self.metrics.running.inc()
@@ -291,17 +291,18 @@ class Orchestrator:
 
     async def _start(self, route: Route, lid: str, prompt: list[int], p_params, t: Timings, legs: _Legs, held: list, left) -> _Started:
         bs, blocks = self.block_size, -(-len(prompt) // self.block_size)
-        self._hold(held, route.decode, 0, blocks - route.decode_cached_blocks)
+        local = route.prefill is None  # then the decode worker has the prompt's missing tokens to compute
+        self._hold(held, route.decode, len(prompt) - route.decode_cached_blocks * bs if local else 0, blocks - route.decode_cached_blocks)
         legs.decode = self.view.client(route.decode)
         legs.prefill = None
         start = time.monotonic()
-        if route.prefill is None:  # selective disaggregation: the decode worker prefills it
+        if local:  # selective disaggregation: the decode worker prefills it
             stream = legs.decode.open_generate(lid, prompt, p_params, left())
             head = await stream.first()  # a failure before the first token may still be retried
             t.decode_cached_tokens = head.num_cached_tokens
             t.prefill = time.monotonic() - start
             return _Started([], [], stream.after(head), 0, head.num_cached_tokens)
-        self._hold(held, route.prefill, len(prompt) - route.prefill_cached_blocks * bs, 0)
+        self._hold(held, route.prefill, len(prompt) - route.prefill_cached_blocks * bs, blocks - route.prefill_cached_blocks)
         legs.prefill = self.view.client(route.prefill)
         desc = await legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0))
         t.reserve = time.monotonic() - start
@@ -340,19 +341,19 @@ class Orchestrator:
     # ---- bookkeeping ---------------------------------------------------------------------
     def _hold(self, held: list, worker: WorkerLoad, prompt_tokens: int, blocks: int) -> None:
         self.view.add_inflight(worker.worker_id, 1, prompt_tokens, blocks)
-        held.append((worker.worker_id, 1, prompt_tokens, blocks))
+        held.append((worker.worker_id, worker.role, 1, prompt_tokens, blocks))
 
     def _give_back(self, held: list, prompts_only: bool = False) -> None:
-        """Return this request's in-flight counts: all of them, or only the prompt tokens (once
-        the prompt is computed)."""
-        for i, (wid, n, tokens, blocks) in enumerate(held):
-            if not prompts_only:
+        """Return this request's in-flight counts: all of them, or (once the prompt is computed)
+        what the prompt held: the prefill worker's share, and a local prefill's tokens."""
+        keep = []
+        for wid, role, n, tokens, blocks in held:
+            if not prompts_only or role == "prefill":
                 self.view.add_inflight(wid, -n, -tokens, -blocks)
-            elif tokens:
+            else:
                 self.view.add_inflight(wid, 0, -tokens, 0)
-                held[i] = (wid, n, 0, blocks)
-        if not prompts_only:
-            held.clear()
+                keep.append((wid, role, n, 0, blocks))
+        held[:] = keep if prompts_only else []
 
     def _abort_legs(self, rid: str, legs: _Legs, reason: str) -> None:
         """Tell both workers of the current attempt to drop it (without waiting for them)."""

@@ -150,13 +150,17 @@ class WorkloadAware(RoutingPolicy):
     """The pair that does the least work for this request.
 
     prefill cost (tokens) = prompt tokens queued on the worker + this prompt's tokens it has
-                            not cached
-    decode cost (blocks)  = KV blocks the worker holds active + blocks it would have to receive
+                            not cached: the compute ahead of this request's first token
+    decode cost (blocks)  = the prompt blocks the worker would have to receive, plus a small
+                            weight on the KV blocks it already holds active: moving KV is the
+                            request's own cost; a busier decode batch slows every token a
+                            little, and the bounded-load cap keeps the batches even
     Both sides pass the bounded-load cap. When the chosen decode worker lacks at most
-    `local_prefill_tokens` of the prompt and has the room, it prefills that part itself and
-    no prefill worker is used."""
+    `local_prefill_tokens` of the prompt, has the room, and has no more than that much prefill
+    work waiting already, it prefills that part itself and no prefill worker is used."""
 
     name = "workload_aware"
+    DECODE_LOAD_WEIGHT = 0.1  # an active block costs a tenth of a block to receive
 
     def __init__(self, index: PrefixLookup | None = None, *, local_prefill_tokens: int = 0, balance_factor: float = 1.15,
                  balance_window: int = 64, candidates_per_pool: int = 8) -> None:
@@ -171,19 +175,24 @@ class WorkloadAware(RoutingPolicy):
         bs, n = request.block_size, request.num_prompt_tokens
         blocks = -(-n // bs)
 
+        def room(w: WorkerLoad) -> bool:  # for the blocks it lacks (a full worker would preempt or refuse)
+            return w.free_blocks - w.inflight_blocks >= blocks - matched.get(w.worker_id, 0)
+
         def decode_cost(w: WorkerLoad) -> float:
-            return w.used_blocks + w.reserved_blocks + w.inflight_blocks + blocks - matched.get(w.worker_id, 0)
+            active = w.used_blocks + w.reserved_blocks + w.inflight_blocks
+            return blocks - matched.get(w.worker_id, 0) + self.DECODE_LOAD_WEIGHT * active
 
         def prefill_cost(w: WorkerLoad) -> float:
             return w.queued_prefill_tokens + w.inflight_prompt_tokens + n - matched.get(w.worker_id, 0) * bs
 
-        d = self._pick("decode", d_pool, matched, decode_cost)
-        d_cached = min(matched.get(d.worker_id, 0), blocks)
-        if n - d_cached * bs <= self.local_prefill_tokens and d.free_blocks - d.inflight_blocks >= blocks - d_cached:
-            self.balance["decode"].record(d.worker_id)
-            return Route(decode=d, prefill=None, decode_cached_blocks=d_cached)
-        p = self._pick("prefill", p_pool, matched, prefill_cost)
+        d = self._pick("decode", [w for w in d_pool if room(w)] or d_pool, matched, decode_cost)
         self.balance["decode"].record(d.worker_id)
+        d_cached = min(matched.get(d.worker_id, 0), blocks)
+        missing = n - d_cached * bs
+        backlog = d.queued_prefill_tokens + d.inflight_prompt_tokens
+        if missing <= self.local_prefill_tokens and backlog + missing <= 2 * self.local_prefill_tokens and room(d):
+            return Route(decode=d, prefill=None, decode_cached_blocks=d_cached)
+        p = self._pick("prefill", [w for w in p_pool if room(w)] or p_pool, matched, prefill_cost)
         self.balance["prefill"].record(p.worker_id)
         return Route(decode=d, prefill=p, prefill_cached_blocks=matched.get(p.worker_id, 0), decode_cached_blocks=d_cached)
 
