@@ -11,7 +11,6 @@ the router's event loop. If the registry is unreachable the last snapshot is kep
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -71,8 +70,7 @@ class ClusterView:
         wrong = [r.worker_id for r in records if self._fingerprint and r.model_fingerprint and r.model_fingerprint != self._fingerprint]
         if wrong:
             logger.warning("ignoring workers serving another model: %s", wrong)
-        ready = [self._load(r) for r in records if r.state == "ready" and r.worker_id not in wrong]
-        base = Snapshot(tuple(w for w in ready if w.role == "prefill"), tuple(w for w in ready if w.role == "decode"))
+        base = Snapshot.of(self._load(r) for r in records if r.state == "ready" and r.worker_id not in wrong)
         with self._lock:
             self._records = [r for r in records if r.worker_id not in wrong]
             self._base = base
@@ -98,15 +96,7 @@ class ClusterView:
             if time.monotonic() - self._fresh_at >= self._stale:
                 return Snapshot()
             base, inflight = self._base, dict(self._inflight)
-        if not inflight:
-            return base
-
-        def fresh(pool: tuple[WorkerLoad, ...]) -> tuple[WorkerLoad, ...]:
-            return tuple(w if w.worker_id not in inflight else dataclasses.replace(
-                w, inflight=inflight[w.worker_id][0], inflight_prompt_tokens=inflight[w.worker_id][1], inflight_blocks=inflight[w.worker_id][2])
-                for w in pool)
-
-        return Snapshot(fresh(base.prefill), fresh(base.decode))
+        return base.with_inflight(inflight) if inflight else base
 
     @staticmethod
     def _load(r: WorkerRecord) -> WorkerLoad:

@@ -15,11 +15,11 @@ them on identical traces:
 from __future__ import annotations
 
 import abc
-import heapq
+import dataclasses
 import itertools
 import math
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,8 +43,42 @@ class WorkerLoad:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The ready workers as last reported, plus this router's fresh view of those it has
+    requests on (`inflight`: the same worker with its in-flight counts filled in). Each pool
+    is ordered by reported load, lightest first, so a policy can look at a few workers of a
+    large pool instead of all of them."""
+
     prefill: tuple[WorkerLoad, ...] = ()
     decode: tuple[WorkerLoad, ...] = ()
+    inflight: Mapping[str, WorkerLoad] = field(default_factory=dict)
+    workers_by_id: Mapping[str, WorkerLoad] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, workers: Iterable[WorkerLoad]) -> "Snapshot":
+        workers = list(workers)
+        prefill = sorted((w for w in workers if w.role == "prefill"), key=lambda w: w.queued_prefill_tokens)
+        decode = sorted((w for w in workers if w.role == "decode"), key=lambda w: w.used_blocks + w.reserved_blocks)
+        return cls(tuple(prefill), tuple(decode), {}, {w.worker_id: w for w in workers})
+
+    def with_inflight(self, counts: Mapping[str, tuple[int, int, int]]) -> "Snapshot":
+        """This snapshot plus this router's (requests, prompt tokens, blocks) per worker."""
+        by_id = self.by_id
+        fresh = {wid: dataclasses.replace(by_id[wid], inflight=r, inflight_prompt_tokens=t, inflight_blocks=b)
+                 for wid, (r, t, b) in counts.items() if wid in by_id}
+        return Snapshot(self.prefill, self.decode, fresh, by_id)
+
+    @property
+    def by_id(self) -> Mapping[str, WorkerLoad]:
+        if self.workers_by_id is not None:
+            return self.workers_by_id
+        return {w.worker_id: w for pool in (self.prefill, self.decode) for w in pool}
+
+    def load(self, w: WorkerLoad) -> WorkerLoad:
+        """`w` with this router's in-flight counts."""
+        return self.inflight.get(w.worker_id, w)
+
+    def pool(self, role: str) -> tuple[WorkerLoad, ...]:
+        return self.prefill if role == "prefill" else self.decode
 
 
 @dataclass(frozen=True)
@@ -85,13 +119,13 @@ class RoutingPolicy(abc.ABC):
         """Where the request goes; NoWorkerError if a pool has no usable worker."""
 
     @staticmethod
-    def candidates(snapshot: Snapshot, request: RouteRequest) -> tuple[list[WorkerLoad], list[WorkerLoad]]:
-        p = [w for w in snapshot.prefill if w.worker_id not in request.exclude]
-        d = [w for w in snapshot.decode if w.worker_id not in request.exclude]
-        for role, pool, left in (("prefill", snapshot.prefill, p), ("decode", snapshot.decode, d)):
-            if not left:
-                raise NoWorkerError(f"every {role} worker already failed this request" if pool else f"no {role} worker is ready")
-        return p, d
+    def candidates(snapshot: Snapshot, request: RouteRequest, role: str) -> list[WorkerLoad]:
+        """The pool's workers this request may use, lightest reported load first."""
+        pool = snapshot.pool(role)
+        left = [w for w in pool if w.worker_id not in request.exclude] if request.exclude else list(pool)
+        if not left:
+            raise NoWorkerError(f"every {role} worker already failed this request" if pool else f"no {role} worker is ready")
+        return left
 
 
 class RoundRobin(RoutingPolicy):
@@ -101,7 +135,7 @@ class RoundRobin(RoutingPolicy):
         self._counter = itertools.count()
 
     def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
-        p, d = self.candidates(snapshot, request)
+        p, d = self.candidates(snapshot, request, "prefill"), self.candidates(snapshot, request, "decode")
         i = next(self._counter)
         return Route(decode=d[i % len(d)], prefill=p[i % len(p)])
 
@@ -118,7 +152,8 @@ class LeastLoaded(RoutingPolicy):
         self._counter = itertools.count()
 
     def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
-        p, d = self.candidates(snapshot, request)
+        p = [snapshot.load(w) for w in self.candidates(snapshot, request, "prefill")]
+        d = [snapshot.load(w) for w in self.candidates(snapshot, request, "decode")]
         i = next(self._counter)
         best_p = min(range(len(p)), key=lambda k: (p[k].inflight_prompt_tokens, p[k].queued_prefill_tokens, (k - i) % len(p)))
         best_d = min(range(len(d)), key=lambda k: (d[k].inflight, d[k].used_blocks + d[k].reserved_blocks, (k - i) % len(d)))
@@ -170,7 +205,6 @@ class WorkloadAware(RoutingPolicy):
         self.balance = {"prefill": _BoundedLoad(balance_factor, balance_window), "decode": _BoundedLoad(balance_factor, balance_window)}
 
     def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
-        p_pool, d_pool = self.candidates(snapshot, request)
         matched = self.index.match(request.block_hashes) if self.index is not None and request.block_hashes else {}
         bs, n = request.block_size, request.num_prompt_tokens
         blocks = -(-n // bs)
@@ -185,24 +219,30 @@ class WorkloadAware(RoutingPolicy):
         def prefill_cost(w: WorkerLoad) -> float:
             return w.queued_prefill_tokens + w.inflight_prompt_tokens + n - matched.get(w.worker_id, 0) * bs
 
-        d = self._pick("decode", [w for w in d_pool if room(w)] or d_pool, matched, decode_cost)
+        d = self._pick(snapshot, request, "decode", matched, decode_cost, room)
         self.balance["decode"].record(d.worker_id)
         d_cached = min(matched.get(d.worker_id, 0), blocks)
         missing = n - d_cached * bs
         backlog = d.queued_prefill_tokens + d.inflight_prompt_tokens
         if missing <= self.local_prefill_tokens and backlog + missing <= 2 * self.local_prefill_tokens and room(d):
             return Route(decode=d, prefill=None, decode_cached_blocks=d_cached)
-        p = self._pick("prefill", [w for w in p_pool if room(w)] or p_pool, matched, prefill_cost)
+        p = self._pick(snapshot, request, "prefill", matched, prefill_cost, room)
         self.balance["prefill"].record(p.worker_id)
         return Route(decode=d, prefill=p, prefill_cached_blocks=matched.get(p.worker_id, 0), decode_cached_blocks=d_cached)
 
-    def _pick(self, role: str, pool: list[WorkerLoad], matched: dict[str, int], cost) -> WorkerLoad:
-        """The cheapest worker within its cap, among those caching a prefix of the prompt and
-        the least loaded few (costs grow with load, so others cannot be cheaper)."""
+    def _pick(self, snapshot: Snapshot, request: RouteRequest, role: str, matched: dict[str, int], cost, room) -> WorkerLoad:
+        """The cheapest worker with room and within its cap, among the few that can be cheapest:
+        the least loaded as reported, those caching a prefix of the prompt, and those this
+        router has requests on (their load moved since the report). Costs only grow with load
+        and shrink with cached blocks, so no other worker can win."""
+        pool = self.candidates(snapshot, request, role)
         size = len(pool)
         if size > self.top:
-            least = heapq.nsmallest(self.top, pool, key=cost)
-            pool = list({w.worker_id: w for w in [*least, *(w for w in pool if w.worker_id in matched)]}.values())
+            by_id = snapshot.by_id
+            extra = (by_id[i] for i in {*matched, *snapshot.inflight} if i in by_id and i not in request.exclude)
+            pool = list({w.worker_id: w for w in [*pool[: self.top], *(w for w in extra if w.role == role)]}.values())
+        pool = [snapshot.load(w) for w in pool]
+        pool = [w for w in pool if room(w)] or pool
         cap = self.balance[role]
         allowed = [w for w in pool if cap.allows(w.worker_id, size)] or pool
         # equal costs go to the worker with fewer recent requests, then fewer in flight
