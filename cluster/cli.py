@@ -67,12 +67,18 @@ def _run_cluster(config, embedded_redis: bool) -> int:
     try:
         r = running.router
         print(f"splitserve ready: http {r.http_address}  grpc {r.grpc_address}  "
-              f"(model {config.model.path}, {config.prefill.replicas} prefill, {config.decode.replicas} decode, transport {config.kv_transfer.transport})", flush=True)
+              f"(model {config.model.path}, {pools(config)})", flush=True)
         wait_for_signal()
         print("splitserve: shutting down", flush=True)
     finally:
         running.stop()
     return 0
+
+
+def pools(config) -> str:
+    if config.colocated:
+        return f"{config.decode.replicas} colocated workers (prefill and decode on each)"
+    return f"{config.prefill.replicas} prefill, {config.decode.replicas} decode, transport {config.kv_transfer.transport}"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -82,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
         "model.path": args.model, "model.dtype": args.dtype, "router.http_port": args.http_port, "router.grpc_port": args.grpc_port,
         "prefill.replicas": args.prefill, "decode.replicas": args.decode, "kv_transfer.transport": args.transport,
         "router.host": args.host, "name": args.name, "prefill.cp_degree": args.prefill_cp, "router.policy": args.routing_policy,
-        "routing.local_prefill_tokens": args.local_prefill_tokens,
+        "routing.local_prefill_tokens": args.local_prefill_tokens, "colocated": True if args.colocated else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = load_cluster_config(args.config, overrides) if args.config else parse_cluster_config({}, overrides)
@@ -187,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--transport", choices=["torch", "grpc", "local"], help="KV transport (default grpc)")
     serve.add_argument("--prefill-cp", type=int, help="context-parallel ranks per prefill worker (default 1)")
     serve.add_argument("--routing-policy", choices=["workload_aware", "least_loaded", "round_robin"], help="default workload_aware")
+    serve.add_argument("--colocated", action="store_true", help="the baseline: --decode N workers that each prefill and decode "
+                       "on one engine (no prefill pool, no KV transfer), behind the same router and APIs")
     serve.add_argument("--local-prefill-tokens", type=int, help="workload_aware: a decode worker lacking at most this many prompt tokens "
                        "prefills them itself (0: always disaggregate; default 256)")
     serve.add_argument("--name", help="cluster name (namespaces Redis keys and Ray actors)")

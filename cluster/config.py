@@ -65,8 +65,10 @@ class KVTransferSection:
 
 @dataclass(frozen=True)
 class SLO:
-    ttft_ms: float = 5000.0
+    ttft_ms: float = 5000.0  # a request's own slo_ttft_ms / slo_tpot_ms (API extension fields) override these
     tpot_ms: float = 500.0
+    admission: bool = False  # refuse (429) a request whose predicted TTFT exceeds ttft_ms x slack because of queued work
+    slack: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class RoutingSection:
     balance_factor: float = 1.15  # no worker takes more than this x its share of recent requests
     balance_window: int = 64  # recent requests that share counts over
     index_capacity_blocks: int = 1_000_000  # the router's prefix index remembers this many block hashes at most
+    transfer_bytes_per_s: float = 1e9  # the KV bandwidth assumed between a prefill and a decode worker until measured
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class ClusterConfig:
     heartbeat_seconds: float = 1.0
     heartbeat_ttl_seconds: float = 5.0
     max_restarts: int = 5  # per worker, by Ray, before the controller replaces it
+    colocated: bool = False  # the baseline: decode.replicas workers that each prefill and decode, no prefill pool, no KV transfer
 
     def __post_init__(self) -> None:
         checks = [
@@ -125,7 +129,12 @@ class ClusterConfig:
             ("routing.balance_factor", self.routing.balance_factor >= 1.0, ">= 1.0"),
             ("routing.balance_window", self.routing.balance_window >= 1, ">= 1"),
             ("routing.index_capacity_blocks", self.routing.index_capacity_blocks >= 1, ">= 1"),
+            ("routing.transfer_bytes_per_s", self.routing.transfer_bytes_per_s > 0, "> 0"),
             ("heartbeat_ttl_seconds", self.heartbeat_ttl_seconds > self.heartbeat_seconds > 0, "> heartbeat_seconds > 0"),
+            ("slo.ttft_ms", self.slo.ttft_ms > 0, "> 0"),
+            ("slo.tpot_ms", self.slo.tpot_ms > 0, "> 0"),
+            ("slo.slack", self.slo.slack > 0, "> 0"),
+            ("decode.replicas", not self.colocated or self.decode.replicas >= 1, ">= 1 when colocated (the colocated workers)"),
             ("name", bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
         ]
         for key, ok, allowed in checks:

@@ -30,7 +30,9 @@ def worker_spec(config: ClusterConfig, role: str, worker_id: str, redis_url: str
         max_model_len=config.model.max_model_len,
         max_num_seqs=config.decode.max_running_requests if role == "decode" else 256,
         max_num_batched_tokens=config.prefill.max_num_batched_tokens,
-        max_prefill_chunk=config.prefill.max_prefill_chunk if role == "prefill" else None,
+        # decode workers chunk their own prefills too (a short tail, a colocated request, a
+        # preempted request's recompute) so that running decodes keep stepping
+        max_prefill_chunk=config.prefill.max_prefill_chunk,
         transport=config.kv_transfer.transport, lease_seconds=config.kv_transfer.lease_seconds,
         host=config.router.host if config.router.host in ("127.0.0.1", "localhost", "::1") else "", token=config.cluster_token,
         heartbeat_seconds=config.heartbeat_seconds, heartbeat_ttl_seconds=config.heartbeat_ttl_seconds,
@@ -49,7 +51,7 @@ class Controller:
         self._on_error = on_error
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._targets = {"prefill": config.prefill.replicas, "decode": config.decode.replicas}
+        self._targets = {"prefill": 0 if config.colocated else config.prefill.replicas, "decode": config.decode.replicas}
         registry.init_targets(self._targets)
 
     def resources(self, role: str) -> Resources:

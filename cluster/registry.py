@@ -7,6 +7,9 @@ Keys (all under `splitserve:{cluster}:`, so clusters can share one Redis):
     target        hash role -> replicas the controller reconciles towards
     drain         set of worker ids asked to drain
     cp:{id}       rendezvous address of context-parallel group {id}'s rank 0
+    inflight:{router}  hash worker -> "requests,prompt tokens,blocks,heavy": the requests that
+                  router has on each worker, rewritten a few times a second with a short TTL
+    routers       sorted set of router ids by the time they last wrote their in-flight counts
 """
 
 from __future__ import annotations
@@ -94,6 +97,36 @@ class Registry:
                 raise TimeoutError(f"rank 0 of context-parallel group {worker_id} did not publish its rendezvous in {timeout:g} s")
             time.sleep(0.1)
         return value.decode()
+
+    # ---- routers' in-flight counts --------------------------------------------------------
+    def publish_inflight(self, router_id: str, counts: dict[str, tuple[int, ...]], ttl_seconds: float = 2.0) -> None:
+        key, now = self.prefix + "inflight:" + router_id, time.time()
+        with self.redis.pipeline() as pipe:
+            pipe.delete(key)
+            if counts:
+                pipe.hset(key, mapping={w: ",".join(map(str, c)) for w, c in counts.items()})
+                pipe.pexpire(key, int(ttl_seconds * 1000))
+            pipe.zadd(self.prefix + "routers", {router_id: now})
+            pipe.zremrangebyscore(self.prefix + "routers", "-inf", now - 10 * ttl_seconds)
+            pipe.execute()
+
+    def others_inflight(self, router_id: str, ttl_seconds: float = 2.0) -> dict[str, tuple[int, ...]]:
+        """The in-flight counts of every other router that wrote them lately, summed per worker."""
+        others = [r.decode() for r in self.redis.zrangebyscore(self.prefix + "routers", time.time() - ttl_seconds, "+inf")]
+        others = [r for r in others if r != router_id]
+        if not others:
+            return {}
+        with self.redis.pipeline() as pipe:
+            for r in others:
+                pipe.hgetall(self.prefix + "inflight:" + r)
+            tables = pipe.execute()
+        total: dict[str, tuple[int, ...]] = {}
+        for table in tables:
+            for w, v in table.items():
+                counts = tuple(int(x) for x in v.decode().split(","))
+                prev = total.get(w.decode(), (0,) * len(counts))
+                total[w.decode()] = tuple(a + b for a, b in zip(prev, counts))
+        return total
 
     def clear(self) -> None:
         for key in self.redis.scan_iter(match=self.prefix + "*", count=500):

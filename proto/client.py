@@ -106,7 +106,8 @@ class Completion:
 
 def _request(prompt: str | list[int], *, request_id: str | None = None, model: str = "", max_tokens: int = 16, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
-             ignore_eos: bool = False, skip_special_tokens: bool = True) -> public_pb2.GenerateRequest:
+             ignore_eos: bool = False, skip_special_tokens: bool = True, slo_ttft_ms: float | None = None,
+             slo_tpot_ms: float | None = None) -> public_pb2.GenerateRequest:
     """The request for `prompt` (text or token ids) with these sampling options; every
     generate method of both clients takes exactly these keywords."""
     params = public_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -116,6 +117,9 @@ def _request(prompt: str | list[int], *, request_id: str | None = None, model: s
     if not skip_special_tokens:
         params.skip_special_tokens = False
     req = public_pb2.GenerateRequest(request_id=request_id or "", model=model, params=params)
+    for name, value in (("slo_ttft_ms", slo_ttft_ms), ("slo_tpot_ms", slo_tpot_ms)):
+        if value is not None:
+            setattr(req, name, value)
     if isinstance(prompt, str):
         req.text = prompt
     else:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import socket
 import threading
+import uuid
 from pathlib import Path
 
 import uvicorn
@@ -33,6 +34,7 @@ from splitserve.router.http_api import OpenAIFrontend, build_app
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.orchestrator import Orchestrator
 from splitserve.router.policy import make_policy
+from splitserve.router.predictors import TransferModel
 from splitserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,13 @@ START_TIMEOUT = 60.0
 
 def served_model_name(config: ClusterConfig) -> str:
     return Path(config.model.path).resolve().name
+
+
+def kv_block_bytes(model: ModelConfig, config: ClusterConfig) -> int:
+    """Bytes of one KV block of every layer, as the workers store and move it."""
+    name = model.torch_dtype if config.model.dtype == "auto" else config.model.dtype
+    itemsize = 4 if name == "float32" else 2
+    return model.num_layers * 2 * config.block_size * model.num_kv_heads * model.head_dim * itemsize
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -62,16 +71,25 @@ class Router:
         fingerprint = checkpoint_fingerprint(model_config, safetensors_files(model_dir))
         tokenizer = Tokenizer(model_dir)
         self.registry = Registry(redis_url, config.name, config.heartbeat_ttl_seconds)
-        self.view = ClusterView(self.registry.workers, token=config.cluster_token, model_fingerprint=fingerprint)
+        self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+
+        def share(mine: dict) -> dict:
+            self.registry.publish_inflight(self.router_id, mine)
+            return self.registry.others_inflight(self.router_id)
+
+        self.view = ClusterView(self.registry.workers, token=config.cluster_token, model_fingerprint=fingerprint, share=share)
         self.metrics = RouterMetrics(self.view.records)
         r = config.routing
         self.index = PrefixIndex(r.index_capacity_blocks)
         self.kv_events = KVEventReader(self.registry.redis, self.registry.prefix, self.index, lambda: {w.worker_id for w in self.view.records()})
-        options = dict(index=self.index, local_prefill_tokens=r.local_prefill_tokens, balance_factor=r.balance_factor, balance_window=r.balance_window)
+        options = dict(index=self.index, local_prefill_tokens=r.local_prefill_tokens, balance_factor=r.balance_factor,
+                       balance_window=r.balance_window, kv_block_bytes=kv_block_bytes(model_config, config),
+                       transfer_model=TransferModel(r.transfer_bytes_per_s))
         self.orchestrator = Orchestrator(
             self.view, make_policy(config.router.policy, **options), self.metrics, tokenizer, model_config, served_model_name(config),
             max_model_len=config.model.max_model_len, transport=config.kv_transfer.transport,
             timeout=config.router.request_timeout_s, max_retries=config.router.max_retries, block_size=config.block_size,
+            colocated=config.colocated, admission=config.slo.admission, slo_ttft_ms=config.slo.ttft_ms, slo_slack=config.slo.slack,
         )
         self.api_keys = frozenset(config.api_keys)
         special = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}

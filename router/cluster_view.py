@@ -2,8 +2,10 @@
 a channel per worker, and the router's own count of its requests on each worker.
 
 Life cycle: start() polls the source every `poll_seconds` on a background thread and rebuilds
-the workers' loads; snapshot() adds this router's in-flight counts to the workers that have
-some (cheap at any cluster size). Worker channels are grpc.aio channels, made on first use on
+the workers' loads, adding the other routers' in-flight counts (published through Redis by
+`share`: with several routers, a burst spread over them does not pile onto one worker, with a
+staleness of about one poll); snapshot() adds this router's own counts to the workers that
+have some (cheap at any cluster size). Worker channels are grpc.aio channels, made on first use on
 the router's event loop. If the registry is unreachable the last snapshot is kept for
 `stale_seconds` (workers keep serving while Redis restarts), then routing stops with UNAVAILABLE.
 """
@@ -18,9 +20,11 @@ from collections.abc import Callable
 
 from splitserve.cluster.registry import WorkerRecord
 from splitserve.router.legs import WorkerClient
-from splitserve.router.policy import Snapshot, WorkerLoad
+from splitserve.router.policy import Inflight, Snapshot, WorkerLoad, add_inflight
 
 logger = logging.getLogger(__name__)
+# publishes this router's in-flight counts, returns the other routers' summed per worker
+InflightExchange = Callable[[dict[str, Inflight]], dict[str, Inflight]]
 
 
 class ClusterView:
@@ -30,10 +34,12 @@ class ClusterView:
         *,
         token: str | None = None,
         model_fingerprint: str | None = None,
-        poll_seconds: float = 0.25,
+        poll_seconds: float = 0.1,
         stale_seconds: float = 30.0,
+        share: InflightExchange | None = None,
     ) -> None:
         self._source = source
+        self._share = share
         self._token = token
         self._fingerprint = model_fingerprint
         self._poll = poll_seconds
@@ -41,7 +47,7 @@ class ClusterView:
         self._records: list[WorkerRecord] = []
         self._fresh_at = 0.0
         self._clients: dict[tuple[str, str], WorkerClient] = {}  # (worker id, address) -> channel
-        self._inflight: dict[str, tuple[int, int, int]] = {}  # worker -> (requests, prompt tokens, blocks)
+        self._inflight: dict[str, Inflight] = {}  # this router's (requests, prompt tokens, blocks, heavy) per worker
         self._base = Snapshot()  # loads as reported, rebuilt at each refresh
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -70,7 +76,9 @@ class ClusterView:
         wrong = [r.worker_id for r in records if self._fingerprint and r.model_fingerprint and r.model_fingerprint != self._fingerprint]
         if wrong:
             logger.warning("ignoring workers serving another model: %s", wrong)
-        base = Snapshot.of(self._load(r) for r in records if r.state == "ready" and r.worker_id not in wrong)
+        others = self._exchange()
+        loads = (self._load(r) for r in records if r.state == "ready" and r.worker_id not in wrong)
+        base = Snapshot.of(add_inflight(w, others[w.worker_id]) if w.worker_id in others else w for w in loads)
         with self._lock:
             self._records = [r for r in records if r.worker_id not in wrong]
             self._base = base
@@ -81,6 +89,18 @@ class ClusterView:
             for key in [k for k in self._clients if k not in live]:
                 del self._clients[key]
         return True
+
+    def _exchange(self) -> dict[str, Inflight]:
+        """Publish this router's in-flight counts; read the other routers' (when shared)."""
+        if self._share is None:
+            return {}
+        with self._lock:
+            mine = dict(self._inflight)
+        try:
+            return self._share(mine)
+        except Exception as e:  # Redis away: route on this router's own counts meanwhile
+            logger.debug("in-flight exchange failed: %s", e)
+            return {}
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll):
@@ -116,11 +136,11 @@ class ClusterView:
             return c
 
     # ---- the router's own accounting -----------------------------------------------------
-    def add_inflight(self, worker_id: str, n: int = 1, prompt_tokens: int = 0, blocks: int = 0) -> None:
+    def add_inflight(self, worker_id: str, counts: Inflight) -> None:
+        """Add (requests, prompt tokens, blocks, heavy) to this router's count for a worker."""
         with self._lock:
-            r, t, b = self._inflight.get(worker_id, (0, 0, 0))
-            now = (r + n, t + prompt_tokens, b + blocks)
-            if now == (0, 0, 0):
-                del self._inflight[worker_id]
-            else:
+            now = tuple(a + b for a, b in zip(self._inflight.get(worker_id, (0, 0, 0, 0)), counts))
+            if any(now):
                 self._inflight[worker_id] = now
+            else:
+                self._inflight.pop(worker_id, None)

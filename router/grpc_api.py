@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import grpc
@@ -69,7 +70,8 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
         prompt = request.text if kind == "text" else list(request.token_ids.ids) if kind == "token_ids" else ""
         failed: Exception | None = None
         try:
-            stream = self.orch.generate(GenerateInput(prompt, params_from_public(request.params), request.request_id, request.model))
+            slos = {f: getattr(request, f) for f in ("slo_ttft_ms", "slo_tpot_ms") if request.HasField(f)}
+            stream = self.orch.generate(GenerateInput(prompt, params_from_public(request.params), request.request_id, request.model, **slos))
         except Exception as e:
             failed, stream = e, None
         if stream is not None:
@@ -81,6 +83,8 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
             finally:
                 await stream.aclose()
         if failed is not None:
+            if getattr(failed, "retry_after", None):
+                context.set_trailing_metadata((("retry-after", str(math.ceil(failed.retry_after))),))
             await context.abort(grpc_code(failed), str(failed))
 
     async def Abort(self, request: public_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> public_pb2.AbortResponse:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -65,9 +66,9 @@ def render_chat(template: str, messages: list[dict], **special: Any) -> str:
     return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
 
 
-def error_response(status: str, message: str, param: str | None = None) -> JSONResponse:
+def error_response(status: str, message: str, param: str | None = None, retry_after: float | None = None) -> JSONResponse:
     code = STATUSES.get(status, STATUSES["INTERNAL"])[1]
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code in (429, 503) else None
+    headers = {"Retry-After": str(math.ceil(retry_after or RETRY_AFTER_SECONDS))} if code in (429, 503) else None
     body = {"error": {"message": message, "type": status.lower(), "param": param, "code": code}}
     return JSONResponse(body, status_code=code, headers=headers)
 
@@ -102,7 +103,8 @@ class OpenAIFrontend:
 
     def completion_input(self, body: CompletionRequest) -> GenerateInput:
         body.check_supported()
-        return GenerateInput(body.single_prompt(), body.sampling_params(body.max_tokens), model=body.model or "")
+        return GenerateInput(body.single_prompt(), body.sampling_params(body.max_tokens), model=body.model or "",
+                             slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms)
 
     def chat_input(self, body: ChatCompletionRequest) -> GenerateInput:
         body.check_supported()
@@ -111,7 +113,8 @@ class OpenAIFrontend:
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
         ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **self.special), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return GenerateInput(ids, body.sampling_params(max_tokens), model=body.model or "")
+        return GenerateInput(ids, body.sampling_params(max_tokens), model=body.model or "", kind="chat",
+                             slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms)
 
     async def respond(self, kind: str, inp: GenerateInput, stream: bool, include_usage: bool) -> Response:
         chunks = self.orch.generate(inp)  # validation errors raise here, before any byte is sent
@@ -210,7 +213,7 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
     async def on_error(request: Request, e: Exception) -> JSONResponse:
         if status_of(e) == "INTERNAL":
             logger.exception("internal error on %s", request.url.path)
-        return error_response(status_of(e), str(e), getattr(e, "field", None))
+        return error_response(status_of(e), str(e), getattr(e, "field", None), getattr(e, "retry_after", None))
 
     @app.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest) -> Response:
@@ -236,7 +239,7 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         snap = orch.view.snapshot()
-        ok = bool(snap.prefill) and bool(snap.decode)
+        ok = (bool(snap.prefill) or orch.colocated) and bool(snap.decode)
         body = {"status": "ok" if ok else "unavailable", "prefill_workers": len(snap.prefill), "decode_workers": len(snap.decode)}
         return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -41,6 +41,8 @@ class RouterMetrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens.", registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests in flight through this router.", registry=r)
+        self.refused = Counter(p + "requests_refused", "Requests refused at admission (reason: slo = predicted TTFT beyond the SLO).",
+                               ["reason"], registry=r)
         self.paths = Counter(p + "requests_by_path", "Finished requests by path: disaggregated, or prefilled locally on the decode worker.",
                              ["path"], registry=r)
         self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in a pool's prefix caches (finished requests).",

@@ -63,6 +63,8 @@ class _Sampling(_Body):
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: StrictBool = True
+    slo_ttft_ms: Number | None = None  # this request's SLOs, instead of the cluster's
+    slo_tpot_ms: Number | None = None
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """Raises InvalidRequestError naming the field for values the engine cannot serve."""

@@ -34,7 +34,7 @@ from splitserve.proto.status import StatusError, status_of
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.legs import LegError, WorkerClient, prefill_watching
 from splitserve.router.metrics import RouterMetrics
-from splitserve.router.policy import NoWorkerError, Route, RouteRequest, RoutingPolicy, WorkerLoad
+from splitserve.router.policy import NoWorkerError, Outcome, Route, RouteRequest, RoutingPolicy, WorkerLoad, admission_refusal
 
 logger = logging.getLogger(__name__)
 # A leg failing with these is tried again on another worker (nothing has reached the client yet).
@@ -48,6 +48,17 @@ class GenerateInput:
     params: SamplingParams
     request_id: str = ""
     model: str = ""
+    kind: str = "completion"  # "completion" | "chat"
+    slo_ttft_ms: float | None = None  # this request's SLO; None: the cluster's (slo.ttft_ms)
+    slo_tpot_ms: float | None = None
+
+
+class SLORefusedError(StatusError):
+    """Admission control: even the best placement would miss the request's TTFT SLO."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__("RESOURCE_EXHAUSTED", message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -96,6 +107,8 @@ class _Started:
     stream: AsyncIterator
     skip: int
     cached_tokens: int  # prompt tokens not recomputed
+    route: Route
+    request: RouteRequest
 
 
 @dataclass
@@ -125,6 +138,10 @@ class Orchestrator:
         max_retries: int = 1,
         route_wait: float = 5.0,
         block_size: int = 16,
+        colocated: bool = False,
+        admission: bool = False,
+        slo_ttft_ms: float = 5000.0,
+        slo_slack: float = 1.0,
     ) -> None:
         self.view = view
         self.policy = policy
@@ -138,6 +155,8 @@ class Orchestrator:
         self.max_retries = max_retries
         self.route_wait = route_wait
         self.block_size = block_size
+        self.colocated = colocated
+        self.admission, self.slo_ttft_ms, self.slo_slack = admission, slo_ttft_ms, slo_slack
         self._legs: dict[str, _Legs] = {}
         self._timings: OrderedDict[str, Timings] = OrderedDict()
 
@@ -145,6 +164,10 @@ class Orchestrator:
     def validate(self, inp: GenerateInput) -> list[int]:
         if inp.model and inp.model != self.model_name:
             raise InvalidRequestError("model", f"{inp.model!r} is not served here; this cluster serves {self.model_name!r}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(inp, name)
+            if value is not None and not value > 0:
+                raise InvalidRequestError(name, f"must be > 0 milliseconds, got {value}")
         ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, inp.prompt)
         check_fits(len(ids), inp.params.max_tokens, self.max_model_len)
         return ids
@@ -157,20 +180,21 @@ class Orchestrator:
         if rid in self._legs:
             raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
         self._legs[rid] = _Legs()
-        return self._run(rid, prompt, inp.params)
+        return self._run(rid, prompt, inp)
 
-    async def _run(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def _run(self, rid: str, prompt: list[int], inp: GenerateInput) -> AsyncIterator[Chunk]:
+        params = inp.params
         t = Timings(rid)
         arrival = time.monotonic()
         deadline = arrival + self.timeout
         left = lambda: max(0.001, deadline - time.monotonic())  # noqa: E731
         legs = self._legs[rid]
-        held: list[tuple[str, str, int, int, int]] = []  # (worker, role, requests, prompt tokens, blocks) to give back
+        held: list[tuple[str, str, tuple[int, int, int, int]]] = []  # (worker, role, in-flight counts) to give back
         text = _Text(self.tokenizer, params.stop, params.skip_special_tokens)
         out_tokens: list[int] = []
         self.metrics.running.inc()
         try:
-            started = await self._dispatch(rid, prompt, params, t, legs, held, left)
+            started = await self._dispatch(rid, prompt, inp, t, legs, held, left)
             last_emit = time.monotonic()
             if started.first_token:
                 yield self._first(t, arrival, held, text, rid, started.first_token, started.first_logprob)
@@ -199,7 +223,7 @@ class Orchestrator:
                 if tokens:
                     last_emit = now
                 if chunk.finished:
-                    self._finished(t, arrival, out, chunk.finish_reason, prompt, out_tokens, started.cached_tokens)
+                    self._finished(t, arrival, out, chunk.finish_reason, prompt, out_tokens, started)
                 if tokens or out.finished:
                     yield out
                 if chunk.finished:
@@ -228,12 +252,14 @@ class Orchestrator:
         self._give_back(held, prompts_only=True)  # the prompt is computed: it no longer loads a prefill queue
         return Chunk(rid, tokens, logprobs, "".join(text.push(tok) for tok in tokens))
 
-    def _finished(self, t: Timings, arrival: float, out: Chunk, reason: str, prompt: list[int], tokens: list[int], cached: int) -> None:
+    def _finished(self, t: Timings, arrival: float, out: Chunk, reason: str, prompt: list[int], tokens: list[int], started: _Started) -> None:
         t.e2e = time.monotonic() - arrival
         t.outcome = "ok"
         out.finished, out.finish_reason = True, reason
-        out.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens), "cached_tokens": cached}
+        out.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens), "cached_tokens": started.cached_tokens}
         out.timings = t
+        self.policy.observe(Outcome(started.route, started.request, t.prefill, t.prefill_cached_tokens, t.decode_cached_tokens,
+                                    t.transfer, t.kv_bytes, len(tokens)))
         m = self.metrics
         m.e2e.observe(t.e2e)
         m.prompt_tokens.inc(len(prompt))
@@ -256,9 +282,10 @@ class Orchestrator:
         self._abort_legs(rid, legs, f"request failed: {err}")
         return err
 
-    async def _dispatch(self, rid: str, prompt: list[int], params: SamplingParams, t: Timings, legs: _Legs, held: list, left) -> _Started:
+    async def _dispatch(self, rid: str, prompt: list[int], inp: GenerateInput, t: Timings, legs: _Legs, held: list, left) -> _Started:
         """Route and start the request; a leg that fails before the first token (its worker
         unreachable or full) is tried again elsewhere, `max_retries` times at most."""
+        params = inp.params
         p_params = params_to_proto(params)
         bs = self.block_size
         hashes = tuple(block_hashes(prompt, bs))
@@ -268,18 +295,21 @@ class Orchestrator:
             if legs.aborted:
                 raise StatusError("ABORTED", f"request {rid} aborted")
             start = time.monotonic()
+            request = RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude), hashes, bs, inp.kind, self.colocated)
             try:
-                route = await self._route(RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude), hashes, bs), left)
+                route = await self._route(request, left)
             except NoWorkerError as e:
                 if failed is None:
                     raise
                 raise StatusError(failed.status, f"{failed} (no other {failed.leg} worker to retry on: {e})") from None
             t.route += time.monotonic() - start
+            if attempt == 0:
+                self._admit(route, inp)
             t.retries, t.path = attempt, route.path
             t.prefill_worker, t.decode_worker = route.prefill.worker_id if route.prefill else "", route.decode.worker_id
             legs.leg_id = lid = rid if attempt == 0 else f"{rid}.retry{attempt}"
             try:
-                return await self._start(route, lid, prompt, p_params, t, legs, held, left)
+                return await self._start(route, request, lid, prompt, p_params, t, legs, held, left)
             except LegError as e:
                 self._abort_legs(rid, legs, f"{e.leg} leg failed")
                 self._give_back(held)
@@ -289,10 +319,22 @@ class Orchestrator:
                 self._retry(e, exclude)
         raise AssertionError("unreachable")
 
-    async def _start(self, route: Route, lid: str, prompt: list[int], p_params, t: Timings, legs: _Legs, held: list, left) -> _Started:
+    def _admit(self, route: Route, inp: GenerateInput) -> None:
+        """Refuse at once what would miss its TTFT SLO because of queued work: better a 429 now,
+        with the time to come back, than a timeout later."""
+        if not self.admission:
+            return
+        why = admission_refusal(route, (inp.slo_ttft_ms or self.slo_ttft_ms) / 1000, self.slo_slack)
+        if why is not None:
+            self.metrics.refused.labels("slo").inc()
+            raise SLORefusedError(why, retry_after=max(1.0, route.predicted_wait))
+
+    async def _start(self, route: Route, request: RouteRequest, lid: str, prompt: list[int], p_params, t: Timings, legs: _Legs,
+                     held: list, left) -> _Started:
         bs, blocks = self.block_size, -(-len(prompt) // self.block_size)
         local = route.prefill is None  # then the decode worker has the prompt's missing tokens to compute
-        self._hold(held, route.decode, len(prompt) - route.decode_cached_blocks * bs if local else 0, blocks - route.decode_cached_blocks)
+        self._hold(held, route.decode, len(prompt) - route.decode_cached_blocks * bs if local else 0, blocks - route.decode_cached_blocks,
+                   route.heavy)
         legs.decode = self.view.client(route.decode)
         legs.prefill = None
         start = time.monotonic()
@@ -301,7 +343,7 @@ class Orchestrator:
             head = await stream.first()  # a failure before the first token may still be retried
             t.decode_cached_tokens = head.num_cached_tokens
             t.prefill = time.monotonic() - start
-            return _Started([], [], stream.after(head), 0, head.num_cached_tokens)
+            return _Started([], [], stream.after(head), 0, head.num_cached_tokens, route, request)
         self._hold(held, route.prefill, len(prompt) - route.prefill_cached_blocks * bs, blocks - route.prefill_cached_blocks)
         legs.prefill = self.view.client(route.prefill)
         desc = await legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0))
@@ -317,7 +359,7 @@ class Orchestrator:
         t.prefill_queue, t.prefill, t.prefill_cached_tokens = pre.queue_seconds, pre.prefill_seconds, pre.num_cached_tokens
         self.metrics.queue.observe(t.prefill_queue)
         self.metrics.prefill.observe(t.prefill)
-        return _Started([pre.first_token], [pre.first_logprob], stream, 1, pre.num_cached_tokens)
+        return _Started([pre.first_token], [pre.first_logprob], stream, 1, pre.num_cached_tokens, route, request)
 
     async def _route(self, request: RouteRequest, left) -> Route:
         """The policy's pick. When a pool looks empty (a worker restarting, the registry just
@@ -329,7 +371,7 @@ class Orchestrator:
             try:
                 return self.policy.choose(snapshot, request)
             except NoWorkerError:
-                if (snapshot.prefill and snapshot.decode) or time.monotonic() >= end:
+                if ((snapshot.prefill or self.colocated) and snapshot.decode) or time.monotonic() >= end:
                     raise
                 await asyncio.sleep(0.1)
 
@@ -339,20 +381,21 @@ class Orchestrator:
         self.metrics.retries.labels(err.leg).inc()
 
     # ---- bookkeeping ---------------------------------------------------------------------
-    def _hold(self, held: list, worker: WorkerLoad, prompt_tokens: int, blocks: int) -> None:
-        self.view.add_inflight(worker.worker_id, 1, prompt_tokens, blocks)
-        held.append((worker.worker_id, worker.role, 1, prompt_tokens, blocks))
+    def _hold(self, held: list, worker: WorkerLoad, prompt_tokens: int, blocks: int, heavy: bool = False) -> None:
+        counts = (1, prompt_tokens, blocks, int(heavy))
+        self.view.add_inflight(worker.worker_id, counts)
+        held.append((worker.worker_id, worker.role, counts))
 
     def _give_back(self, held: list, prompts_only: bool = False) -> None:
         """Return this request's in-flight counts: all of them, or (once the prompt is computed)
         what the prompt held: the prefill worker's share, and a local prefill's tokens."""
         keep = []
-        for wid, role, n, tokens, blocks in held:
+        for wid, role, (n, tokens, blocks, heavy) in held:
             if not prompts_only or role == "prefill":
-                self.view.add_inflight(wid, -n, -tokens, -blocks)
+                self.view.add_inflight(wid, (-n, -tokens, -blocks, -heavy))
             else:
-                self.view.add_inflight(wid, 0, -tokens, 0)
-                keep.append((wid, role, n, 0, blocks))
+                self.view.add_inflight(wid, (0, -tokens, 0, 0))
+                keep.append((wid, role, (n, 0, blocks, heavy)))
         held[:] = keep if prompts_only else []
 
     def _abort_legs(self, rid: str, legs: _Legs, reason: str) -> None:

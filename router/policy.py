@@ -4,12 +4,16 @@ Every policy implements `RoutingPolicy.choose` and returns a `Route`, so benchma
 them on identical traces:
     round_robin     each pool in turn
     least_loaded    fewest queued prompt tokens / fewest decodes in flight
-    workload_aware  the pair with the least work for this request, knowing which worker caches
-                    which prefix (the router's PrefixIndex), and the decode worker alone when it
-                    lacks at most `local_prefill_tokens` of the prompt (selective
+    workload_aware  predicts each candidate pair's TTFT (queue wait, the compute for the tokens
+                    the prefill worker has not cached, the KV the decode worker lacks) from
+                    what the router learned (router/predictors.py) and which worker caches
+                    which prefix (the PrefixIndex); places decodes by KV headroom for the
+                    prompt plus the predicted output and by the heavy/light mix (TetriInfer);
+                    lets a decode worker prefill a short uncached tail itself (selective
                     disaggregation); a bounded-load cap keeps any worker from taking much more
                     than its share of recent requests, so a prompt shared by every request
                     cannot pull them all onto one worker.
+In a colocated cluster (no prefill pool) every route is local: the decode worker prefills.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import abc
 import dataclasses
 import itertools
 import math
+import random
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from splitserve.router.predictors import OutputLengthModel, PrefillModel, RequestFeatures, TransferModel
 
 
 @dataclass(frozen=True)
@@ -35,18 +42,23 @@ class WorkerLoad:
     reserved_blocks: int = 0
     free_blocks: int = 0
     total_blocks: int = 0
-    # this router's own count of its requests on the worker (fresh, unlike the heartbeat's)
+    # requests the routers sent the worker and have not seen finish (this router's own counts
+    # are fresh; other routers' are as fresh as their last publication, a fraction of a second)
     inflight: int = 0
-    inflight_prompt_tokens: int = 0
-    inflight_blocks: int = 0
+    inflight_prompt_tokens: int = 0  # prompt tokens still to compute for those requests
+    inflight_blocks: int = 0  # KV blocks they are about to take
+    inflight_heavy: int = 0  # of those requests, the ones predicted to generate long outputs
+
+
+Inflight = tuple[int, int, int, int]  # (requests, prompt tokens, blocks, heavy)
 
 
 @dataclass(frozen=True)
 class Snapshot:
     """The ready workers as last reported, plus this router's fresh view of those it has
-    requests on (`inflight`: the same worker with its in-flight counts filled in). Each pool
-    is ordered by reported load, lightest first, so a policy can look at a few workers of a
-    large pool instead of all of them."""
+    requests on (`inflight`: the same worker with its in-flight counts added). Each pool is
+    ordered by reported load, lightest first, so a policy can look at a few workers of a large
+    pool instead of all of them."""
 
     prefill: tuple[WorkerLoad, ...] = ()
     decode: tuple[WorkerLoad, ...] = ()
@@ -56,15 +68,14 @@ class Snapshot:
     @classmethod
     def of(cls, workers: Iterable[WorkerLoad]) -> "Snapshot":
         workers = list(workers)
-        prefill = sorted((w for w in workers if w.role == "prefill"), key=lambda w: w.queued_prefill_tokens)
-        decode = sorted((w for w in workers if w.role == "decode"), key=lambda w: w.used_blocks + w.reserved_blocks)
+        prefill = sorted((w for w in workers if w.role == "prefill"), key=lambda w: w.queued_prefill_tokens + w.inflight_prompt_tokens)
+        decode = sorted((w for w in workers if w.role == "decode"), key=lambda w: w.used_blocks + w.reserved_blocks + w.inflight_blocks)
         return cls(tuple(prefill), tuple(decode), {}, {w.worker_id: w for w in workers})
 
-    def with_inflight(self, counts: Mapping[str, tuple[int, int, int]]) -> "Snapshot":
-        """This snapshot plus this router's (requests, prompt tokens, blocks) per worker."""
+    def with_inflight(self, counts: Mapping[str, Inflight]) -> "Snapshot":
+        """This snapshot plus this router's own in-flight counts per worker."""
         by_id = self.by_id
-        fresh = {wid: dataclasses.replace(by_id[wid], inflight=r, inflight_prompt_tokens=t, inflight_blocks=b)
-                 for wid, (r, t, b) in counts.items() if wid in by_id}
+        fresh = {wid: add_inflight(by_id[wid], c) for wid, c in counts.items() if wid in by_id}
         return Snapshot(self.prefill, self.decode, fresh, by_id)
 
     @property
@@ -81,6 +92,11 @@ class Snapshot:
         return self.prefill if role == "prefill" else self.decode
 
 
+def add_inflight(w: WorkerLoad, c: Inflight) -> WorkerLoad:
+    return dataclasses.replace(w, inflight=w.inflight + c[0], inflight_prompt_tokens=w.inflight_prompt_tokens + c[1],
+                               inflight_blocks=w.inflight_blocks + c[2], inflight_heavy=w.inflight_heavy + c[3])
+
+
 @dataclass(frozen=True)
 class RouteRequest:
     request_id: str
@@ -89,6 +105,12 @@ class RouteRequest:
     exclude: frozenset[str] = field(default_factory=frozenset)  # workers that failed this request
     block_hashes: tuple[int, ...] = ()  # of the prompt's full blocks, as workers compute them
     block_size: int = 16
+    kind: str = "completion"  # "completion" | "chat": a feature of the output-length prediction
+    colocated: bool = False  # no prefill pool: the decode worker prefills every request
+
+    @property
+    def features(self) -> RequestFeatures:
+        return RequestFeatures(self.num_prompt_tokens, self.max_tokens, self.block_hashes[0] if self.block_hashes else 0, self.kind)
 
 
 @dataclass(frozen=True)
@@ -97,10 +119,39 @@ class Route:
     prefill: WorkerLoad | None = None  # None: the decode worker prefills the prompt itself
     prefill_cached_blocks: int = 0  # the chosen workers' cached prefix, as the index believes
     decode_cached_blocks: int = 0
+    predicted_ttft: float = 0.0  # seconds; 0: this policy does not predict
+    predicted_wait: float = 0.0  # of which queueing behind other requests
+    predicted_output: int = 0
+    heavy: bool = False
 
     @property
     def path(self) -> str:
         return "local" if self.prefill is None else "disaggregated"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished request teaches the policy."""
+
+    route: Route
+    request: RouteRequest
+    prefill_seconds: float  # the worker's own compute time for the prompt (local: until the first token)
+    prefill_cached_tokens: int
+    decode_cached_tokens: int
+    transfer_seconds: float
+    kv_bytes: int
+    output_tokens: int
+
+
+def admission_refusal(route: Route, slo_ttft_s: float, slack: float) -> str | None:
+    """Why a request routed so should be refused at once, or None to serve it. Refused: its
+    predicted TTFT exceeds the SLO x slack *because of work queued ahead of it*; a request that
+    would be late on an idle placement is served (waiting could not help it)."""
+    allowed = slo_ttft_s * slack
+    if route.predicted_ttft <= allowed or route.predicted_wait <= 0:
+        return None
+    return (f"predicted TTFT {route.predicted_ttft * 1000:.0f} ms exceeds the allowed {allowed * 1000:.0f} ms (TTFT SLO x slack {slack:g}); "
+            f"{route.predicted_wait * 1000:.0f} ms of it is waiting for queued work")
 
 
 class NoWorkerError(Exception):
@@ -117,6 +168,9 @@ class RoutingPolicy(abc.ABC):
     @abc.abstractmethod
     def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
         """Where the request goes; NoWorkerError if a pool has no usable worker."""
+
+    def observe(self, outcome: Outcome) -> None:
+        """Learn from a finished request (policies that predict)."""
 
     @staticmethod
     def candidates(snapshot: Snapshot, request: RouteRequest, role: str) -> list[WorkerLoad]:
@@ -135,15 +189,18 @@ class RoundRobin(RoutingPolicy):
         self._counter = itertools.count()
 
     def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
-        p, d = self.candidates(snapshot, request, "prefill"), self.candidates(snapshot, request, "decode")
         i = next(self._counter)
+        d = self.candidates(snapshot, request, "decode")
+        if request.colocated:
+            return Route(decode=d[i % len(d)])
+        p = self.candidates(snapshot, request, "prefill")
         return Route(decode=d[i % len(d)], prefill=p[i % len(p)])
 
 
 class LeastLoaded(RoutingPolicy):
-    """Prefill: fewest prompt tokens waiting (this router's in-flight prompts, then the queue
+    """Prefill: fewest prompt tokens waiting (the routers' in-flight prompts, then the queue
     the worker last reported). Decode: fewest requests in flight, then fewest used + reserved
-    blocks. The router's own counts come first because heartbeats lag a burst by up to a
+    blocks. The routers' own counts come first because heartbeats lag a burst by up to a
     second. Ties go round-robin so equal workers share the load."""
 
     name = "least_loaded"
@@ -152,12 +209,14 @@ class LeastLoaded(RoutingPolicy):
         self._counter = itertools.count()
 
     def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
-        p = [snapshot.load(w) for w in self.candidates(snapshot, request, "prefill")]
-        d = [snapshot.load(w) for w in self.candidates(snapshot, request, "decode")]
         i = next(self._counter)
-        best_p = min(range(len(p)), key=lambda k: (p[k].inflight_prompt_tokens, p[k].queued_prefill_tokens, (k - i) % len(p)))
-        best_d = min(range(len(d)), key=lambda k: (d[k].inflight, d[k].used_blocks + d[k].reserved_blocks, (k - i) % len(d)))
-        return Route(decode=d[best_d], prefill=p[best_p])
+        d = [snapshot.load(w) for w in self.candidates(snapshot, request, "decode")]
+        best_d = d[min(range(len(d)), key=lambda k: (d[k].inflight, d[k].used_blocks + d[k].reserved_blocks, (k - i) % len(d)))]
+        if request.colocated:
+            return Route(decode=best_d)
+        p = [snapshot.load(w) for w in self.candidates(snapshot, request, "prefill")]
+        best_p = p[min(range(len(p)), key=lambda k: (p[k].inflight_prompt_tokens, p[k].queued_prefill_tokens, (k - i) % len(p)))]
+        return Route(decode=best_d, prefill=best_p)
 
 
 class _BoundedLoad:
@@ -182,58 +241,101 @@ class _BoundedLoad:
 
 
 class WorkloadAware(RoutingPolicy):
-    """The pair that does the least work for this request.
+    """The pair with the lowest predicted TTFT, the decode side chosen for headroom and mix.
 
-    prefill cost (tokens) = prompt tokens queued on the worker + this prompt's tokens it has
-                            not cached: the compute ahead of this request's first token
-    decode cost (blocks)  = the prompt blocks the worker would have to receive, plus a small
-                            weight on the KV blocks it already holds active: moving KV is the
-                            request's own cost; a busier decode batch slows every token a
-                            little, and the bounded-load cap keeps the batches even
-    Both sides pass the bounded-load cap. When the chosen decode worker lacks at most
-    `local_prefill_tokens` of the prompt, has the room, and has no more than that much prefill
-    work waiting already, it prefills that part itself and no prefill worker is used."""
+    decode: the workers with KV room for the blocks of the prompt they lack plus the predicted
+            output; of those, the one holding the longest cached prefix of the prompt when that
+            saves at least `affinity_blocks` blocks of transfer, else (TetriInfer) of two drawn
+            at random the one running fewer heavy decodes
+    prefill: predicted TTFT = wait for the prompt tokens queued ahead + the larger of computing
+            the tokens it has not cached and moving the KV the decode worker lacks (the push
+            overlaps the compute, layer by layer), at this worker's learned throughput and this
+            pair's learned bandwidth
+    local:  when the decode worker lacks at most `local_prefill_tokens` of the prompt and has
+            no more than that much prefill work waiting, it prefills that part itself
+    Both pools pass the bounded-load cap. The route carries its predicted TTFT for admission."""
 
     name = "workload_aware"
-    DECODE_LOAD_WEIGHT = 0.1  # an active block costs a tenth of a block to receive
 
     def __init__(self, index: PrefixLookup | None = None, *, local_prefill_tokens: int = 0, balance_factor: float = 1.15,
-                 balance_window: int = 64, candidates_per_pool: int = 8) -> None:
+                 balance_window: int = 64, candidates_per_pool: int = 8, affinity_blocks: int = 4, kv_block_bytes: int = 0,
+                 prefill_model: PrefillModel | None = None, transfer_model: TransferModel | None = None,
+                 lengths: OutputLengthModel | None = None, seed: int | None = None) -> None:
         self.index = index
         self.local_prefill_tokens = local_prefill_tokens
         self.top = candidates_per_pool
+        self.affinity_blocks = affinity_blocks
+        self.kv_block_bytes = kv_block_bytes
+        self.prefill_model = prefill_model or PrefillModel()
+        self.transfer_model = transfer_model or TransferModel()
+        self.lengths = lengths or OutputLengthModel()
         self.balance = {"prefill": _BoundedLoad(balance_factor, balance_window), "decode": _BoundedLoad(balance_factor, balance_window)}
+        self._rng = random.Random(seed)
 
     def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
         matched = self.index.match(request.block_hashes) if self.index is not None and request.block_hashes else {}
         bs, n = request.block_size, request.num_prompt_tokens
         blocks = -(-n // bs)
+        out = self.lengths.predict(request.features)
+        heavy = out >= self.lengths.heavy_tokens
 
-        def room(w: WorkerLoad) -> bool:  # for the blocks it lacks (a full worker would preempt or refuse)
-            return w.free_blocks - w.inflight_blocks >= blocks - matched.get(w.worker_id, 0)
+        def lacks(w: WorkerLoad) -> int:
+            return blocks - min(matched.get(w.worker_id, 0), blocks)
 
-        def decode_cost(w: WorkerLoad) -> float:
-            active = w.used_blocks + w.reserved_blocks + w.inflight_blocks
-            return blocks - matched.get(w.worker_id, 0) + self.DECODE_LOAD_WEIGHT * active
+        def fits(w: WorkerLoad, extra: int) -> bool:
+            return w.free_blocks - w.inflight_blocks >= lacks(w) + extra
 
-        def prefill_cost(w: WorkerLoad) -> float:
-            return w.queued_prefill_tokens + w.inflight_prompt_tokens + n - matched.get(w.worker_id, 0) * bs
+        def local_ttft(w: WorkerLoad) -> float:  # the decode worker prefilling what it lacks, after its backlog
+            backlog = w.queued_prefill_tokens + w.inflight_prompt_tokens
+            return self.prefill_model.seconds(w.worker_id, n, backlog + n - (blocks - lacks(w)) * bs)
 
-        d = self._pick(snapshot, request, "decode", matched, decode_cost, room)
+        room = lambda w: fits(w, -(-out // bs))  # noqa: E731 - the prompt's missing blocks and the predicted output
+        if request.colocated:
+            d = self._pick(snapshot, request, "decode", matched, local_ttft, room)
+        else:
+            d = self._pick_decode(snapshot, request, matched, room, lacks)
         self.balance["decode"].record(d.worker_id)
-        d_cached = min(matched.get(d.worker_id, 0), blocks)
+        d_cached = blocks - lacks(d)
         missing = n - d_cached * bs
         backlog = d.queued_prefill_tokens + d.inflight_prompt_tokens
-        if missing <= self.local_prefill_tokens and backlog + missing <= 2 * self.local_prefill_tokens and room(d):
-            return Route(decode=d, prefill=None, decode_cached_blocks=d_cached)
-        p = self._pick(snapshot, request, "prefill", matched, prefill_cost, room)
-        self.balance["prefill"].record(p.worker_id)
-        return Route(decode=d, prefill=p, prefill_cached_blocks=matched.get(p.worker_id, 0), decode_cached_blocks=d_cached)
+        if request.colocated or (missing <= self.local_prefill_tokens and backlog + missing <= 2 * self.local_prefill_tokens and fits(d, 0)):
+            wait = self.prefill_model.seconds(d.worker_id, n, backlog)
+            return Route(decode=d, decode_cached_blocks=d_cached, predicted_ttft=wait + self.prefill_model.seconds(d.worker_id, n, missing),
+                         predicted_wait=wait, predicted_output=out, heavy=heavy)
+        move = lacks(d) * self.kv_block_bytes
 
-    def _pick(self, snapshot: Snapshot, request: RouteRequest, role: str, matched: dict[str, int], cost, room) -> WorkerLoad:
-        """The cheapest worker with room and within its cap, among the few that can be cheapest:
-        the least loaded as reported, those caching a prefix of the prompt, and those this
-        router has requests on (their load moved since the report). Costs only grow with load
+        def ttft(p: WorkerLoad) -> tuple[float, float]:
+            wait = self.prefill_model.seconds(p.worker_id, n, p.queued_prefill_tokens + p.inflight_prompt_tokens)
+            compute = self.prefill_model.seconds(p.worker_id, n, n - min(matched.get(p.worker_id, 0), blocks) * bs)
+            return wait + max(compute, self.transfer_model.seconds(p.worker_id, d.worker_id, move)), wait
+
+        p = self._pick(snapshot, request, "prefill", matched, lambda w: ttft(w)[0], lambda w: fits(w, 0))
+        self.balance["prefill"].record(p.worker_id)
+        predicted, wait = ttft(p)
+        return Route(decode=d, prefill=p, prefill_cached_blocks=min(matched.get(p.worker_id, 0), blocks), decode_cached_blocks=d_cached,
+                     predicted_ttft=predicted, predicted_wait=wait, predicted_output=out, heavy=heavy)
+
+    def _pick_decode(self, snapshot: Snapshot, request: RouteRequest, matched: dict[str, int], fits, lacks) -> WorkerLoad:
+        pool = self._eligible(snapshot, request, "decode", matched, fits)
+        least = min(lacks(w) for w in pool)
+        # workers whose caches save about as much as the best one's: the others would move
+        # at least `affinity_blocks` more of the prompt
+        near = [w for w in pool if lacks(w) - least < self.affinity_blocks]
+        if len(near) == 1:
+            return near[0]
+        two = self._rng.sample(near, 2)  # TetriInfer: of two, the one with fewer heavy decodes
+        return min(two, key=lambda w: (w.inflight_heavy, lacks(w), w.used_blocks + w.reserved_blocks + w.inflight_blocks))
+
+    def _pick(self, snapshot: Snapshot, request: RouteRequest, role: str, matched: dict[str, int], cost, fits) -> WorkerLoad:
+        pool = self._eligible(snapshot, request, role, matched, fits)
+        cap = self.balance[role]
+        # equal costs go to the worker with fewer recent requests, then fewer in flight
+        return min(pool, key=lambda w: (cost(w), cap.counts[w.worker_id], w.inflight))
+
+    def _eligible(self, snapshot: Snapshot, request: RouteRequest, role: str, matched: dict[str, int], fits) -> list[WorkerLoad]:
+        """Workers of a pool that fit the request and are within their cap, among the few that
+        can be best: the least loaded as reported, those caching a prefix of the prompt, and
+        those the routers sent requests to since (their load moved). Costs only grow with load
         and shrink with cached blocks, so no other worker can win."""
         pool = self.candidates(snapshot, request, role)
         size = len(pool)
@@ -242,11 +344,18 @@ class WorkloadAware(RoutingPolicy):
             extra = (by_id[i] for i in {*matched, *snapshot.inflight} if i in by_id and i not in request.exclude)
             pool = list({w.worker_id: w for w in [*pool[: self.top], *(w for w in extra if w.role == role)]}.values())
         pool = [snapshot.load(w) for w in pool]
-        pool = [w for w in pool if room(w)] or pool
+        pool = [w for w in pool if fits(w)] or pool
         cap = self.balance[role]
-        allowed = [w for w in pool if cap.allows(w.worker_id, size)] or pool
-        # equal costs go to the worker with fewer recent requests, then fewer in flight
-        return min(allowed, key=lambda w: (cost(w), cap.counts[w.worker_id], w.inflight))
+        return [w for w in pool if cap.allows(w.worker_id, size)] or pool
+
+    def observe(self, o: Outcome) -> None:
+        n, route = o.request.num_prompt_tokens, o.route
+        if route.prefill is not None:
+            self.prefill_model.observe(route.prefill.worker_id, n, n - o.prefill_cached_tokens, o.prefill_seconds)
+            self.transfer_model.observe(route.prefill.worker_id, route.decode.worker_id, o.kv_bytes, o.transfer_seconds)
+        else:
+            self.prefill_model.observe(route.decode.worker_id, n, n - o.decode_cached_tokens, o.prefill_seconds)
+        self.lengths.observe(o.request.features, o.output_tokens)
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "workload_aware": WorkloadAware}
@@ -254,7 +363,7 @@ POLICIES: dict[str, type[RoutingPolicy]] = {"round_robin": RoundRobin, "least_lo
 
 def make_policy(name: str, **options) -> RoutingPolicy:
     """`options` go to policies that take them (workload_aware: index, local_prefill_tokens,
-    balance_factor, balance_window)."""
+    balance_factor, balance_window, kv_block_bytes, the predictors, seed)."""
     if name not in POLICIES:
         raise ValueError(f"routing policy must be one of {sorted(POLICIES)}, got {name!r}")
     return POLICIES[name](**options) if name == "workload_aware" else POLICIES[name]()

@@ -102,8 +102,9 @@ class LocalCluster:
         return proc
 
     def _launch_worker(self, role: str, flags: list[str]):
+        beat, ttl = str(self.config["heartbeat_seconds"]), str(self.config["heartbeat_ttl_seconds"])
         return launch(f"splitserve.{role}_worker", "--model", str(self.model), "--dtype", "float32", "--redis-url", self.redis.url,
-                      "--cluster", self.name, "--heartbeat-seconds", "0.3", "--heartbeat-ttl-seconds", "2", *flags)
+                      "--cluster", self.name, "--heartbeat-seconds", beat, "--heartbeat-ttl-seconds", ttl, *flags)
 
     def add_worker(self, role: str, *flags: str) -> Proc:
         proc = self._launch_worker(role, list(flags)).wait()

@@ -119,3 +119,56 @@ def test_workload_aware_caps_a_shared_prefix_hotspot() -> None:
     for role in ("prefill", "decode"):
         counts = Counter(getattr(r, role).worker_id for r in picks)
         assert max(counts.values()) <= 1.5 * min(counts.values()), counts
+
+
+# ---- prediction and admission ------------------------------------------------------------------
+def test_admission_refuses_exactly_past_the_slo_with_slack_and_only_for_queued_work() -> None:
+    from splitserve.router.policy import Route, admission_refusal
+
+    d = w("d1", "decode")
+    assert admission_refusal(Route(d, predicted_ttft=1.0, predicted_wait=0.5), slo_ttft_s=0.5, slack=2.0) is None  # 1.0 <= 0.5 x 2
+    why = admission_refusal(Route(d, predicted_ttft=1.001, predicted_wait=0.5), slo_ttft_s=0.5, slack=2.0)
+    assert why is not None and "predicted TTFT 1001 ms" in why and "allowed 1000 ms" in why
+    assert admission_refusal(Route(d, predicted_ttft=9.0, predicted_wait=0.0), slo_ttft_s=0.5, slack=1.0) is None  # nothing to wait for
+
+
+def test_an_idle_cluster_is_never_refused() -> None:
+    import random
+
+    from splitserve.router.policy import admission_refusal
+
+    rng = random.Random(0)
+    policy = make_policy("workload_aware", local_prefill_tokens=256, kv_block_bytes=1 << 16, seed=0)
+    idle = pools(p1={}, p2={}, d1={}, d2={})
+    for _ in range(200):
+        r = policy.choose(idle, prompt_request(rng.randrange(16, 8000)))
+        assert r.predicted_ttft > 0 and r.predicted_wait == 0
+        assert admission_refusal(r, slo_ttft_s=0.001, slack=1.0) is None
+
+
+def test_predicted_ttft_counts_the_queue_and_the_transfer() -> None:
+    from splitserve.router.predictors import PrefillModel, TransferModel
+
+    policy = make_policy("workload_aware", kv_block_bytes=1 << 20, prefill_model=PrefillModel(1000.0), transfer_model=TransferModel(1e9))
+    r = policy.choose(pools(p1={"queued_prefill_tokens": 2000}, d1={}), prompt_request(1000))
+    # 2 s of queued prompts, then the larger of 1 s of compute and 63 MiB at 1 GB/s
+    assert abs(r.predicted_wait - 2.0) < 1e-9 and abs(r.predicted_ttft - 3.0) < 1e-9
+    slow = make_policy("workload_aware", kv_block_bytes=1 << 20, prefill_model=PrefillModel(1000.0), transfer_model=TransferModel(1e7))
+    assert abs(slow.choose(pools(p1={}, d1={}), prompt_request(1000)).predicted_ttft - 63 * (1 << 20) / 1e7) < 1e-6
+
+
+def test_decodes_are_mixed_by_predicted_length() -> None:
+    """Of the decode workers, the one running fewer heavy decodes takes the next heavy one."""
+    policy = make_policy("workload_aware", seed=1)
+    snap = pools(p1={}, d1={"inflight_heavy": 3}, d2={"inflight_heavy": 0})
+    picks = Counter(policy.choose(snap, RouteRequest("r", 500, 2048, block_hashes=tuple(range(31)))).decode.worker_id for _ in range(20))
+    assert picks["d2"] >= picks["d1"]
+
+
+def test_colocated_routes_are_local() -> None:
+    policy = make_policy("workload_aware")
+    r = policy.choose(Snapshot.of([w("d1", "decode", free_blocks=100), w("d2", "decode", free_blocks=100)]),
+                      RouteRequest("r", 1000, 16, block_hashes=tuple(range(62)), colocated=True))
+    assert r.prefill is None and r.path == "local"
+    for name in ("round_robin", "least_loaded"):
+        assert make_policy(name).choose(Snapshot.of([w("d1", "decode")]), RouteRequest("r", 10, 4, colocated=True)).prefill is None
