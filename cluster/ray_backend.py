@@ -18,6 +18,22 @@ from splitserve.cluster.worker_runtime import WorkerSpec
 logger = logging.getLogger(__name__)
 
 
+def ray_options(resources: Resources) -> dict:
+    """What one worker (one CP rank) asks Ray for; custom resources pin it to its pool's nodes."""
+    options: dict = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if resources.custom:
+        options["resources"] = dict(resources.custom)
+    return options
+
+
+def bundle(resources: Resources) -> dict[str, float]:
+    """One CP rank's placement-group bundle: the same asks, so the group lands where its ranks may run."""
+    out = {"CPU": resources.num_cpus, **resources.custom}
+    if resources.num_gpus:
+        out["GPU"] = resources.num_gpus
+    return out
+
+
 class WorkerBackend(Protocol):
     def start(self, spec: WorkerSpec, resources: Resources) -> None: ...
 
@@ -92,10 +108,9 @@ class RayBackend:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         group, followers = None, []
-        options = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+        options = ray_options(resources)
         if spec.role == "prefill" and spec.cp_degree > 1:
-            group = placement_group([{"CPU": resources.num_cpus, "GPU": resources.num_gpus} if resources.num_gpus else {"CPU": resources.num_cpus}] * spec.cp_degree,
-                                    strategy="STRICT_PACK", name=f"{spec.worker_id}-cp")
+            group = placement_group([bundle(resources)] * spec.cp_degree, strategy="STRICT_PACK", name=f"{spec.worker_id}-cp")
             self._ray.get(group.ready(), timeout=self._start_timeout)
             spec = dataclasses.replace(spec, cp_followers="placed")
             placed = lambda i: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)  # noqa: E731
