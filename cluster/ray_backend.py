@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from typing import Protocol
 
 from splitserve.cluster.config import Resources
 from splitserve.cluster.worker_runtime import WorkerSpec
 
 logger = logging.getLogger(__name__)
+CONNECT_RETRY_SECONDS = 2.0
 
 
 def ray_options(resources: Resources) -> dict:
@@ -85,6 +87,22 @@ class CPRankActor:
         return self.thread.is_alive()
 
 
+def connect(ray, address: str | None, timeout: float, **init_kwargs) -> None:
+    """`ray.init`, retried while an existing cluster is not reachable yet: on Kubernetes the
+    controller's pod may start before the Ray head's, or reach its client server while it is busy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.init(address=address, **init_kwargs)
+            return
+        except ConnectionError as e:
+            if address is None or time.monotonic() > deadline:
+                raise
+            logger.warning("Ray at %s is not reachable yet (%s); retrying", address, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            ray.shutdown()  # a half-made connection must not make the next init a no-op
+            time.sleep(CONNECT_RETRY_SECONDS)
+
+
 class RayBackend:
     def __init__(self, address: str | None, namespace: str, *, num_cpus: int | None = None, max_restarts: int = 5, start_timeout: float = 300.0) -> None:
         import ray
@@ -92,7 +110,8 @@ class RayBackend:
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=address, namespace=namespace, num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            connect(ray, address, start_timeout, namespace=namespace, num_cpus=num_cpus, include_dashboard=False,
+                    logging_level=logging.WARNING, log_to_driver=False)
         self._actor_cls = ray.remote(WorkerActor)
         self._rank_cls = ray.remote(CPRankActor)
         self._groups: dict[str, tuple[object, list]] = {}

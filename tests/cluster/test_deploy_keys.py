@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.cluster import ray_backend
 from splitserve.cluster.cli import build_parser
 from splitserve.cluster.config import ConfigError, parse_cluster_config
 from splitserve.cluster.controller import Controller, worker_spec
@@ -138,3 +139,36 @@ def test_a_decode_worker_with_kv_port_serves_kv_only_there(llama_dir: Path) -> N
 def test_up_can_leave_the_router_out() -> None:
     assert build_parser().parse_args(["up", "-f", "c.yaml", "--no-router"]).no_router is True
     assert build_parser().parse_args(["up", "-f", "c.yaml"]).no_router is False
+
+
+# ---- waiting for Ray ---------------------------------------------------------------------------
+class FlakyRay:
+    """`ray.init` that fails as an unreachable cluster does, `failures` times."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.inits, self.shutdowns = failures, [], 0
+
+    def init(self, **kwargs) -> None:
+        self.inits.append(kwargs)
+        if len(self.inits) <= self.failures:
+            raise ConnectionError("ray client connection timeout")
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_up_waits_for_a_ray_cluster_that_is_not_reachable_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_backend, "CONNECT_RETRY_SECONDS", 0.01)
+    ray = FlakyRay(failures=2)
+    ray_backend.connect(ray, "ray://head:10001", timeout=60, namespace="n")
+    assert len(ray.inits) == 3 and ray.shutdowns == 2 and ray.inits[-1] == {"address": "ray://head:10001", "namespace": "n"}
+
+
+def test_up_gives_up_after_the_timeout_and_a_local_ray_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_backend, "CONNECT_RETRY_SECONDS", 0.01)
+    with pytest.raises(ConnectionError):
+        ray_backend.connect(FlakyRay(failures=1000), "ray://head:10001", timeout=0.1)
+    local = FlakyRay(failures=1)
+    with pytest.raises(ConnectionError):
+        ray_backend.connect(local, None, timeout=60)
+    assert len(local.inits) == 1
