@@ -244,7 +244,9 @@ def test_generated_secrets_are_read_back_from_the_live_secret(tmp_path: Path) ->
         f'  kept: {{{{ include "splitserve.keptSecret" (dict "existing" (dict "cluster-token" "{live}") "key" "cluster-token" "given" "" "length" 48) }}}}\n'
         f'  given: {{{{ include "splitserve.keptSecret" (dict "existing" (dict "cluster-token" "{live}") "key" "cluster-token" "given" "mine" "length" 48) }}}}\n'
         '  new: {{ include "splitserve.keptSecret" (dict "existing" (dict) "key" "cluster-token" "given" "" "length" 48) }}\n')
-    (chart / "templates" / "secret.yaml").read_text().index('lookup "v1" "Secret" .Release.Namespace (include "splitserve.secretName" .)')
+    secret_template = (chart / "templates" / "secret.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace (include "splitserve.secretName" .)' in secret_template  # its own live copy
+    assert secret_template.count('include "splitserve.keptSecret"') == 4  # every generated value goes through the helper
     with helm_python.Chart.load(chart) as c:
         data = yaml.safe_load(c.render({}, name="demo")["splitserve/templates/zz-kept.yaml"])["data"]
     assert data["kept"] == live and base64.b64decode(data["given"]) == b"mine"
