@@ -211,12 +211,16 @@ def test_given_values_reach_cluster_yaml() -> None:
                    "prefill": {"maxPrefillChunk": 1024, "kvCacheMemory": "2GiB"}, "decode": {"maxRunningRequests": 32},
                    "router": {"policy": "round_robin", "requestTimeoutS": 30, "maxRetries": 3},
                    "slo": {"ttftMs": 800, "tpotMs": 40}, "kvTransfer": {"leaseSeconds": 12},
+                   "routing": {"localPrefillTokens": 0, "balanceFactor": 1.5, "balanceWindow": 16, "indexCapacityBlocks": 5000},
                    "auth": {"clusterToken": "given-token", "apiKeys": ["k1", "k2"], "redisPassword": "pw-1"}})
     c, _ = loaded(docs)
     assert (c.name, c.block_size, c.heartbeat_seconds, c.heartbeat_ttl_seconds, c.max_restarts) == ("llm-b", 32, 2.0, 9.0, 2)
     assert (c.model.dtype, c.model.max_model_len, c.prefill.max_prefill_chunk, c.prefill.kv_cache_memory) == ("bfloat16", 8192, 1024, 2 << 30)
     assert (c.router.policy, c.router.request_timeout_s, c.router.max_retries, c.decode.max_running_requests) == ("round_robin", 30.0, 3, 32)
     assert (c.slo.ttft_ms, c.slo.tpot_ms, c.kv_transfer.lease_seconds) == (800.0, 40.0, 12.0)
+    r = c.routing
+    assert (r.local_prefill_tokens, r.balance_factor, r.balance_window, r.index_capacity_blocks) == (0, 1.5, 16, 5000)
+    assert loaded(render())[0].router.policy == "workload_aware"
     assert (c.cluster_token, c.api_keys) == ("given-token", ["k1", "k2"]) and c.redis_url.startswith("redis://:pw-1@")
 
 

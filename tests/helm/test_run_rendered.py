@@ -270,11 +270,17 @@ def _run(docs: list[dict], secrets: dict[str, str], folder: Path, pods: Pods, st
     wait_for(lambda: "splitserve ready: controller only" in pods.log("controller"), READY_TIMEOUT, "the controller's workers", pods)
     wait_for(lambda: health(http_port), READY_TIMEOUT, "the router to see a prefill and a decode worker", pods)
 
-    # ---- the completion, through the router, with the key from the Secret
-    body = {"prompt": "Hello, Kubernetes", "max_tokens": 8, "temperature": 0}
+    # ---- the completion, through the router, with the key from the Secret. The prompt is longer
+    # than the rendered routing.local_prefill_tokens, so it takes the disaggregated path: prefilled
+    # on the prefill group, its KV sent to the decode worker's KV port, decoded there.
+    body = {"prompt": "Hello, Kubernetes: " + " ".join(f"pod{i}" for i in range(200)), "max_tokens": 8, "temperature": 0}
     status, reply = post(http_port, body, secrets["api-key-0"])
     assert status == 200, (reply, pods.logs())
+    assert reply["usage"]["prompt_tokens"] > config["routing"]["local_prefill_tokens"]
     assert reply["usage"]["completion_tokens"] == 8 and reply["choices"][0]["finish_reason"] == "length"
+    timings = reply["timings"]
+    assert timings["path"] == "disaggregated" and timings["kv_bytes"] > 0, timings
+    assert "-prefill-" in timings["prefill_worker"] and "-decode-" in timings["decode_worker"], timings
     assert post(http_port, body, None)[0] == 401, "the public API must want the generated API key"
     _check_the_same_tokens_as_one_engine(config["model"]["path"], config["model"]["dtype"], body, reply)
     _check_each_pool_holds_its_groups_resources(gcs_port, head_env, ray)
