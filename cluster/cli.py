@@ -1,7 +1,7 @@
 """The `splitserve` command line.
 
     splitserve serve --model DIR           everything on this machine: Redis, Ray, pools, router
-    splitserve up -f cluster.yaml          on an existing Ray cluster and Redis
+    splitserve up -f cluster.yaml          on an existing Ray cluster and Redis (--no-router: the controller alone)
     splitserve status | scale prefill=N decode=M | drain WORKER | down     (via the router)
     splitserve bench ...                   load generator: TTFT/TPOT/ITL/E2E and goodput
     splitserve model init-tiny DIR         a random-weight checkpoint, offline
@@ -56,18 +56,21 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_cluster(config, embedded_redis: bool) -> int:
+def _run_cluster(config, embedded_redis: bool, with_router: bool = True) -> int:
     from splitserve.cluster.config import ConfigError
     from splitserve.cluster.serve import start_cluster, wait_for_signal
 
     if config.kv_transfer.transport == "local":
         raise ConfigError("kv_transfer.transport", "'local' needs both workers in one process, and a cluster runs them in separate ones: use 'grpc' or 'torch'")
 
-    running = start_cluster(config, embedded_redis=embedded_redis, fresh=embedded_redis)
+    running = start_cluster(config, embedded_redis=embedded_redis, fresh=embedded_redis, with_router=with_router)
     try:
         r = running.router
-        print(f"splitserve ready: http {r.http_address}  grpc {r.grpc_address}  "
-              f"(model {config.model.path}, {pools(config)})", flush=True)
+        if r is None:
+            print(f"splitserve ready: controller only (model {config.model.path}, {pools(config)}); routers: python -m splitserve.router -f FILE",
+                  flush=True)
+        else:
+            print(f"splitserve ready: http {r.http_address}  grpc {r.grpc_address}  (model {config.model.path}, {pools(config)})", flush=True)
         wait_for_signal()
         print("splitserve: shutting down", flush=True)
     finally:
@@ -98,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from splitserve.cluster.config import load_cluster_config
 
-    return _run_cluster(load_cluster_config(args.file), embedded_redis=False)
+    return _run_cluster(load_cluster_config(args.file), embedded_redis=False, with_router=not args.no_router)
 
 
 def _client(args: argparse.Namespace):
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the controller and a router for cluster.yaml on an existing Ray cluster and Redis")
     up.add_argument("-f", "--file", required=True)
+    up.add_argument("--no-router", action="store_true", help="run only the controller (routers run as `python -m splitserve.router -f FILE`)")
     up.set_defaults(func=_up)
 
     def admin(name: str, help: str, func) -> argparse.ArgumentParser:

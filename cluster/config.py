@@ -3,13 +3,22 @@
 Validation is strict and says where: an unknown key, a wrong type or a value outside its
 allowed set is a `ConfigError` naming the dotted key (e.g. `decode.replicas`) and what is
 allowed. See `cluster.example.yaml` for every key with its default and meaning.
+
+String values may refer to environment variables as `${NAME}` (`$$` is a literal `$`), expanded
+once here, at load: how secrets (the cluster token, API keys, a Redis password) reach the
+processes without being written into the file (on Kubernetes the file is a ConfigMap and the
+secrets come from a Secret through the environment). A reference to an unset variable is an
+error naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,10 +34,23 @@ class ConfigError(ValueError):
         self.key = key
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 @dataclass(frozen=True)
 class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # "auto" is resolved by the pool: 1 per worker when CUDA is present
+    # Ray custom resources each worker (each rank of a CP group) asks for too: how a pool is pinned
+    # to the nodes that advertise them, e.g. the Helm chart's prefill and decode worker groups.
+    custom: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, amount in self.custom.items():
+            if not name or name in RAY_BUILTIN_RESOURCES:
+                raise ConfigError(f"custom.{name}", f"is not a custom resource name (Ray's own {', '.join(RAY_BUILTIN_RESOURCES)} are set by num_cpus / num_gpus)")
+            if amount <= 0:
+                raise ConfigError(f"custom.{name}", f"must be > 0, got {amount}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,7 @@ class PrefillPool:
     max_num_batched_tokens: int = 2048
     kv_cache_memory: int = 1 << 30  # bytes
     cp_degree: int = 1
+    port: int = 0  # each worker's gRPC port; fixed (not 0) only with at most one worker per node
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,8 @@ class DecodePool:
     resources: Resources = field(default_factory=Resources)
     max_running_requests: int = 64
     kv_cache_memory: int = 1 << 30  # bytes
+    port: int = 0
+    kv_port: int | None = None  # None: KV on `port`; a port of its own lets a network policy keep the router off it
 
 
 @dataclass(frozen=True)
@@ -130,6 +155,11 @@ class ClusterConfig:
             ("routing.balance_window", self.routing.balance_window >= 1, ">= 1"),
             ("routing.index_capacity_blocks", self.routing.index_capacity_blocks >= 1, ">= 1"),
             ("routing.transfer_bytes_per_s", self.routing.transfer_bytes_per_s > 0, "> 0"),
+            ("prefill.port", 0 <= self.prefill.port < 65536, "a port in 0..65535 (0 = any free)"),
+            ("decode.port", 0 <= self.decode.port < 65536, "a port in 0..65535 (0 = any free)"),
+            ("decode.kv_port", self.decode.kv_port is None or 0 <= self.decode.kv_port < 65536, "null or a port in 0..65535 (0 = any free)"),
+            ("decode.kv_port", not self.decode.port or self.decode.kv_port != self.decode.port, "different from decode.port (null serves KV on decode.port)"),
+            *((f"api_keys[{i}]", bool(k), "a non-empty string") for i, k in enumerate(self.api_keys)),
             ("heartbeat_ttl_seconds", self.heartbeat_ttl_seconds > self.heartbeat_seconds > 0, "> heartbeat_seconds > 0"),
             ("slo.ttft_ms", self.slo.ttft_ms > 0, "> 0"),
             ("slo.tpot_ms", self.slo.tpot_ms > 0, "> 0"),
@@ -142,20 +172,21 @@ class ClusterConfig:
                 raise ConfigError(key, f"must be {allowed}")
 
 
-def load_cluster_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterConfig:
+def load_cluster_config(path: str | Path, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> ClusterConfig:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(str(path), f"is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "must be a mapping at the top level")
-    return parse_cluster_config(raw, overrides)
+    return parse_cluster_config(raw, overrides, env)
 
 
-def parse_cluster_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> ClusterConfig:
-    """Build a validated config; `overrides` maps dotted keys to values (e.g. CLI flags)."""
+def parse_cluster_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> ClusterConfig:
+    """Build a validated config; `overrides` maps dotted keys to values (e.g. CLI flags); `${NAME}`
+    in string values is looked up in `env` (default: this process's environment)."""
     raw = _merge(raw, overrides or {})
-    config = _build(ClusterConfig, raw, "")
+    config = _build(ClusterConfig, raw, "", os.environ if env is None else env)
     if not config.model.path:
         raise ConfigError("model.path", "is required: a Hugging Face checkpoint folder")
     return config
@@ -174,7 +205,7 @@ def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, env: Mapping[str, str]) -> Any:
     where = prefix.rstrip(".") or "cluster.yaml"
     if not isinstance(raw, dict):
         raise ConfigError(where, f"must be a mapping, got {type(raw).__name__}")
@@ -183,7 +214,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(prefix + str(unknown[0]), f"unknown key; allowed keys here: {', '.join(names)}")
-    kwargs = {name: _value(hints[name], raw[name], prefix + name) for name in names if name in raw}
+    kwargs = {name: _value(hints[name], raw[name], prefix + name, env) for name in names if name in raw}
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -192,13 +223,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise
 
 
-def _value(hint: Any, value: Any, key: str) -> Any:
+def _value(hint: Any, value: Any, key: str, env: Mapping[str, str]) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _value(inner[0], value, key)
+        return _value(inner[0], value, key, env)
     if origin is Literal:
         if value not in args:
             raise ConfigError(key, f"{value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
@@ -206,9 +237,18 @@ def _value(hint: Any, value: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(key, f"must be a list, got {type(value).__name__}")
-        return [_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_value(args[0], v, f"{key}[{i}]", env) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{key}.{bad[0]}", "keys must be strings")
+        return {k: _value(args[1], v, f"{key}.{k}", env) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return _build(hint, value, key + ".", env)
+    if hint is str and isinstance(value, str):
+        return _expand(value, key, env)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, str) and value[-3:] in ("KiB", "MiB", "GiB"):
@@ -216,6 +256,21 @@ def _value(hint: Any, value: Any, key: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(key, f"must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(text: str, key: str, env: Mapping[str, str]) -> str:
+    def one(m: re.Match) -> str:
+        name = m.group(1)
+        if name is None:  # "$$"
+            return "$"
+        if name not in env:
+            raise ConfigError(key, f"refers to ${{{name}}}, which is not set in the environment")
+        return env[name]
+
+    return _ENV_REF.sub(one, text)
 
 
 def _bytes(text: str, key: str) -> int:

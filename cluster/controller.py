@@ -8,6 +8,7 @@ controller only ever compares and acts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import uuid
@@ -37,6 +38,7 @@ def worker_spec(config: ClusterConfig, role: str, worker_id: str, redis_url: str
         host=config.router.host if config.router.host in ("127.0.0.1", "localhost", "::1") else "", token=config.cluster_token,
         heartbeat_seconds=config.heartbeat_seconds, heartbeat_ttl_seconds=config.heartbeat_ttl_seconds,
         cp_degree=config.prefill.cp_degree if role == "prefill" else 1,
+        port=pool.port, kv_port=config.decode.kv_port if role == "decode" else None,
     )
 
 
@@ -52,12 +54,12 @@ class Controller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._targets = {"prefill": 0 if config.colocated else config.prefill.replicas, "decode": config.decode.replicas}
-        registry.init_targets(self._targets)
+        registry.declare_targets(self._targets)
 
     def resources(self, role: str) -> Resources:
         """What one worker (one rank of a CP group) asks Ray for."""
         r = (self.config.prefill if role == "prefill" else self.config.decode).resources
-        return Resources(r.num_cpus, r.num_gpus or (1.0 if self.device == "cuda" else 0.0))  # a GPU worker asks for its GPU
+        return dataclasses.replace(r, num_gpus=r.num_gpus or (1.0 if self.device == "cuda" else 0.0))  # a GPU worker asks for its GPU
 
     def reconcile(self) -> None:
         alive = self.backend.alive()

@@ -10,12 +10,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from typing import Protocol
 
 from splitserve.cluster.config import Resources
 from splitserve.cluster.worker_runtime import WorkerSpec
 
 logger = logging.getLogger(__name__)
+CONNECT_RETRY_SECONDS = 2.0
+
+
+def ray_options(resources: Resources) -> dict:
+    """What one worker (one CP rank) asks Ray for; custom resources pin it to its pool's nodes."""
+    options: dict = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if resources.custom:
+        options["resources"] = dict(resources.custom)
+    return options
+
+
+def bundle(resources: Resources) -> dict[str, float]:
+    """One CP rank's placement-group bundle: the same asks, so the group lands where its ranks may run."""
+    out = {"CPU": resources.num_cpus, **resources.custom}
+    if resources.num_gpus:
+        out["GPU"] = resources.num_gpus
+    return out
 
 
 class WorkerBackend(Protocol):
@@ -69,6 +87,22 @@ class CPRankActor:
         return self.thread.is_alive()
 
 
+def connect(ray, address: str | None, timeout: float, **init_kwargs) -> None:
+    """`ray.init`, retried while an existing cluster is not reachable yet: on Kubernetes the
+    controller's pod may start before the Ray head's, or reach its client server while it is busy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.init(address=address, **init_kwargs)
+            return
+        except ConnectionError as e:
+            if address is None or time.monotonic() > deadline:
+                raise
+            logger.warning("Ray at %s is not reachable yet (%s); retrying", address, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            ray.shutdown()  # a half-made connection must not make the next init a no-op
+            time.sleep(CONNECT_RETRY_SECONDS)
+
+
 class RayBackend:
     def __init__(self, address: str | None, namespace: str, *, num_cpus: int | None = None, max_restarts: int = 5, start_timeout: float = 300.0) -> None:
         import ray
@@ -76,7 +110,8 @@ class RayBackend:
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=address, namespace=namespace, num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            connect(ray, address, start_timeout, namespace=namespace, num_cpus=num_cpus, include_dashboard=False,
+                    logging_level=logging.WARNING, log_to_driver=False)
         self._actor_cls = ray.remote(WorkerActor)
         self._rank_cls = ray.remote(CPRankActor)
         self._groups: dict[str, tuple[object, list]] = {}
@@ -92,10 +127,9 @@ class RayBackend:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         group, followers = None, []
-        options = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+        options = ray_options(resources)
         if spec.role == "prefill" and spec.cp_degree > 1:
-            group = placement_group([{"CPU": resources.num_cpus, "GPU": resources.num_gpus} if resources.num_gpus else {"CPU": resources.num_cpus}] * spec.cp_degree,
-                                    strategy="STRICT_PACK", name=f"{spec.worker_id}-cp")
+            group = placement_group([bundle(resources)] * spec.cp_degree, strategy="STRICT_PACK", name=f"{spec.worker_id}-cp")
             self._ray.get(group.ready(), timeout=self._start_timeout)
             spec = dataclasses.replace(spec, cp_followers="placed")
             placed = lambda i: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)  # noqa: E731

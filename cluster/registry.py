@@ -5,6 +5,7 @@ Keys (all under `splitserve:{cluster}:`, so clusters can share one Redis):
                   that stops beating vanishes from routing by itself, and one that beats again
                   after a Redis restart is back at the next beat
     target        hash role -> replicas the controller reconciles towards
+    declared      hash role -> replicas cluster.yaml last said (tells a changed config from a restart)
     drain         set of worker ids asked to drain
     cp:{id}       rendezvous address of context-parallel group {id}'s rank 0
     inflight:{router}  hash worker -> "requests,prompt tokens,blocks,heavy": the requests that
@@ -79,6 +80,18 @@ class Registry:
         """Set targets that are not set yet (a restarted controller keeps what users scaled to)."""
         for role, n in targets.items():
             self.redis.hsetnx(self.prefix + "target", role, n)
+
+    def declare_targets(self, targets: dict[str, int]) -> None:
+        """The pool sizes cluster.yaml says, at a controller's start: a size the file changed since
+        the last declaration becomes the target (a redeploy with new replicas is obeyed); an
+        unchanged one only fills a missing target (a restart keeps what users scaled to)."""
+        for role, n in targets.items():
+            last = self.redis.hget(self.prefix + "declared", role)
+            if last is None or int(last) != n:
+                self.redis.hset(self.prefix + "target", role, n)
+                self.redis.hset(self.prefix + "declared", role, n)
+            else:
+                self.redis.hsetnx(self.prefix + "target", role, n)
 
     def request_drain(self, worker_id: str) -> None:
         self.redis.sadd(self.prefix + "drain", worker_id)

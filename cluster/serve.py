@@ -1,5 +1,6 @@
 """Running a cluster from this process: `splitserve serve` (everything embedded: Redis, a local
-Ray, the pools and the router) and `splitserve up` (an existing Ray cluster and Redis).
+Ray, the pools and the router) and `splitserve up` (an existing Ray cluster and Redis; with
+`--no-router` only the controller, as the Helm chart runs it, its routers being separate).
 
 Life cycle: start Redis if needed -> Ray -> controller (starts the pools, then keeps them at
 their targets) -> router -> print the ready line -> wait for SIGINT/SIGTERM -> stop the router,
@@ -36,10 +37,13 @@ class Running:
     redis: EmbeddedRedis | None
     backend: RayBackend
     controller: Controller
-    router: object
+    router: object | None  # None: `splitserve up --no-router` (routers run as their own processes)
 
     def stop(self) -> None:
-        for step, fn in (("router", self.router.stop), ("controller", self.controller.stop), ("workers and Ray", self.backend.shutdown)):
+        steps = [("controller", self.controller.stop), ("workers and Ray", self.backend.shutdown)]
+        if self.router is not None:
+            steps.insert(0, ("router", self.router.stop))
+        for step, fn in steps:
             try:
                 fn()
             except Exception as e:  # keep shutting the rest down
@@ -48,9 +52,7 @@ class Running:
             self.redis.stop()
 
 
-def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool) -> Running:
-    from splitserve.router.app import Router
-
+def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, with_router: bool = True) -> Running:
     redis_server = EmbeddedRedis(config.router.host) if embedded_redis else None
     redis_url = redis_server.url if redis_server else config.redis_url
     if not redis_url:
@@ -66,7 +68,11 @@ def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool) -
         controller = Controller(config, backend, registry, redis_url, resolve_device(config.model.device))
         controller.reconcile()  # the first pools, before the router takes traffic
         controller.start()
-        router = Router(config, redis_url)
+        router = None
+        if with_router:
+            from splitserve.router.app import Router
+
+            router = Router(config, redis_url)
     except BaseException:
         if backend is not None:
             backend.shutdown()

@@ -57,6 +57,7 @@ class WorkerSpec:
     lease_seconds: float = 30.0
     host: str = "127.0.0.1"  # "" = this node's address
     port: int = 0  # 0 = any free port
+    kv_port: int | None = None  # decode: None = KV transfer on `port`; else a server of its own (0 = any free port)
     token: str | None = None
     heartbeat_seconds: float = 1.0
     heartbeat_ttl_seconds: float = 5.0
@@ -94,8 +95,13 @@ class WorkerRuntime:
         self.worker, add_services, names = self._build()
         self.server, port, _ = start_server(spec.host, spec.port, add_services, names, spec.token)
         self.address = f"{spec.host}:{port}"
+        self.kv_server: grpc.Server | None = None
+        self.kv_address = self.address if spec.role == "decode" else None
         if spec.role == "decode":
-            self.worker.set_rpc_endpoint(self.address)
+            if spec.kv_port is not None:  # a port of its own, so a network policy can let only workers reach KV
+                self.kv_server, kv_port, _ = start_server(spec.host, spec.kv_port, self._add_kv, ["splitserve.kv.KVTransfer"], spec.token)
+                self.kv_address = f"{spec.host}:{kv_port}"
+            self.worker.set_rpc_endpoint(self.kv_address)
         self.record = WorkerRecord(spec.worker_id, spec.role, self.address, "ready", self.worker.layout.model_fingerprint,
                                    self.worker.layout.to_dict(), pid=os.getpid(), restarts=restarts)
         self.heartbeat: Heartbeat | None = None
@@ -110,7 +116,7 @@ class WorkerRuntime:
                     f" (cluster {spec.cluster!r})" if spec.redis_url else " (not registered in any cluster)")
 
     def _build(self):
-        from splitserve.proto import kv_pb2_grpc, worker_pb2_grpc
+        from splitserve.proto import worker_pb2_grpc
 
         s = self.spec
         if s.role == "prefill":
@@ -122,17 +128,20 @@ class WorkerRuntime:
             from splitserve.decode_worker.service import DecodeService
             from splitserve.decode_worker.worker import DecodeWorker
             from splitserve.engine.engine import LLMEngine
-            from splitserve.kv_transfer.grpc_transport import KVTransferServicer
 
             worker = DecodeWorker(LLMEngine(s.engine_config()), s.worker_id, host=s.host, transports=s.accepted_transports(),
                                   default_transport=s.transport, lease_seconds=s.lease_seconds)
 
             def add(srv: grpc.Server) -> None:
                 worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeService(worker), srv)
-                kv_pb2_grpc.add_KVTransferServicer_to_server(KVTransferServicer(worker.receiver, worker.torch_server.accept if worker.torch_server else None), srv)
+                if s.kv_port is None:
+                    add_kv_service(worker, srv)
 
-            return worker, add, ["splitserve.worker.DecodeWorker", "splitserve.kv.KVTransfer"]
+            return worker, add, ["splitserve.worker.DecodeWorker", *(["splitserve.kv.KVTransfer"] if s.kv_port is None else [])]
         raise ValueError(f"role must be one of {ROLES}, got {s.role!r}")
+
+    def _add_kv(self, srv: grpc.Server) -> None:
+        add_kv_service(self.worker, srv)
 
     def _prefill_worker(self):
         s = self.spec
@@ -167,7 +176,7 @@ class WorkerRuntime:
         self.record.state = "draining"
 
     def info(self) -> dict:
-        return {"role": self.spec.role, "worker_id": self.spec.worker_id, "address": self.address, "pid": os.getpid(),
+        return {"role": self.spec.role, "worker_id": self.spec.worker_id, "address": self.address, "kv_address": self.kv_address, "pid": os.getpid(),
                 "cluster": self.spec.cluster if self.spec.redis_url else None, "layout": self.worker.layout.to_dict()}
 
     def stop(self) -> None:
@@ -180,7 +189,17 @@ class WorkerRuntime:
             except Exception as e:  # the registry may be gone already; the record expires anyway
                 logger.debug("could not unregister %s: %s", self.spec.worker_id, e)
         self.server.stop(2).wait(3)
+        if self.kv_server is not None:
+            self.kv_server.stop(2).wait(3)
         self.worker.close()
+
+
+def add_kv_service(worker, srv: grpc.Server) -> None:
+    """A decode worker's KV receiving side: the gRPC transport and the torch transport's handshake."""
+    from splitserve.kv_transfer.grpc_transport import KVTransferServicer
+    from splitserve.proto import kv_pb2_grpc
+
+    kv_pb2_grpc.add_KVTransferServicer_to_server(KVTransferServicer(worker.receiver, worker.torch_server.accept if worker.torch_server else None), srv)
 
 
 def _idle(stats: dict) -> bool:
@@ -208,6 +227,7 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         g.add_argument("--transports", default="grpc,torch", help="comma-separated subset of grpc,torch to accept KV over")
         g.add_argument("--default-transport", default="grpc", choices=[t for t in TRANSPORTS if t != "local"])
         g.add_argument("--lease-seconds", type=float, default=30.0, help="a reservation with no KV progress this long is freed")
+        g.add_argument("--kv-port", type=int, default=None, help="serve KV transfer on a port of its own (0 = any free; default: on --port)")
     else:
         g.add_argument("--cp-degree", type=int, default=1, help="context-parallel ranks (>1: this process is rank 0 and starts the others)")
     return parser
@@ -228,7 +248,7 @@ def spec_from_args(role: str, args: argparse.Namespace, parser: argparse.Argumen
             parser.error(f"--transports: {bad or transports} not available to a decode process (choose from grpc, torch)")
         if args.default_transport not in transports:
             parser.error(f"--default-transport: {args.default_transport!r} is not among --transports {transports}")
-        kw.update(transport=args.default_transport, transports=",".join(transports), lease_seconds=args.lease_seconds)
+        kw.update(transport=args.default_transport, transports=",".join(transports), lease_seconds=args.lease_seconds, kv_port=args.kv_port)
     elif args.cp_degree < 1:
         parser.error(f"--cp-degree: must be >= 1, got {args.cp_degree}")
     else:
