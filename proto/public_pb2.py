@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/proto/public.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8b\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"\xff\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x18\n\x0bslo_ttft_ms\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bslo_tpot_ms\x18\x07 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06promptB\x0e\n\x0c_slo_ttft_msB\x0e\n\x0c_slo_tpot_ms\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xd6\x02\n\x07Timings\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x01(\x01\x12\x0f\n\x07reserve\x18\x03 \x01(\x01\x12\x15\n\rprefill_queue\x18\x04 \x01(\x01\x12\x0f\n\x07prefill\x18\x05 \x01(\x01\x12\x10\n\x08transfer\x18\x06 \x01(\x01\x12\x14\n\x0c\x66irst_decode\x18\x07 \x01(\x01\x12\x0c\n\x04ttft\x18\x08 \x01(\x01\x12\x0b\n\x03\x65\x32\x65\x18\t \x01(\x01\x12\x16\n\x0eprefill_worker\x18\n \x01(\t\x12\x15\n\rdecode_worker\x18\x0b \x01(\t\x12\x0f\n\x07retries\x18\x0c \x01(\x05\x12\x10\n\x08kv_bytes\x18\r \x01(\x03\x12\x0f\n\x07outcome\x18\x0e \x01(\t\x12\x0c\n\x04path\x18\x0f \x01(\t\x12\x1d\n\x15prefill_cached_tokens\x18\x10 \x01(\x05\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x11 \x01(\x05\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x08 \x01(\x0b\x32\x16.splitserve.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"$\n\x0eTimingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9d\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x1d\n\x15queued_prefill_tokens\x18\x07 \x01(\x03\x12\x13\n\x0bused_blocks\x18\x08 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\t \x01(\x05\x12\x17\n\x0freserved_blocks\x18\n \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x0b \x01(\x05\x12\x15\n\rheartbeat_age\x18\x0c \x01(\x01\x12\x10\n\x08restarts\x18\r \x01(\x05\x12\x0b\n\x03pid\x18\x0e \x01(\x05\"\x0f\n\rStatusRequest\"\xc7\x01\n\rClusterStatus\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07workers\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12:\n\x07targets\x18\x04 \x03(\x0b\x32).splitserve.v1.ClusterStatus.TargetsEntry\x1a.\n\x0cTargetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"P\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decode\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1e\n\rDrainResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xe4\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12\x43\n\nGetTimings\x12\x1d.splitserve.v1.TimingsRequest\x1a\x16.splitserve.v1.Timings2\xa2\x02\n\x05\x41\x64min\x12\x44\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1c.splitserve.v1.ClusterStatus\x12\x42\n\x05Scale\x12\x1b.splitserve.v1.ScaleRequest\x1a\x1c.splitserve.v1.ClusterStatus\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12K\n\x08Shutdown\x12\x1e.splitserve.v1.ShutdownRequest\x1a\x1f.splitserve.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/proto/public.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8b\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"\xff\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x18\n\x0bslo_ttft_ms\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bslo_tpot_ms\x18\x07 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06promptB\x0e\n\x0c_slo_ttft_msB\x0e\n\x0c_slo_tpot_ms\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x88\x03\n\x07Timings\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x01(\x01\x12\x0f\n\x07reserve\x18\x03 \x01(\x01\x12\x15\n\rprefill_queue\x18\x04 \x01(\x01\x12\x0f\n\x07prefill\x18\x05 \x01(\x01\x12\x10\n\x08transfer\x18\x06 \x01(\x01\x12\x14\n\x0c\x66irst_decode\x18\x07 \x01(\x01\x12\x0c\n\x04ttft\x18\x08 \x01(\x01\x12\x0b\n\x03\x65\x32\x65\x18\t \x01(\x01\x12\x16\n\x0eprefill_worker\x18\n \x01(\t\x12\x15\n\rdecode_worker\x18\x0b \x01(\t\x12\x0f\n\x07retries\x18\x0c \x01(\x05\x12\x10\n\x08kv_bytes\x18\r \x01(\x03\x12\x0f\n\x07outcome\x18\x0e \x01(\t\x12\x0c\n\x04path\x18\x0f \x01(\t\x12\x1d\n\x15prefill_cached_tokens\x18\x10 \x01(\x05\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x11 \x01(\x05\x12\x16\n\x0epredicted_ttft\x18\x12 \x01(\x01\x12\x18\n\x10predicted_output\x18\x13 \x01(\x05\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x08 \x01(\x0b\x32\x16.splitserve.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"$\n\x0eTimingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9d\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x1d\n\x15queued_prefill_tokens\x18\x07 \x01(\x03\x12\x13\n\x0bused_blocks\x18\x08 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\t \x01(\x05\x12\x17\n\x0freserved_blocks\x18\n \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x0b \x01(\x05\x12\x15\n\rheartbeat_age\x18\x0c \x01(\x01\x12\x10\n\x08restarts\x18\r \x01(\x05\x12\x0b\n\x03pid\x18\x0e \x01(\x05\"\x0f\n\rStatusRequest\"\xc7\x01\n\rClusterStatus\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07workers\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12:\n\x07targets\x18\x04 \x03(\x0b\x32).splitserve.v1.ClusterStatus.TargetsEntry\x1a.\n\x0cTargetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"P\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decode\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1e\n\rDrainResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xe4\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12\x43\n\nGetTimings\x12\x1d.splitserve.v1.TimingsRequest\x1a\x16.splitserve.v1.Timings2\xa2\x02\n\x05\x41\x64min\x12\x44\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1c.splitserve.v1.ClusterStatus\x12\x42\n\x05Scale\x12\x1b.splitserve.v1.ScaleRequest\x1a\x1c.splitserve.v1.ClusterStatus\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12K\n\x08Shutdown\x12\x1e.splitserve.v1.ShutdownRequest\x1a\x1f.splitserve.v1.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,35 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=601
   _globals['_USAGE']._serialized_end=681
   _globals['_TIMINGS']._serialized_start=684
-  _globals['_TIMINGS']._serialized_end=1026
-  _globals['_GENERATERESPONSE']._serialized_start=1029
-  _globals['_GENERATERESPONSE']._serialized_end=1237
-  _globals['_ABORTREQUEST']._serialized_start=1239
-  _globals['_ABORTREQUEST']._serialized_end=1273
-  _globals['_ABORTRESPONSE']._serialized_start=1275
-  _globals['_ABORTRESPONSE']._serialized_end=1305
-  _globals['_TIMINGSREQUEST']._serialized_start=1307
-  _globals['_TIMINGSREQUEST']._serialized_end=1343
-  _globals['_WORKERINFO']._serialized_start=1346
-  _globals['_WORKERINFO']._serialized_end=1631
-  _globals['_STATUSREQUEST']._serialized_start=1633
-  _globals['_STATUSREQUEST']._serialized_end=1648
-  _globals['_CLUSTERSTATUS']._serialized_start=1651
-  _globals['_CLUSTERSTATUS']._serialized_end=1850
-  _globals['_CLUSTERSTATUS_TARGETSENTRY']._serialized_start=1804
-  _globals['_CLUSTERSTATUS_TARGETSENTRY']._serialized_end=1850
-  _globals['_SCALEREQUEST']._serialized_start=1852
-  _globals['_SCALEREQUEST']._serialized_end=1932
-  _globals['_DRAINREQUEST']._serialized_start=1934
-  _globals['_DRAINREQUEST']._serialized_end=1967
-  _globals['_DRAINRESPONSE']._serialized_start=1969
-  _globals['_DRAINRESPONSE']._serialized_end=1999
-  _globals['_SHUTDOWNREQUEST']._serialized_start=2001
-  _globals['_SHUTDOWNREQUEST']._serialized_end=2018
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=2020
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=2038
-  _globals['_GENERATION']._serialized_start=2041
-  _globals['_GENERATION']._serialized_end=2269
-  _globals['_ADMIN']._serialized_start=2272
-  _globals['_ADMIN']._serialized_end=2562
+  _globals['_TIMINGS']._serialized_end=1076
+  _globals['_GENERATERESPONSE']._serialized_start=1079
+  _globals['_GENERATERESPONSE']._serialized_end=1287
+  _globals['_ABORTREQUEST']._serialized_start=1289
+  _globals['_ABORTREQUEST']._serialized_end=1323
+  _globals['_ABORTRESPONSE']._serialized_start=1325
+  _globals['_ABORTRESPONSE']._serialized_end=1355
+  _globals['_TIMINGSREQUEST']._serialized_start=1357
+  _globals['_TIMINGSREQUEST']._serialized_end=1393
+  _globals['_WORKERINFO']._serialized_start=1396
+  _globals['_WORKERINFO']._serialized_end=1681
+  _globals['_STATUSREQUEST']._serialized_start=1683
+  _globals['_STATUSREQUEST']._serialized_end=1698
+  _globals['_CLUSTERSTATUS']._serialized_start=1701
+  _globals['_CLUSTERSTATUS']._serialized_end=1900
+  _globals['_CLUSTERSTATUS_TARGETSENTRY']._serialized_start=1854
+  _globals['_CLUSTERSTATUS_TARGETSENTRY']._serialized_end=1900
+  _globals['_SCALEREQUEST']._serialized_start=1902
+  _globals['_SCALEREQUEST']._serialized_end=1982
+  _globals['_DRAINREQUEST']._serialized_start=1984
+  _globals['_DRAINREQUEST']._serialized_end=2017
+  _globals['_DRAINRESPONSE']._serialized_start=2019
+  _globals['_DRAINRESPONSE']._serialized_end=2049
+  _globals['_SHUTDOWNREQUEST']._serialized_start=2051
+  _globals['_SHUTDOWNREQUEST']._serialized_end=2068
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=2070
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=2088
+  _globals['_GENERATION']._serialized_start=2091
+  _globals['_GENERATION']._serialized_end=2319
+  _globals['_ADMIN']._serialized_start=2322
+  _globals['_ADMIN']._serialized_end=2612
 # @@protoc_insertion_point(module_scope)

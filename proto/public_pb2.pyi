@@ -63,7 +63,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("request_id", "route", "reserve", "prefill_queue", "prefill", "transfer", "first_decode", "ttft", "e2e", "prefill_worker", "decode_worker", "retries", "kv_bytes", "outcome", "path", "prefill_cached_tokens", "decode_cached_tokens")
+    __slots__ = ("request_id", "route", "reserve", "prefill_queue", "prefill", "transfer", "first_decode", "ttft", "e2e", "prefill_worker", "decode_worker", "retries", "kv_bytes", "outcome", "path", "prefill_cached_tokens", "decode_cached_tokens", "predicted_ttft", "predicted_output")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     RESERVE_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,8 @@ class Timings(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TTFT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     route: float
     reserve: float
@@ -98,7 +100,9 @@ class Timings(_message.Message):
     path: str
     prefill_cached_tokens: int
     decode_cached_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., route: _Optional[float] = ..., reserve: _Optional[float] = ..., prefill_queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., first_decode: _Optional[float] = ..., ttft: _Optional[float] = ..., e2e: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., retries: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., outcome: _Optional[str] = ..., path: _Optional[str] = ..., prefill_cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...
+    predicted_ttft: float
+    predicted_output: int
+    def __init__(self, request_id: _Optional[str] = ..., route: _Optional[float] = ..., reserve: _Optional[float] = ..., prefill_queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., first_decode: _Optional[float] = ..., ttft: _Optional[float] = ..., e2e: _Optional[float] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., retries: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., outcome: _Optional[str] = ..., path: _Optional[str] = ..., prefill_cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ..., predicted_ttft: _Optional[float] = ..., predicted_output: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "logprobs", "text", "finished", "finish_reason", "usage", "timings")

@@ -79,6 +79,8 @@ class Timings:
     path: str = ""  # "disaggregated" | "local"
     prefill_cached_tokens: int = 0  # prompt tokens the prefill worker did not compute
     decode_cached_tokens: int = 0  # prompt tokens the decode worker already held (not moved)
+    predicted_ttft: float = 0.0  # what the routing policy expected (workload_aware)
+    predicted_output: int = 0
     outcome: str = "running"
 
     def to_dict(self) -> dict:
@@ -259,7 +261,7 @@ class Orchestrator:
         out.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens), "cached_tokens": started.cached_tokens}
         out.timings = t
         self.policy.observe(Outcome(started.route, started.request, t.prefill, t.prefill_cached_tokens, t.decode_cached_tokens,
-                                    t.transfer, t.kv_bytes, len(tokens)))
+                                    t.transfer, t.kv_bytes, len(tokens), t.ttft))
         m = self.metrics
         m.e2e.observe(t.e2e)
         m.prompt_tokens.inc(len(prompt))
@@ -306,6 +308,7 @@ class Orchestrator:
             if attempt == 0:
                 self._admit(route, inp)
             t.retries, t.path = attempt, route.path
+            t.predicted_ttft, t.predicted_output = route.predicted_ttft, route.predicted_output
             t.prefill_worker, t.decode_worker = route.prefill.worker_id if route.prefill else "", route.decode.worker_id
             legs.leg_id = lid = rid if attempt == 0 else f"{rid}.retry{attempt}"
             try:
