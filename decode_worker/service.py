@@ -19,7 +19,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.ServicerContext) -> worker_pb2.TransferDescriptor:
         try:
             params = params_from_proto(request.params)
-            d = self.worker.reserve(request.request_id, list(request.prompt_token_ids), params, request.transport, request.lease_seconds)
+            d = self.worker.reserve(request.request_id, list(request.prompt_token_ids), params, request.transport, request.lease_seconds,
+                                    list(request.output_prefix))
         except Exception as e:
             context.abort(grpc_code(e), str(e))
         return descriptor_to_proto(d)
@@ -29,7 +30,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext):
         try:
-            self.worker.generate(request.request_id, list(request.prompt_token_ids), params_from_proto(request.params))
+            self.worker.generate(request.request_id, list(request.prompt_token_ids), params_from_proto(request.params), list(request.output_prefix))
         except Exception as e:
             context.abort(grpc_code(e), str(e))
         yield from self._stream(request.request_id, context)

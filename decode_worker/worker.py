@@ -58,9 +58,11 @@ class TokenChunk:
 class _Stream:
     prompt_token_ids: list[int]
     params: SamplingParams
+    output_prefix: list[int] = field(default_factory=list)  # a continuation's tokens from before: not sent again
     chunks: "queue.Queue[TokenChunk | DecodeError]" = field(default_factory=queue.Queue)
     text_sent: int = 0
     tokens_sent: int = 0
+    first_sent: bool = False
     ended_at: float | None = None  # kept this long after the end so a late reader learns why
     kv_transfer_seconds: float = 0.0
     kv_bytes: int = 0
@@ -105,16 +107,17 @@ class DecodeWorker:
                 self.endpoints[t] = address
 
     # ---- reservations --------------------------------------------------------------------
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transport: str = "", lease_seconds: float = 0.0) -> TransferDescriptor:
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transport: str = "", lease_seconds: float = 0.0,
+                output_prefix: list[int] = ()) -> TransferDescriptor:
         transport = transport or self.default_transport
         if transport not in self.endpoints:
             raise DecodeError("FAILED_PRECONDITION", f"transport {transport!r} is not enabled on decode worker {self.worker_id} (enabled: {sorted(self.endpoints)}; known: {TRANSPORTS})")
         lease = lease_seconds or self.lease_seconds
-        self._open_stream(request_id, prompt_token_ids, params)
+        self._open_stream(request_id, prompt_token_ids, params, output_prefix)
         try:
-            r = self.loop.call(lambda e: e.reserve(request_id, prompt_token_ids, params.max_tokens))
+            r = self.loop.call(lambda e: e.reserve(request_id, prompt_token_ids, params.max_tokens, output_prefix))
             # the blocks this worker's prefix cache already holds are not sent again
-            self.table.reserve(request_id, r.block_ids[r.num_cached_blocks:], len(prompt_token_ids), lease)
+            self.table.reserve(request_id, r.block_ids[r.num_cached_blocks:], len(prompt_token_ids) + len(output_prefix), lease)
         except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)
@@ -122,24 +125,24 @@ class DecodeWorker:
         return TransferDescriptor(request_id, tuple(r.block_ids), transport, self.endpoints[transport], self.layout, time.time() + lease,
                                   self.worker_id, r.num_cached_blocks)
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_prefix: list[int] = ()) -> None:
         """Take the whole request: prefill it here, then decode; read it with `stream()`."""
-        self._open_stream(request_id, prompt_token_ids, params)
+        self._open_stream(request_id, prompt_token_ids, params, output_prefix)
         try:
-            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, output_prefix=output_prefix))
         except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)
             raise
 
-    def _open_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _open_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_prefix: list[int] = ()) -> None:
         if not self.accepting:
             raise DecodeError("UNAVAILABLE", f"decode worker {self.worker_id} is draining")
         with self._lock:
             live = self._streams.get(request_id)
             if live is not None and live.ended_at is None:
                 raise DecodeError("ALREADY_EXISTS", f"request {request_id!r} is already on {self.worker_id}")
-            self._streams[request_id] = _Stream(list(prompt_token_ids), params)
+            self._streams[request_id] = _Stream(list(prompt_token_ids), params, list(output_prefix), tokens_sent=len(output_prefix))
 
     def _on_transfer_done(self, t: Transfer) -> None:
         """A transfer reached a final state (on a transport or the loop thread)."""
@@ -152,7 +155,7 @@ class DecodeWorker:
         if t.state is TransferState.COMPLETE and stream is not None:
             stream.kv_transfer_seconds = (t.finished or 0.0) - (t.first_payload or t.finished or 0.0)
             stream.kv_bytes = t.bytes_received
-            out = engine.admit_prefilled(t.request_id, stream.prompt_token_ids, t.first_token, stream.params, t.first_logprob)
+            out = engine.admit_prefilled(t.request_id, stream.prompt_token_ids, t.first_token, stream.params, t.first_logprob, stream.output_prefix)
             self._on_outputs([out])
             return
         try:
@@ -193,7 +196,8 @@ class DecodeWorker:
             new_tokens = out.token_ids[stream.tokens_sent :]
             chunk = TokenChunk(out.request_id, new_tokens, out.logprobs[stream.tokens_sent :], out.text[stream.text_sent :],
                                out.finished, out.finish_reason, len(out.prompt_token_ids))
-            if stream.tokens_sent == 0:
+            if not stream.first_sent:
+                stream.first_sent = True
                 chunk.kv_transfer_seconds, chunk.kv_bytes = stream.kv_transfer_seconds, stream.kv_bytes
                 chunk.num_cached_tokens = out.num_cached_tokens
             stream.tokens_sent, stream.text_sent = len(out.token_ids), len(out.text)

@@ -78,6 +78,16 @@ class _Tracked:
     request: Request
     detok: IncrementalDetokenizer | None
     new_tokens: list[int] = field(default_factory=list)
+    text_start: int = 0  # a continuation's text begins after its output prefix's
+
+    @classmethod
+    def of(cls, request: Request, tokenizer: Tokenizer) -> "_Tracked":
+        """With the detokenizer fed the request's output so far (a continuation's prefix), so
+        stop strings are found across the boundary and the text continues where it was."""
+        detok = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens)
+        for token in request.output_token_ids:
+            detok.push(token)
+        return cls(request, detok, text_start=len(detok.text))
 
 
 class LLMEngine:
@@ -104,14 +114,26 @@ class LLMEngine:
         return max(1, min(self.config.kv_cache_memory_bytes // per_block, enough))
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, *, prefill_only: bool = False) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, *, prefill_only: bool = False,
+                    output_prefix: Sequence[int] = ()) -> None:
+        """`output_prefix`: tokens this request already generated elsewhere (a continuation after
+        a failover). They count as output — for max_tokens, stop strings and the seeded
+        sampler's positions — and their KV is computed with the prompt's."""
         if request_id in self._requests or request_id in self._reserved:
             raise DuplicateRequestError(request_id)
         ids = self.encode_prompt(prompt)
+        prefix = self._check_prefix(output_prefix, params)
         self.check_fits(len(ids), params.max_tokens)
-        request = Request(request_id, ids, params, prefill_only=prefill_only)
-        self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+        request = Request(request_id, ids, params, prefill_only=prefill_only, output_token_ids=prefix, output_logprobs=[0.0] * len(prefix))
+        self._requests[request_id] = _Tracked.of(request, self.tokenizer)
         self.scheduler.add(request)
+
+    def _check_prefix(self, output_prefix: Sequence[int], params: SamplingParams) -> list[int]:
+        prefix = list(output_prefix)
+        if len(prefix) >= params.max_tokens:
+            raise InvalidRequestError("output_prefix", f"has {len(prefix)} tokens; max_tokens ({params.max_tokens}) leaves none to generate")
+        encode_prompt(self.tokenizer, self.model_config.vocab_size, prefix or [0])  # every id in the vocabulary
+        return prefix
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
@@ -194,7 +216,7 @@ class LLMEngine:
             prompt_token_ids=r.prompt_token_ids,
             token_ids=list(r.output_token_ids),
             new_token_ids=new,
-            text=tracked.detok.text if tracked.detok else "",
+            text=tracked.detok.text[tracked.text_start :] if tracked.detok else "",
             logprobs=list(r.output_logprobs),
             finished=r.is_finished,
             finish_reason=r.finish_reason.value if r.finish_reason else None,
@@ -210,17 +232,17 @@ class LLMEngine:
             raise UnknownRequestError(request_id)
 
     # ---- disaggregation: decode side -----------------------------------------------------
-    def reserve(self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int) -> Reservation:
-        """Allocate the blocks a prompt's KV will be written into; the caller must later
-        `admit_prefilled` or `abort_request` it. The prompt's leading full blocks that this
-        engine's prefix cache already holds are pinned and reused: only the blocks after
-        `num_cached_blocks` need their KV written."""
+    def reserve(self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int, output_prefix: Sequence[int] = ()) -> Reservation:
+        """Allocate the blocks the KV of a prompt (and of a continuation's output prefix) will
+        be written into; the caller must later `admit_prefilled` or `abort_request` it. The
+        leading full blocks that this engine's prefix cache already holds are pinned and
+        reused: only the blocks after `num_cached_blocks` need their KV written."""
         if request_id in self._requests or request_id in self._reserved:
             raise DuplicateRequestError(request_id)
-        ids = list(prompt_token_ids)
-        if not ids:
+        if not prompt_token_ids:
             raise InvalidRequestError("prompt", "is empty")
-        self.check_fits(len(ids), max_tokens)
+        self.check_fits(len(prompt_token_ids), max_tokens)
+        ids = list(prompt_token_ids) + list(output_prefix)
         bs = self.pool.block_size
         hashes = block_hashes(ids, bs) if self.config.scheduler.enable_prefix_caching else []
         cached = self.pool.touch(hashes)
@@ -233,23 +255,26 @@ class LLMEngine:
         return reservation
 
     def admit_prefilled(
-        self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams, first_logprob: float = 0.0
+        self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams, first_logprob: float = 0.0,
+        output_prefix: Sequence[int] = (),
     ) -> RequestOutput:
-        """Admit a request whose prompt KV now fills its reserved blocks. Returns its output
-        after the first token (already finished if that token ends it)."""
+        """Admit a request whose prompt KV (and its output prefix's, for a continuation) now
+        fills its reserved blocks. Returns its output after the first token it samples here
+        (already finished if that token ends it)."""
         reservation = self._reserved.pop(request_id, None)
         if reservation is None:
             raise UnknownRequestError(request_id)
-        ids, blocks = list(prompt_token_ids), reservation.block_ids
-        if len(blocks) != -(-len(ids) // self.pool.block_size):
+        ids, prefix, blocks = list(prompt_token_ids), list(output_prefix), reservation.block_ids
+        if len(blocks) != -(-(len(ids) + len(prefix)) // self.pool.block_size):
             self.pool.free(list(reversed(blocks)))
-            raise InvalidRequestError("prompt_token_ids", f"{len(ids)} tokens do not match the {len(blocks)} reserved blocks")
-        request = Request(request_id, ids, params, block_ids=blocks, num_computed_tokens=len(ids))
+            raise InvalidRequestError("prompt_token_ids", f"{len(ids) + len(prefix)} tokens do not match the {len(blocks)} reserved blocks")
+        request = Request(request_id, ids, params, block_ids=blocks, num_computed_tokens=len(ids) + len(prefix),
+                          output_token_ids=prefix, output_logprobs=[0.0] * len(prefix))
         # the pinned prefix is in the cache already; the blocks that arrived are cached as full
         request.block_hashes = list(reservation.block_hashes)
         request.num_cached_blocks = reservation.num_cached_blocks
         request.num_cached_tokens = reservation.num_cached_blocks * self.pool.block_size
-        tracked = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+        tracked = _Tracked.of(request, self.tokenizer)
         self._requests[request_id] = tracked
         request.first_token_time = time.monotonic()
         reason = self._append(tracked, first_token, first_logprob)

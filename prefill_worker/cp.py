@@ -61,6 +61,7 @@ class CPJob:
     params: dict
     descriptor: dict
     variant: str = ""  # "" = choose from the cost model
+    position: int = 0  # the output position of the token sampled (a continuation's prefix length)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -192,7 +193,7 @@ class CPRank:
             return None
         last = int((pos == len(job.prompt) - 1).nonzero()[0, 0])  # rank 0 holds the last chunk
         logits = self.model.lm_head(m.norm(h[last : last + 1])).float()
-        (token,), (logprob,) = sample(logits, [SampleRow(SamplingParams(**job.params), 0)], self.generator)
+        (token,), (logprob,) = sample(logits, [SampleRow(SamplingParams(**job.params), job.position)], self.generator)
         return token, logprob
 
     def _push(self, pusher, rid: str, desc: TransferDescriptor, layer: int, ranges, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -230,7 +231,8 @@ class CPPrefillWorker:
         self._waiting: dict[str, int] = {}
         self._current: str | None = None
 
-    def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float):
+    def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float,
+                output_prefix: list[int] = ()):
         from splitserve.prefill_worker.worker import PrefillError, PrefillResult, check_descriptor
 
         if not self.accepting:
@@ -239,6 +241,7 @@ class CPPrefillWorker:
             descriptor.layout.check_peer(self.layout)  # the decode side receives, this side sends
         except HandshakeError as e:
             raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
+        prompt, position = list(prompt) + list(output_prefix), len(output_prefix)  # a continuation's KV is computed with its prompt's
         check_descriptor(descriptor, len(prompt), self.layout.block_size)
         arrival = time.monotonic()
         self._waiting[request_id] = len(prompt)
@@ -252,7 +255,7 @@ class CPPrefillWorker:
                 raise PrefillError("UNAVAILABLE", f"context-parallel group {self.worker_id} is broken ({self.broken}); it must be restarted")
             start = time.monotonic()
             self._current, self.rank0.abort_flag, self.rank0.deadline = request_id, False, arrival + timeout
-            job = CPJob(request_id, list(prompt), asdict(params), descriptor_to_dict(descriptor))
+            job = CPJob(request_id, list(prompt), asdict(params), descriptor_to_dict(descriptor), position=position)
             self.rank0.broadcast(job.to_json())
             try:
                 token, logprob = self.rank0.run(job)

@@ -23,7 +23,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         try:
             r = self.worker.prefill(
                 rid, list(request.prompt_token_ids), params_from_proto(request.params),
-                descriptor_from_proto(request.descriptor), context.time_remaining() or DEFAULT_PREFILL_TIMEOUT,
+                descriptor_from_proto(request.descriptor), context.time_remaining() or DEFAULT_PREFILL_TIMEOUT, list(request.output_prefix),
             )
         except Exception as e:
             done = True

@@ -76,21 +76,25 @@ class PrefillWorker:
         self.kv_events = self.loop.kv_events  # what this worker's prefix cache gained and lost
 
     # ---- requests ------------------------------------------------------------------------
-    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float) -> PrefillResult:
+    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float,
+                output_prefix: list[int] = ()) -> PrefillResult:
+        """Prefill the prompt (and a continuation's output prefix), push its KV per the
+        descriptor, return the next token once the decode side has the KV."""
         if not self.accepting:
             raise PrefillError("UNAVAILABLE", f"prefill worker {self.worker_id} is draining")
         try:  # refuse a mismatched peer before any work, naming the field that differs
             descriptor.layout.check_peer(self.layout)  # the decode side receives, this side sends
         except HandshakeError as e:
             raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
-        check_descriptor(descriptor, len(prompt_token_ids), self.block_size)
-        job = _Job(descriptor, self._pusher(descriptor), len(prompt_token_ids))
+        context = len(prompt_token_ids) + len(output_prefix)
+        check_descriptor(descriptor, context, self.block_size)
+        job = _Job(descriptor, self._pusher(descriptor), context)
         with self._lock:
             if request_id in self._jobs:
                 raise PrefillError("ALREADY_EXISTS", f"request {request_id!r} is already being prefilled")
             self._jobs[request_id] = job
         try:
-            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, prefill_only=True))
+            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, prefill_only=True, output_prefix=output_prefix))
         except BaseException:
             with self._lock:
                 self._jobs.pop(request_id, None)
@@ -131,7 +135,7 @@ class PrefillWorker:
             job = self._jobs.get(out.request_id)
             if job is None or out.finish_reason != "prefill_done":
                 continue
-            done = job.pusher.commit(out.request_id, out.token_ids[0], out.logprobs[0], job.num_prompt_tokens)
+            done = job.pusher.commit(out.request_id, out.token_ids[-1], out.logprobs[-1], job.num_prompt_tokens)
             done.add_done_callback(lambda f, out=out: self._committed(out, f))
 
     def _committed(self, out: RequestOutput, delivered: Future) -> None:
@@ -148,7 +152,7 @@ class PrefillWorker:
             return
         now = time.monotonic()
         started = job.first_scheduled or now
-        job.future.set_result(PrefillResult(rid, out.token_ids[0], out.logprobs[0], out.num_cached_tokens, started - job.arrival, now - started))
+        job.future.set_result(PrefillResult(rid, out.token_ids[-1], out.logprobs[-1], out.num_cached_tokens, started - job.arrival, now - started))
 
     # ---- aborts and state ----------------------------------------------------------------
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
