@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -62,6 +64,12 @@ def _run_cluster(config, embedded_redis: bool, with_router: bool = True) -> int:
 
     if config.kv_transfer.transport == "local":
         raise ConfigError("kv_transfer.transport", "'local' needs both workers in one process, and a cluster runs them in separate ones: use 'grpc' or 'torch'")
+    if config.cluster_token is None:
+        if embedded_redis:  # a cluster of this run alone: its internal services get a token of their own
+            config = dataclasses.replace(config, cluster_token=secrets.token_urlsafe(24))
+        else:
+            logging.getLogger("splitserve").warning("cluster_token is not set: the workers' RPC and KV ports accept calls from anyone who "
+                                                    "can reach them; set cluster_token (e.g. cluster_token: ${SPLITSERVE_CLUSTER_TOKEN})")
 
     running = start_cluster(config, embedded_redis=embedded_redis, fresh=embedded_redis, with_router=with_router)
     try:

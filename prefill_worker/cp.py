@@ -256,8 +256,11 @@ class CPPrefillWorker:
             start = time.monotonic()
             self._current, self.rank0.abort_flag, self.rank0.deadline = request_id, False, arrival + timeout
             job = CPJob(request_id, list(prompt), asdict(params), descriptor_to_dict(descriptor), position=position)
-            self.rank0.broadcast(job.to_json())
             try:
+                try:
+                    self.rank0.broadcast(job.to_json())
+                except Exception as e:  # a gloo error: a rank is gone, the group with it
+                    raise CPError("UNAVAILABLE", f"context-parallel group {self.worker_id} lost a rank: {str(e).splitlines()[0][:200]}") from e
                 token, logprob = self.rank0.run(job)
             except CPError as e:
                 if e.status == "UNAVAILABLE":

@@ -103,8 +103,9 @@ class LocalCluster:
 
     def _launch_worker(self, role: str, flags: list[str]):
         beat, ttl = str(self.config["heartbeat_seconds"]), str(self.config["heartbeat_ttl_seconds"])
+        token = ["--token", self.config["cluster_token"]] if self.config.get("cluster_token") else []
         return launch(f"splitserve.{role}_worker", "--model", str(self.model), "--dtype", "float32", "--redis-url", self.redis.url,
-                      "--cluster", self.name, "--heartbeat-seconds", beat, "--heartbeat-ttl-seconds", ttl, *flags)
+                      "--cluster", self.name, "--heartbeat-seconds", beat, "--heartbeat-ttl-seconds", ttl, *token, *flags)
 
     def add_worker(self, role: str, *flags: str) -> Proc:
         proc = self._launch_worker(role, list(flags)).wait()
@@ -136,7 +137,7 @@ class LocalCluster:
 
     def stats(self, worker: Proc) -> worker_pb2.WorkerStats:
         """A worker's counters, read from the worker itself (not its last heartbeat)."""
-        stub = WorkerStub(worker.address)
+        stub = WorkerStub(worker.address, self.config.get("cluster_token"))
         try:
             return stub.stats(worker.ready["role"])
         finally:

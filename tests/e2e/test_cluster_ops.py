@@ -148,7 +148,7 @@ def test_redis_restart_workers_reregister_and_routing_resumes(cluster) -> None:
         port = redis.port
         redis.stop()
         time.sleep(2)
-        redis.__init__(port=port)  # same address, empty data
+        redis.__init__(port=port, password=redis.password)  # same address and password, empty data
         wait_until(lambda: {w.worker_id for w in c.status().workers} == before, 30, "workers re-registered")
         wait_until(lambda: dict(c.status().targets) == {"prefill": 1, "decode": 1}, 10, "the controller to restore its targets")
         assert {w.worker_id for w in c.status().workers} == before  # and it drained nobody meanwhile
