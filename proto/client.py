@@ -248,6 +248,18 @@ class AsyncClient:
         finally:
             call.cancel()
 
+    async def abort(self, request_id: str) -> bool:
+        return (await self._call(self.stub.Abort, public_pb2.AbortRequest(request_id=request_id))).found
+
+    async def timings(self, request_id: str) -> public_pb2.Timings:
+        return await self._call(self.stub.GetTimings, public_pb2.TimingsRequest(request_id=request_id))
+
+    async def _call(self, method, request, timeout: float = 30.0):
+        try:
+            return await method(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
     async def generate(self, prompt: str | list[int], *, timeout: float | None = None, **options) -> Completion:
         req = _request(prompt, **options)
         done = Completion(req.request_id)
