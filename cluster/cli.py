@@ -119,16 +119,20 @@ def _client(args: argparse.Namespace):
 
 
 def _status(args: argparse.Namespace) -> int:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     with _client(args) as c:
         st = c.status()
     targets = " ".join(f"{k}={v}" for k, v in sorted(st.targets.items()))
-    print(f"cluster {st.cluster}  model {st.model}  targets {targets}")
-    cols = ("WORKER", "ROLE", "STATE", "RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED", "BEAT_AGE", "ADDRESS")
-    rows = [(w.worker_id, w.role, w.state, w.running, w.queued_prefill_tokens, w.used_blocks, w.free_blocks, w.reserved_blocks, f"{w.heartbeat_age:.1f}s", w.address)
-            for w in sorted(st.workers, key=lambda w: (w.role, w.worker_id))]
-    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
-    for row in (cols, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    table = Table(title=f"cluster {st.cluster}  model {st.model}  targets {targets}", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("WORKER", "ROLE", "STATE", "RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED", "BEAT_AGE", "ADDRESS"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED") else "left")
+    for w in sorted(st.workers, key=lambda w: (w.role, w.worker_id)):
+        table.add_row(w.worker_id, w.role, w.state, str(w.running), str(w.queued_prefill_tokens), str(w.used_blocks), str(w.free_blocks),
+                      str(w.reserved_blocks), f"{w.heartbeat_age:.1f}s", w.address)
+    Console(width=200).print(table)  # a pipe gets the whole table, not one cut to 80 columns
     return 0
 
 
