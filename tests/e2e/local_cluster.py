@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -20,16 +19,12 @@ import yaml
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.proto import worker_pb2
 from splitserve.proto.client import Client
-from tests.e2e.procs import Proc, launch
+from tests.e2e.procs import (
+    Proc,
+    launch,
+    wait_until,  # noqa: F401 - tests import it from here too
+)
 from tests.e2e.workers import WorkerStub
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
-        time.sleep(0.05)
 
 
 def post(base: str, body: dict, timeout: float = 60.0) -> tuple[int, dict, dict]:

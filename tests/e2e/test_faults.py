@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ from splitserve.proto import kv_pb2, worker_pb2
 from splitserve.proto.convert import params_to_proto
 from splitserve.proto.status import StatusError
 from splitserve.router.legs import WorkerClient, run_disaggregated, stream_disaggregated
+from tests.e2e.procs import wait_until
 from tests.e2e.workers import WorkerStub
 
 LONG = [3 + (i * 37) % 490 for i in range(3000)]
@@ -24,14 +24,6 @@ LONG = [3 + (i * 37) % 490 for i in range(3000)]
 
 def stats(d: WorkerStub) -> worker_pb2.WorkerStats:
     return d.stats()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
-        time.sleep(0.05)
 
 
 def assert_drained(d: WorkerStub, timeout: float = 10.0) -> None:

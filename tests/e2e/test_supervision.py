@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from splitserve.proto.client import Client, SplitserveError
+from tests.e2e.procs import wait_until
 from tests.e2e.serve_proc import start_serve
-
-
-def wait_until(cond, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            if cond():
-                return
-        except SplitserveError:
-            pass
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.3)
 
 
 def ray_processes(title: str) -> list[int]:
@@ -60,10 +47,10 @@ def test_a_decode_worker_past_its_restarts_is_replaced(serve) -> None:
     with Client(serve.grpc, timeout=60) as c:
         (victim,) = workers(c, "decode")
         os.kill(victim.pid, signal.SIGKILL)  # max_restarts 0: Ray will not bring it back
-        wait_until(lambda: [w.worker_id for w in workers(c, "decode")] not in ([], [victim.worker_id]), 120, "a replacement decode worker")
+        wait_until(lambda: [w.worker_id for w in workers(c, "decode")] not in ([], [victim.worker_id]), 120, "a replacement decode worker", ignore=(SplitserveError,), poll=0.2)
         (new,) = workers(c, "decode")
         assert new.worker_id != victim.worker_id and new.pid != victim.pid
-        wait_until(lambda: c.generate("after the replacement", max_tokens=4, temperature=0).finish_reason == "length", 60, "serving again")
+        wait_until(lambda: c.generate("after the replacement", max_tokens=4, temperature=0).finish_reason == "length", 60, "serving again", ignore=(SplitserveError,), poll=0.2)
 
 
 def test_a_context_parallel_group_that_lost_a_rank_is_replaced(serve) -> None:
@@ -75,6 +62,6 @@ def test_a_context_parallel_group_that_lost_a_rank_is_replaced(serve) -> None:
         with pytest.raises(SplitserveError) as e:  # the first request to find the rank gone fails, naming it
             c.generate([6] * 300, max_tokens=4, temperature=0)
         assert e.value.status == "UNAVAILABLE"
-        wait_until(lambda: [w.worker_id for w in workers(c, "prefill")] not in ([], [group.worker_id]), 180, "a replacement CP group")
-        wait_until(lambda: c.generate([7] * 300, max_tokens=4, temperature=0).finish_reason == "length", 60, "serving again")
+        wait_until(lambda: [w.worker_id for w in workers(c, "prefill")] not in ([], [group.worker_id]), 180, "a replacement CP group", ignore=(SplitserveError,), poll=0.2)
+        wait_until(lambda: c.generate([7] * 300, max_tokens=4, temperature=0).finish_reason == "length", 60, "serving again", ignore=(SplitserveError,), poll=0.2)
         assert len(ray_processes("CPRankActor")) == 1  # the broken group's ranks are gone
