@@ -14,8 +14,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import secrets
 import threading
-import uuid
 
 import grpc
 import torch
@@ -97,8 +97,13 @@ class TorchKVServer:
         self._threads: list[threading.Thread] = []
 
     def accept(self, sender_id: str) -> tuple[str, str]:
-        """Start serving a new pair for `sender_id`; returns (store address, pair key)."""
-        pair_key = f"kv/{sender_id}/{uuid.uuid4().hex[:12]}"
+        """Start serving a new pair for `sender_id`; returns (store address, pair key).
+
+        The rendezvous store itself takes any connection (TCPStore has no authentication), so
+        the pair's keys live under a 128-bit random prefix that only this call hands out, over
+        the KV handshake that needs the cluster token: a peer without the token cannot find
+        the pair's rendezvous keys, join its group, or learn where its data connections are."""
+        pair_key = f"kv/{sender_id}/{secrets.token_hex(16)}"
         t = threading.Thread(target=self._serve_pair, args=(pair_key,), name=f"kv-recv-{sender_id}", daemon=True)
         t.start()
         self._threads.append(t)
