@@ -6,7 +6,7 @@ import grpc
 
 from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.proto import worker_pb2, worker_pb2_grpc
-from splitserve.proto.convert import descriptor_to_proto, params_from_proto, stats_to_proto
+from splitserve.proto.convert import descriptor_to_proto, params_from_proto, stats_to_proto, top_to_proto
 from splitserve.proto.status import grpc_code
 
 DEFAULT_DECODE_TIMEOUT = 3600.0
@@ -47,6 +47,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     request_id=rid, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text,
                     finished=c.finished, finish_reason=c.finish_reason or "", num_prompt_tokens=c.num_prompt_tokens,
                     kv_transfer_seconds=c.kv_transfer_seconds, kv_bytes=c.kv_bytes, num_cached_tokens=c.num_cached_tokens,
+                    top_logprobs=top_to_proto(c.top_logprobs, worker_pb2.TopLogprobs),
                 )
         except Exception as e:
             finished = True  # the worker already cleaned up

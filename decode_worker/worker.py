@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from splitserve.engine.engine import LLMEngine, RequestOutput
 from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.errors import UnknownRequestError
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.prompt import check_token_ids
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.kv_transfer.connect import TRANSPORTS
 from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
 from splitserve.kv_transfer.local import LocalHub
@@ -52,6 +54,7 @@ class TokenChunk:
     kv_transfer_seconds: float = 0.0  # first chunk only
     kv_bytes: int = 0  # first chunk only
     num_cached_tokens: int = 0  # first chunk only
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when the request asked for them
 
 
 @dataclass
@@ -86,6 +89,7 @@ class DecodeWorker:
         self.transports = transports
         self.default_transport = default_transport
         self.layout = KVLayout.from_dict(engine.kv_layout)
+        self.vocab_size = engine.model_config.vocab_size
         self.table = TransferTable(engine.model_config.num_layers, self._on_transfer_done)
         self.receiver = KVReceiver(worker_id, self.layout, self.table, TensorKVStore(engine.runner.kv_cache), engine.config.device)
         self.torch_server = TorchKVServer(self.receiver, host, engine.config.device) if "torch" in transports else None
@@ -113,17 +117,19 @@ class DecodeWorker:
         if transport not in self.endpoints:
             raise DecodeError("FAILED_PRECONDITION", f"transport {transport!r} is not enabled on decode worker {self.worker_id} (enabled: {sorted(self.endpoints)}; known: {TRANSPORTS})")
         lease = lease_seconds or self.lease_seconds
+        check_token_ids(params, self.vocab_size)  # the engine samples them after the transfer: refuse bad ones now
         self._open_stream(request_id, prompt_token_ids, params, output_prefix)
         try:
             r = self.loop.call(lambda e: e.reserve(request_id, prompt_token_ids, params.max_tokens, output_prefix))
             # the blocks this worker's prefix cache already holds are not sent again
-            self.table.reserve(request_id, r.block_ids[r.num_cached_blocks:], len(prompt_token_ids) + len(output_prefix), lease)
+            secret = secrets.token_hex(16)  # this reservation's: only the prefill worker the router hands it to can fill it
+            self.table.reserve(request_id, r.block_ids[r.num_cached_blocks:], len(prompt_token_ids) + len(output_prefix), lease, secret)
         except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)
             raise
         return TransferDescriptor(request_id, tuple(r.block_ids), transport, self.endpoints[transport], self.layout, time.time() + lease,
-                                  self.worker_id, r.num_cached_blocks)
+                                  self.worker_id, r.num_cached_blocks, secret)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_prefix: list[int] = ()) -> None:
         """Take the whole request: prefill it here, then decode; read it with `stream()`."""
@@ -155,7 +161,9 @@ class DecodeWorker:
         if t.state is TransferState.COMPLETE and stream is not None:
             stream.kv_transfer_seconds = (t.finished or 0.0) - (t.first_payload or t.finished or 0.0)
             stream.kv_bytes = t.bytes_received
-            out = engine.admit_prefilled(t.request_id, stream.prompt_token_ids, t.first_token, stream.params, t.first_logprob, stream.output_prefix)
+            first = t.first
+            out = engine.admit_prefilled(t.request_id, stream.prompt_token_ids, first.token, stream.params, first.logprob, stream.output_prefix,
+                                         first.top_logprobs)
             self._on_outputs([out])
             return
         try:
@@ -195,7 +203,7 @@ class DecodeWorker:
                 continue
             new_tokens = out.token_ids[stream.tokens_sent :]
             chunk = TokenChunk(out.request_id, new_tokens, out.logprobs[stream.tokens_sent :], out.text[stream.text_sent :],
-                               out.finished, out.finish_reason, len(out.prompt_token_ids))
+                               out.finished, out.finish_reason, len(out.prompt_token_ids), top_logprobs=out.top_logprobs[stream.tokens_sent :])
             if not stream.first_sent:
                 stream.first_sent = True
                 chunk.kv_transfer_seconds, chunk.kv_bytes = stream.kv_transfer_seconds, stream.kv_bytes

@@ -33,9 +33,10 @@ from splitserve.engine.errors import (
 )
 from splitserve.engine.loader import load_model, resolve_dtype
 from splitserve.engine.model_runner import KV_LAYOUT, ModelRunner
-from splitserve.engine.prompt import Prompt, check_fits, encode_prompt
+from splitserve.engine.prompt import Prompt, check_fits, check_token_ids, encode_prompt
 from splitserve.engine.request import FinishReason, Request
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampler import Sampled
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
 
@@ -54,6 +55,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     num_cached_tokens: int = 0
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token: the params.top_logprobs most likely
     kv_block_ids: list[int] = field(default_factory=list)  # held KV of a prefill-only request
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -122,9 +124,10 @@ class LLMEngine:
         if request_id in self._requests or request_id in self._reserved:
             raise DuplicateRequestError(request_id)
         ids = self.encode_prompt(prompt)
+        check_token_ids(params, self.model_config.vocab_size)
         prefix = self._check_prefix(output_prefix, params)
         self.check_fits(len(ids), params.max_tokens)
-        request = Request(request_id, ids, params, prefill_only=prefill_only, output_token_ids=prefix, output_logprobs=[0.0] * len(prefix))
+        request = Request(request_id, ids, params, prefill_only=prefill_only, output_token_ids=prefix)
         self._requests[request_id] = _Tracked.of(request, self.tokenizer)
         self.scheduler.add(request)
 
@@ -169,30 +172,31 @@ class LLMEngine:
             return []
         hook = self.on_layer_done
         layer_done = None if hook is None else (lambda layer: hook(layer, out.scheduled))
-        tokens, logprobs, rows = self.runner.execute(out, layer_done)
+        sampled, rows = self.runner.execute(out, layer_done)
         self.scheduler.on_computed(out)
-        return self._update(out, tokens, logprobs, rows)
+        return self._update(out, sampled, rows)
 
-    def _update(self, out: SchedulerOutput, tokens: list[int], logprobs: list[float], rows: list[int]) -> list[RequestOutput]:
+    def _update(self, out: SchedulerOutput, sampled: Sampled, rows: list[int]) -> list[RequestOutput]:
         now = time.monotonic()
         results = []
-        for token, logprob, i in zip(tokens, logprobs, rows):
+        for j, i in enumerate(rows):
             tracked = self._requests[out.scheduled[i].request.request_id]
             request = tracked.request
             if request.first_token_time is None:
                 request.first_token_time = now
-            reason = self._append(tracked, token, logprob)
+            reason = self._append(tracked, sampled.tokens[j], sampled.logprobs[j], sampled.top_logprobs[j])
             if reason is not None:
                 self.scheduler.finish(request, reason)
                 del self._requests[request.request_id]
             results.append(self._output(tracked))
         return results
 
-    def _append(self, tracked: _Tracked, token: int, logprob: float) -> FinishReason | None:
+    def _append(self, tracked: _Tracked, token: int, logprob: float, top: TopLogprobs) -> FinishReason | None:
         """Record a sampled token; return why the request is finished, if it is."""
         request, params = tracked.request, tracked.request.params
         request.output_token_ids.append(token)
         request.output_logprobs.append(logprob)
+        request.output_top_logprobs.append(top)
         tracked.new_tokens.append(token)
         if request.prefill_only:
             return FinishReason.PREFILL_DONE  # stop conditions are the decode side's to apply
@@ -218,6 +222,7 @@ class LLMEngine:
             new_token_ids=new,
             text=tracked.detok.text[tracked.text_start :] if tracked.detok else "",
             logprobs=list(r.output_logprobs),
+            top_logprobs=list(r.output_top_logprobs),
             finished=r.is_finished,
             finish_reason=r.finish_reason.value if r.finish_reason else None,
             num_cached_tokens=r.num_cached_tokens,
@@ -256,7 +261,7 @@ class LLMEngine:
 
     def admit_prefilled(
         self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams, first_logprob: float = 0.0,
-        output_prefix: Sequence[int] = (),
+        output_prefix: Sequence[int] = (), first_top_logprobs: TopLogprobs = (),
     ) -> RequestOutput:
         """Admit a request whose prompt KV (and its output prefix's, for a continuation) now
         fills its reserved blocks. Returns its output after the first token it samples here
@@ -269,7 +274,7 @@ class LLMEngine:
             self.pool.free(list(reversed(blocks)))
             raise InvalidRequestError("prompt_token_ids", f"{len(ids) + len(prefix)} tokens do not match the {len(blocks)} reserved blocks")
         request = Request(request_id, ids, params, block_ids=blocks, num_computed_tokens=len(ids) + len(prefix),
-                          output_token_ids=prefix, output_logprobs=[0.0] * len(prefix))
+                          output_token_ids=prefix)
         # the pinned prefix is in the cache already; the blocks that arrived are cached as full
         request.block_hashes = list(reservation.block_hashes)
         request.num_cached_blocks = reservation.num_cached_blocks
@@ -277,7 +282,7 @@ class LLMEngine:
         tracked = _Tracked.of(request, self.tokenizer)
         self._requests[request_id] = tracked
         request.first_token_time = time.monotonic()
-        reason = self._append(tracked, first_token, first_logprob)
+        reason = self._append(tracked, first_token, first_logprob, list(first_top_logprobs))
         self.scheduler.add(request)
         if reason is not None:
             self.scheduler.finish(request, reason)

@@ -21,7 +21,7 @@ from splitserve.kv_transfer.errors import (
     PeerUnavailableError,
     TransferError,
 )
-from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.receiver import KVReceiver
 from splitserve.kv_transfer.sender import KVSender
 from splitserve.kv_transfer.wire import PayloadHeader, copy_bytes_into, to_bytes
@@ -63,18 +63,18 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
                 kind = msg.WhichOneof("kind")
                 if kind == "payload":
                     p = msg.payload
-                    header = PayloadHeader(p.request_id, p.layer, tuple(p.block_ids), p.dtype, tuple(p.shape), p.byte_length)
-                    open_requests.add(p.request_id)
+                    header = PayloadHeader(p.request_id, p.layer, tuple(p.block_ids), p.dtype, tuple(p.shape), p.byte_length, p.secret)
                     self.receiver.receive(header, lambda dest: copy_bytes_into(dest, p.data, header))
+                    open_requests.add(p.request_id)  # only once the secret was right
                     payloads += 1
                     nbytes += p.byte_length
                 elif kind == "commit":
                     c = msg.commit
-                    open_requests.add(c.request_id)
-                    self.receiver.commit(c.request_id, c.first_token, c.first_logprob, c.num_tokens)
+                    first = FirstToken(c.first_token, c.first_logprob, tuple(zip(c.top_token_ids, c.top_logprobs)))
+                    self.receiver.commit(c.request_id, c.secret, first, c.num_tokens)
                     open_requests.discard(c.request_id)
                 elif kind == "abort":
-                    self.receiver.abort(msg.abort.request_id, msg.abort.reason)
+                    self.receiver.abort(msg.abort.request_id, msg.abort.secret, msg.abort.reason)
                     open_requests.discard(msg.abort.request_id)
         except TransferError as e:
             context.abort(grpc_code(e), str(e))
@@ -115,7 +115,8 @@ def handshake(channel: grpc.Channel, sender_id: str, layout: KVLayout, transport
 
 
 class _Stream:
-    def __init__(self, stub: kv_pb2_grpc.KVTransferStub, timeout: float, metadata: tuple) -> None:
+    def __init__(self, stub: kv_pb2_grpc.KVTransferStub, timeout: float, metadata: tuple, secret: str) -> None:
+        self.secret = secret  # the reservation's, for an abort when the sender closes
         self.queue: queue.Queue[kv_pb2.KVMessage | None] = queue.Queue()
         self.future = stub.Push.future(iter(self.queue.get, None), timeout=timeout, metadata=metadata)
 
@@ -134,12 +135,12 @@ class GrpcSender(KVSender):
     def send(self, header: PayloadHeader, kv) -> None:
         stream = self._streams.get(header.request_id)
         if stream is None:
-            stream = self._streams[header.request_id] = self._open()
+            stream = self._streams[header.request_id] = self._open(header.secret)
         elif stream.future.done():  # the receiver already refused this stream: say why now
             self._finish(header.request_id)
         msg = kv_pb2.KVMessage()
         p = msg.payload  # filled in place: KVMessage(payload=...) would copy the bytes again
-        p.request_id, p.layer, p.dtype, p.byte_length = header.request_id, header.layer, header.dtype, header.byte_length
+        p.request_id, p.layer, p.dtype, p.byte_length, p.secret = header.request_id, header.layer, header.dtype, header.byte_length, header.secret
         p.block_ids.extend(header.block_ids)
         p.shape.extend(header.shape)
         p.data = to_bytes(kv)
@@ -149,18 +150,22 @@ class GrpcSender(KVSender):
         if request_id in self._streams:
             self._finish(request_id)
 
-    def _open(self) -> _Stream:
-        return _Stream(self.stub, self.timeout, self.metadata)
+    def _open(self, secret: str) -> _Stream:
+        return _Stream(self.stub, self.timeout, self.metadata, secret)
 
-    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
-        stream = self._streams.get(request_id) or self._streams.setdefault(request_id, self._open())
-        commit = kv_pb2.KVCommit(request_id=request_id, first_token=first_token, first_logprob=first_logprob, num_tokens=num_tokens)
+    def _stream(self, request_id: str, secret: str) -> _Stream:
+        return self._streams.get(request_id) or self._streams.setdefault(request_id, self._open(secret))
+
+    def commit(self, request_id: str, secret: str, first: FirstToken, num_tokens: int) -> None:
+        stream = self._stream(request_id, secret)
+        commit = kv_pb2.KVCommit(request_id=request_id, secret=secret, first_token=first.token, first_logprob=first.logprob, num_tokens=num_tokens,
+                                 top_token_ids=[i for i, _ in first.top_logprobs], top_logprobs=[lp for _, lp in first.top_logprobs])
         stream.queue.put(kv_pb2.KVMessage(commit=commit))
         self._finish(request_id)
 
-    def abort(self, request_id: str, reason: str) -> None:
-        stream = self._streams.get(request_id) or self._streams.setdefault(request_id, self._open())
-        stream.queue.put(kv_pb2.KVMessage(abort=kv_pb2.KVAbort(request_id=request_id, reason=reason)))
+    def abort(self, request_id: str, secret: str, reason: str) -> None:
+        stream = self._stream(request_id, secret)
+        stream.queue.put(kv_pb2.KVMessage(abort=kv_pb2.KVAbort(request_id=request_id, secret=secret, reason=reason)))
         try:
             self._finish(request_id)
         except TransferError as e:
@@ -175,6 +180,6 @@ class GrpcSender(KVSender):
             raise _rpc_error(e, f"KV transfer of {request_id}") from None
 
     def close(self) -> None:
-        for rid in list(self._streams):
-            self.abort(rid, "sender closed")
+        for rid, stream in list(self._streams.items()):
+            self.abort(rid, stream.secret, "sender closed")
         self.channel.close()

@@ -33,7 +33,7 @@ from splitserve.engine.model_runner import KV_LAYOUT
 from splitserve.engine.sampler import SampleRow, sample
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kv_transfer.errors import HandshakeError, request_status
-from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.kv_transfer.layout import FirstToken, KVLayout, TransferDescriptor
 from splitserve.kv_transfer.wire import dtype_name
 from splitserve.prefill_worker.pushers import PusherPool
 from splitserve.prefill_worker.ring_attention import (
@@ -141,9 +141,9 @@ class CPRank:
                 logger.warning("rank %d: %s", self.rank, e)
 
     # ---- one request ---------------------------------------------------------------------
-    def run(self, job: CPJob) -> tuple[int, float] | None:
+    def run(self, job: CPJob) -> FirstToken | None:
         """Prefill the job's prompt with the group and push its KV; rank 0 returns the first
-        token and its logprob after committing the transfer."""
+        token after committing the transfer."""
         desc = descriptor_from_dict(job.descriptor)
         n_tokens = len(job.prompt)
         ranges = shard_ranges(n_tokens, self.world, self.block_size)[self.rank]
@@ -163,20 +163,20 @@ class CPRank:
                 raise CPError("UNAVAILABLE", f"a rank of the context-parallel group could not deliver its KV for {job.request_id}")
             if self.rank == 0:
                 try:
-                    pusher.commit(job.request_id, first[0], first[1], n_tokens).result(timeout=600)
+                    pusher.commit(job.request_id, desc.secret, first, n_tokens).result(timeout=600)
                 except Exception as e:  # the decode side refused or lost it: the request fails, the group is fine
                     raise CPError(request_status(e), f"KV transfer of {job.request_id} failed: {e}") from e
                 return first
             return None
         except CPError:
-            pusher.abort(job.request_id, "context-parallel prefill failed")
+            pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
             raise
         except Exception as e:  # a gloo error: a rank died; the group is broken
-            pusher.abort(job.request_id, "context-parallel prefill failed")
+            pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
             raise CPError("UNAVAILABLE", f"context-parallel group failed during {job.request_id}: {str(e).splitlines()[0][:200]}") from e
 
     @torch.inference_mode()
-    def _forward(self, job: CPJob, desc: TransferDescriptor, ranges, pos: torch.Tensor, variant: str, pusher) -> tuple[int, float] | None:
+    def _forward(self, job: CPJob, desc: TransferDescriptor, ranges, pos: torch.Tensor, variant: str, pusher) -> FirstToken | None:
         m = self.model.model
         h = m.embed_tokens(torch.tensor(job.prompt, device=self.device)[pos])  # [t, hidden], this rank's tokens only
         scale = self.config.head_dim ** -0.5
@@ -193,8 +193,10 @@ class CPRank:
             return None
         last = int((pos == len(job.prompt) - 1).nonzero()[0, 0])  # rank 0 holds the last chunk
         logits = self.model.lm_head(m.norm(h[last : last + 1])).float()
-        (token,), (logprob,) = sample(logits, [SampleRow(SamplingParams(**job.params), job.position)], self.generator)
-        return token, logprob
+        n_prompt = len(job.prompt) - job.position  # the rest is a continuation's output prefix
+        row = SampleRow.of(SamplingParams(**job.params), job.prompt[:n_prompt], job.prompt[n_prompt:], self.config.eos_token_ids)
+        s = sample(logits, [row], self.generator)
+        return FirstToken(s.tokens[0], s.logprobs[0], tuple(s.top_logprobs[0]))
 
     def _push(self, pusher, rid: str, desc: TransferDescriptor, layer: int, ranges, k: torch.Tensor, v: torch.Tensor) -> None:
         """Ship this rank's blocks of one layer ([n, 2, bs, KH, D]) and let them go."""
@@ -209,7 +211,7 @@ class CPRank:
             kv = kv.view(2, n, bs, *k.shape[1:]).transpose(0, 1)  # [n, 2, bs, KH, D]
             first = max(0, skip - a // bs)  # blocks the decode side already holds are not sent
             if first < n:
-                pusher.push(rid, layer, list(desc.block_ids[a // bs + first : a // bs + n]), kv[first:].contiguous())
+                pusher.push(rid, desc.secret, layer, list(desc.block_ids[a // bs + first : a // bs + n]), kv[first:].contiguous())
             row += b - a
 
     def close(self) -> None:
@@ -261,12 +263,12 @@ class CPPrefillWorker:
                     self.rank0.broadcast(job.to_json())
                 except Exception as e:  # a gloo error: a rank is gone, the group with it
                     raise CPError("UNAVAILABLE", f"context-parallel group {self.worker_id} lost a rank: {str(e).splitlines()[0][:200]}") from e
-                token, logprob = self.rank0.run(job)
+                first = self.rank0.run(job)
             except CPError as e:
                 if e.status == "UNAVAILABLE":
                     self.broken = str(e)
                 raise PrefillError(e.status, str(e)) from e
-            return PrefillResult(request_id, token, logprob, 0, start - arrival, time.monotonic() - start)
+            return PrefillResult(request_id, first, 0, start - arrival, time.monotonic() - start)
         finally:
             self._current = None
             self._turn.release()

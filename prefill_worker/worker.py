@@ -25,7 +25,7 @@ from splitserve.engine.errors import UnknownRequestError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledRequest
 from splitserve.kv_transfer.errors import HandshakeError, request_status
-from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.kv_transfer.layout import FirstToken, KVLayout, TransferDescriptor
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.sender import KVPusher
 from splitserve.prefill_worker.pushers import PusherPool, PushError
@@ -41,8 +41,7 @@ class PrefillError(StatusError):
 @dataclass
 class PrefillResult:
     request_id: str
-    first_token: int
-    first_logprob: float
+    first: FirstToken
     num_cached_tokens: int
     queue_seconds: float
     prefill_seconds: float
@@ -125,7 +124,7 @@ class PrefillWorker:
             last = -(-end // bs)
             if first < last:
                 kv = self.engine.read_kv(layer, s.request.block_ids[first:last])  # a copy: blocks may move on
-                job.pusher.push(s.request.request_id, layer, list(job.descriptor.block_ids[first:last]), kv)
+                job.pusher.push(s.request.request_id, job.descriptor.secret, layer, list(job.descriptor.block_ids[first:last]), kv)
             if layer == self.num_layers - 1:
                 job.pushed_tokens = end // bs * bs  # a partly filled block is sent again next chunk
                 job.first_scheduled = job.first_scheduled or time.monotonic()
@@ -135,10 +134,11 @@ class PrefillWorker:
             job = self._jobs.get(out.request_id)
             if job is None or out.finish_reason != "prefill_done":
                 continue
-            done = job.pusher.commit(out.request_id, out.token_ids[-1], out.logprobs[-1], job.num_prompt_tokens)
-            done.add_done_callback(lambda f, out=out: self._committed(out, f))
+            first = FirstToken(out.token_ids[-1], out.logprobs[-1], tuple(out.top_logprobs[-1]))
+            done = job.pusher.commit(out.request_id, job.descriptor.secret, first, job.num_prompt_tokens)
+            done.add_done_callback(lambda f, out=out, first=first: self._committed(out, first, f))
 
-    def _committed(self, out: RequestOutput, delivered: Future) -> None:
+    def _committed(self, out: RequestOutput, first: FirstToken, delivered: Future) -> None:
         """On a pusher thread: the commit went out (or failed). Free the blocks, answer."""
         rid = out.request_id
         self.loop.submit(lambda e: _release(e, rid))
@@ -152,7 +152,7 @@ class PrefillWorker:
             return
         now = time.monotonic()
         started = job.first_scheduled or now
-        job.future.set_result(PrefillResult(rid, out.token_ids[-1], out.logprobs[-1], out.num_cached_tokens, started - job.arrival, now - started))
+        job.future.set_result(PrefillResult(rid, first, out.num_cached_tokens, started - job.arrival, now - started))
 
     # ---- aborts and state ----------------------------------------------------------------
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
@@ -160,7 +160,7 @@ class PrefillWorker:
             job = self._jobs.pop(request_id, None)
         found = self.loop.call(lambda e: _abort(e, request_id))
         if job is not None:
-            job.pusher.abort(request_id, reason)
+            job.pusher.abort(request_id, job.descriptor.secret, reason)
             if not job.future.done():
                 job.future.set_exception(PrefillError("ABORTED", f"prefill of {request_id!r} aborted: {reason}"))
         return found or job is not None
@@ -169,7 +169,7 @@ class PrefillWorker:
         with self._lock:
             jobs, self._jobs = self._jobs, {}
         for rid, job in jobs.items():
-            job.pusher.abort(rid, "prefill engine failed")
+            job.pusher.abort(rid, job.descriptor.secret, "prefill engine failed")
             if not job.future.done():
                 job.future.set_exception(PrefillError("INTERNAL", f"prefill engine failed: {exc}"))
 

@@ -18,6 +18,7 @@ import grpc.aio
 from splitserve.cluster.registry import Registry, WorkerRecord
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import public_pb2, public_pb2_grpc
+from splitserve.proto.convert import processors_from_proto, top_to_proto
 from splitserve.proto.status import grpc_code
 from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator, timings_to_proto
 
@@ -36,12 +37,14 @@ def params_from_public(p: public_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
+        **processors_from_proto(p),
     )
 
 
 def chunk_to_public(c: Chunk) -> public_pb2.GenerateResponse:
     msg = public_pb2.GenerateResponse(
-        request_id=c.request_id, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text, finished=c.finished, finish_reason=c.finish_reason or ""
+        request_id=c.request_id, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text, finished=c.finished, finish_reason=c.finish_reason or "",
+        top_logprobs=top_to_proto(c.top_logprobs, public_pb2.TopLogprobs),
     )
     if c.usage is not None:
         msg.usage.CopyFrom(public_pb2.Usage(**c.usage))

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.proto import worker_pb2, worker_pb2_grpc
-from splitserve.proto.convert import params_to_proto
+from splitserve.proto.convert import params_to_proto, top_from_proto
 from splitserve.proto.server import OPTIONS, token_metadata
 from splitserve.proto.status import StatusError
 
@@ -203,6 +203,7 @@ class RequestResult:
     request_id: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -252,6 +253,7 @@ def run_disaggregated(prefill: str, decode: str, request_id: str, prompt_token_i
             async for chunk in stream_disaggregated(p, d, request_id, prompt_token_ids, params, timings=result.timings, **kw):
                 result.token_ids.extend(chunk.token_ids)
                 result.logprobs.extend(chunk.logprobs)
+                result.top_logprobs.extend(top_from_proto(chunk.top_logprobs))
                 result.text += chunk.text
                 if chunk.finished:
                     result.finish_reason = chunk.finish_reason

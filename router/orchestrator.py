@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from splitserve.engine.block_pool import block_hashes
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.prompt import check_fits, encode_prompt
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.prompt import check_fits, check_token_ids, encode_prompt
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
-from splitserve.proto.convert import params_to_proto
+from splitserve.proto.convert import params_to_proto, top_from_proto
 from splitserve.proto.status import StatusError, status_of
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.legs import LegError, WorkerClient, prefill_watching
@@ -97,6 +97,7 @@ class Chunk:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     timings: Timings | None = None
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when params.top_logprobs > 0
 
 
 @dataclass
@@ -106,6 +107,7 @@ class _Started:
 
     first_token: list[int]
     first_logprob: list[float]
+    first_top: list[TopLogprobs]
     stream: AsyncIterator
     skip: int
     cached_tokens: int  # prompt tokens not recomputed
@@ -205,6 +207,7 @@ class Orchestrator:
                 raise InvalidRequestError(name, f"must be > 0 milliseconds, got {value}")
         ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, inp.prompt)
         check_fits(len(ids), inp.params.max_tokens, self.max_model_len)
+        check_token_ids(inp.params, self.model_config.vocab_size)
         return ids
 
     def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
@@ -267,18 +270,18 @@ class Orchestrator:
         """The client's chunks from one placement of the request; returns once it finished."""
         t = s.timings
         if started.first_token:
-            yield self._emit(s, held, started.first_token, started.first_logprob)
+            yield self._emit(s, held, started.first_token, started.first_logprob, started.first_top)
         skip = started.skip
         async for chunk in started.stream:
-            tokens, logprobs = list(chunk.token_ids), list(chunk.logprobs)
+            tokens, logprobs, top = list(chunk.token_ids), list(chunk.logprobs), top_from_proto(chunk.top_logprobs)
             if skip:
                 dropped = min(skip, len(tokens))
-                tokens, logprobs, skip = tokens[dropped:], logprobs[dropped:], skip - dropped
+                tokens, logprobs, top, skip = tokens[dropped:], logprobs[dropped:], top[dropped:], skip - dropped
             if chunk.kv_bytes or chunk.kv_transfer_seconds:
                 t.transfer, t.kv_bytes = chunk.kv_transfer_seconds, chunk.kv_bytes
                 self.metrics.kv_seconds.observe(t.transfer)
                 self.metrics.kv_bytes.inc(t.kv_bytes)
-            out = self._emit(s, held, tokens, logprobs)
+            out = self._emit(s, held, tokens, logprobs, top)
             if chunk.finished:
                 self._finished(t, s.arrival, out, chunk.finish_reason, s.prompt, s.tokens, started)
             if tokens or out.finished:
@@ -287,7 +290,7 @@ class Orchestrator:
                 return
         raise StatusError("INTERNAL", f"decode stream of {s.rid} ended without finishing")
 
-    def _emit(self, s: "_Stream", held: list, tokens: list[int], logprobs: list[float]) -> Chunk:
+    def _emit(self, s: "_Stream", held: list, tokens: list[int], logprobs: list[float], top: list[TopLogprobs]) -> Chunk:
         """The chunk for new tokens, with the latencies they close: TTFT for the very first,
         inter-token gaps after."""
         now, t = time.monotonic(), s.timings
@@ -303,7 +306,7 @@ class Orchestrator:
         if tokens:
             s.tokens += tokens
             s.last_emit = now
-        return Chunk(s.rid, tokens, logprobs, "".join(s.text.push(tok) for tok in tokens))
+        return Chunk(s.rid, tokens, logprobs, "".join(s.text.push(tok) for tok in tokens), top_logprobs=top)
 
     def _finished(self, t: Timings, arrival: float, out: Chunk, reason: str, prompt: list[int], tokens: list[int], started: _Started) -> None:
         t.e2e = time.monotonic() - arrival
@@ -398,7 +401,7 @@ class Orchestrator:
             head = await stream.first()  # a failure before the first token may still be retried
             t.decode_cached_tokens = head.num_cached_tokens
             t.prefill = time.monotonic() - start
-            return _Started([], [], stream.after(head), 0, head.num_cached_tokens, route, request)
+            return _Started([], [], [], stream.after(head), 0, head.num_cached_tokens, route, request)
         self._hold(held, route.prefill, n - route.prefill_cached_blocks * bs, blocks - route.prefill_cached_blocks)
         legs.prefill = self.view.client(route.prefill)
         desc = await legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0), prefix)
@@ -414,7 +417,8 @@ class Orchestrator:
         t.prefill_queue, t.prefill, t.prefill_cached_tokens = pre.queue_seconds, pre.prefill_seconds, pre.num_cached_tokens
         self.metrics.queue.observe(t.prefill_queue)
         self.metrics.prefill.observe(t.prefill)
-        return _Started([pre.first_token], [pre.first_logprob], stream, 1, pre.num_cached_tokens, route, request)
+        first_top = top_from_proto([pre.first_top_logprobs]) if pre.HasField("first_top_logprobs") else [[]]
+        return _Started([pre.first_token], [pre.first_logprob], first_top, stream, 1, pre.num_cached_tokens, route, request)
 
     async def _route(self, request: RouteRequest, left) -> Route:
         """The policy's pick. When a pool looks empty (a worker restarting, the registry just

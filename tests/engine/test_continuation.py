@@ -17,6 +17,9 @@ PROMPT = [3 + (i * 13) % 480 for i in range(70)]
 CASES = {
     "greedy": SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
     "seeded": SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True),
+    # the penalties read the output so far: a continuation's prefix must count as output
+    "penalized": SamplingParams(temperature=0.8, seed=99, max_tokens=24, ignore_eos=True, repetition_penalty=1.4,
+                                frequency_penalty=0.7, presence_penalty=0.5, logit_bias={11: 2.0}, top_logprobs=3),
 }
 
 

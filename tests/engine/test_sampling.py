@@ -42,14 +42,13 @@ def test_sampler_respects_top_k_support() -> None:
     allowed = set(logits[0].topk(5).indices.tolist())
     seen = set()
     for i in range(200):
-        tokens, _ = sample(logits, [SampleRow(SamplingParams(temperature=5.0, top_k=5, seed=i), 0)])
-        seen.add(tokens[0])
+        seen.add(sample(logits, [SampleRow(SamplingParams(temperature=5.0, top_k=5, seed=i), 0)]).tokens[0])
     assert seen <= allowed and len(seen) > 1
 
 
 def test_sampler_respects_top_p_mass() -> None:
     logits = torch.tensor([[3.0, 2.9, 0.0, -1.0, -2.0]])  # p ~ [.50, .45, .02, .01, .003]
-    seen = {sample(logits, [SampleRow(SamplingParams(top_p=0.9, seed=i), 0)])[0][0] for i in range(200)}
+    seen = {sample(logits, [SampleRow(SamplingParams(top_p=0.9, seed=i), 0)]).tokens[0] for i in range(200)}
     assert seen == {0, 1}
 
 
