@@ -126,7 +126,8 @@ def _status(args: argparse.Namespace) -> int:
     with _client(args) as c:
         st = c.status()
     targets = " ".join(f"{k}={v}" for k, v in sorted(st.targets.items()))
-    table = Table(title=f"cluster {st.cluster}  model {st.model}  targets {targets}", box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(title=f"cluster {st.cluster}  model {st.model}  targets {targets}", box=box.SIMPLE_HEAD, show_edge=False,
+                  title_justify="left")
     for col in ("WORKER", "ROLE", "STATE", "RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED", "BEAT_AGE", "ADDRESS"):
         table.add_column(col, no_wrap=True, justify="right" if col in ("RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED") else "left")
     for w in sorted(st.workers, key=lambda w: (w.role, w.worker_id)):

@@ -329,7 +329,10 @@ class WorkloadAware(RoutingPolicy):
         if len(near) == 1:
             return near[0]
         two = self._rng.sample(near, 2)  # TetriInfer: of two, the one with fewer heavy decodes
-        return min(two, key=lambda w: (w.inflight_heavy, lacks(w), w.used_blocks + w.reserved_blocks + w.inflight_blocks))
+        # then the smaller load; on a tie the one picked less recently, so that two idle
+        # workers share new conversations instead of a coin leaving one with both
+        recent = self.balance["decode"].counts
+        return min(two, key=lambda w: (w.inflight_heavy, lacks(w), w.used_blocks + w.reserved_blocks + w.inflight_blocks, recent[w.worker_id]))
 
     def _pick(self, snapshot: Snapshot, request: RouteRequest, role: str, matched: dict[str, int], cost, fits) -> WorkerLoad:
         pool = self._eligible(snapshot, request, role, matched, fits)

@@ -105,7 +105,8 @@ def test_serve_with_a_cp_prefill_group(long_model: Path) -> None:
     serve = start_serve("--model", str(long_model), "--dtype", "float32", "--prefill-cp", "2", "--transport", "torch")
     try:
         with Client(serve.grpc) as c:
-            assert c.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == expected
+            got = c.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.2, presence_penalty=0.5)
+            assert got.token_ids == expected
     finally:
         serve.stop()
 

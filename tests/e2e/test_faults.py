@@ -140,7 +140,8 @@ def test_truncated_payload_fails_the_transfer_and_frees_the_blocks(decode: Worke
     d = reserve(decode, "trunc", [1] * 20)
     shape = [len(d.block_ids), 2, d.layout.block_size, d.layout.num_kv_heads, d.layout.head_dim]
     nbytes = 4 * shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
-    payload = kv_pb2.KVPayload(request_id="trunc", layer=0, block_ids=d.block_ids, dtype="float32", shape=shape, byte_length=nbytes, data=b"\0" * (nbytes // 2))
+    payload = kv_pb2.KVPayload(request_id="trunc", secret=d.transfer_secret, layer=0, block_ids=d.block_ids, dtype="float32", shape=shape,
+                               byte_length=nbytes, data=b"\0" * (nbytes // 2))
     with pytest.raises(grpc.RpcError) as e:
         decode.kv.Push(iter([kv_pb2.KVMessage(payload=payload)]), timeout=10)
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "truncated" in e.value.details()
