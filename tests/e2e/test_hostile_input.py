@@ -8,6 +8,7 @@ worker left holding reserved blocks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -126,7 +127,7 @@ class Watch:
 
 
 async def fuzz(host: str, port: int, grpc_address: str, http_cases: list[HTTPCase], grpc_cases: list[GRPCCase]) -> tuple[dict, dict, Watch]:
-    http_seen: dict[str, list] = defaultdict(list)  # category -> [(status, problem)]
+    http_seen: dict[str, list] = defaultdict(list)  # category -> [(status, problem or None, bytes sent)]
     grpc_seen: dict[str, list] = defaultdict(list)
     gate = asyncio.Semaphore(16)
     stop = asyncio.Event()
@@ -134,7 +135,7 @@ async def fuzz(host: str, port: int, grpc_address: str, http_cases: list[HTTPCas
 
     async def one_http(case: HTTPCase) -> None:
         slow = case.category in EXPECTED and case.category not in ("body too large", "oversized headers")
-        async with gate if not slow else _nothing():  # the slow ones wait out deadlines: all at once
+        async with gate if not slow else contextlib.nullcontext():  # the slow ones wait out deadlines: all at once
             try:
                 answer = await hostile.send(host, port, case)
             except (asyncio.TimeoutError, OSError) as e:
@@ -167,14 +168,6 @@ async def reflection_garbage(channel: grpc.aio.Channel) -> tuple[grpc.StatusCode
     except grpc.aio.AioRpcError as e:
         return e.code(), e.details() or ""
     return grpc.StatusCode.OK, ""
-
-
-class _nothing:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
 
 def _summary(seen: dict) -> str:
