@@ -28,6 +28,14 @@ logger = logging.getLogger(__name__)
 API_KEY_HEADER = "authorization"
 # A request id is logged, kept with its timings and sent to both workers: an id, not a payload.
 MAX_REQUEST_ID_CHARS = 256
+# A status message travels in a trailer, percent-encoded, and clients refuse trailers past 8 KiB
+# (gRPC's default): one that quotes a caller's 10 KB model name would reach the caller as
+# RESOURCE_EXHAUSTED instead of the status it is.
+MAX_DETAILS_CHARS = 1000
+
+
+def details(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS_CHARS else f"{message[:MAX_DETAILS_CHARS]}... ({len(message)} characters)"
 
 
 def params_from_public(p: public_pb2.SamplingParams) -> SamplingParams:
@@ -107,7 +115,7 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
         if failed is not None:
             if getattr(failed, "retry_after", None):
                 context.set_trailing_metadata((("retry-after", str(math.ceil(failed.retry_after))),))
-            await context.abort(grpc_code(failed), str(failed))
+            await context.abort(grpc_code(failed), details(str(failed)))
 
     def _watch_write(self, stream, dropped: list[bool]) -> asyncio.TimerHandle | None:
         """Abort the request if this write is still waiting after `send_timeout`."""
@@ -129,7 +137,7 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
         await check_api_key(context, self.api_keys)
         t = self.orch.timings(request.request_id)
         if t is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no timings for request {request.request_id!r} (unknown, running, or too old)")
+            await context.abort(grpc.StatusCode.NOT_FOUND, details(f"no timings for request {request.request_id!r} (unknown, running, or too old)"))
         return timings_to_proto(t)
 
 
@@ -160,7 +168,7 @@ class AdminService(public_pb2_grpc.AdminServicer):
         try:
             return await asyncio.to_thread(fn, *args)
         except Exception as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"registry unreachable: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, details(f"registry unreachable: {e}"))
 
     async def Status(self, request, context) -> public_pb2.ClusterStatus:
         await check_api_key(context, self.api_keys)
@@ -184,7 +192,7 @@ class AdminService(public_pb2_grpc.AdminServicer):
         workers = await self._redis(context, self.registry.workers)
         record = next((w for w in workers if w.worker_id == request.worker_id), None)
         if record is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"worker_id: no worker {request.worker_id!r} in cluster {self.cluster!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, details(f"worker_id: no worker {request.worker_id!r} in cluster {self.cluster!r}"))
         targets = await self._redis(context, self.registry.targets)
         await self._redis(context, self.registry.set_target, record.role, max(0, targets.get(record.role, 1) - 1))  # do not replace it
         await self._redis(context, self.registry.request_drain, record.worker_id)
