@@ -306,6 +306,9 @@ SDK_VALUES = {
     "stop_token_ids": [[-1], [2**31 - 1], list(range(65)), [-(2**31)]], "slo_ttft_ms": [float("nan"), -1.0, 0.0, float("inf"), 1e308],
     "slo_tpot_ms": [float("nan"), -5.0, 0.0], "request_id": ["r" * 257, "r" * 100_000, "\x00", " "], "model": ["nope", "\x00" * 10, "m" * 10_000],
     "prompt": ["", [], [-1], [512], [2**31 - 1], [0] * 5000, "x" * 20_000, "\x00", [-(2**31)]],
+    "min_tokens": [-1, 2, 2**31 - 1], "logit_bias": [{-1: 1.0}, {512: 1.0}, {2**31 - 1: 1.0}, {0: 101.0}, {0: float("nan")}, {i: 1.0 for i in range(1025)}],
+    "repetition_penalty": [0.0, -1.0, float("nan"), float("inf"), 1e7], "frequency_penalty": [3.0, float("nan")], "presence_penalty": [-3.0, float("inf")],
+    "top_logprobs": [-1, 21, 2**31 - 1, 20],
 }
 
 
@@ -324,7 +327,9 @@ def sdk_cases() -> list[GRPCCase]:
                 continue
             cases.append(GRPCCase("bad parameters (SDK)", "/splitserve.v1.Generation/Generate", req.SerializeToString(), True, name))
     for method, msg, name in [("Admin/Scale", public_pb2.ScaleRequest(prefill=-1), "prefill"), ("Admin/Scale", public_pb2.ScaleRequest(decode=-(2**31)), "decode"),
-                              ("Admin/Drain", public_pb2.DrainRequest(worker_id="nope"), None), ("Generation/GetTimings", public_pb2.TimingsRequest(request_id="\x00"), None),
+                              ("Admin/Drain", public_pb2.DrainRequest(worker_id="nope"), None), ("Admin/Drain", public_pb2.DrainRequest(worker_id="w" * 20_000), None),
+                              ("Generation/GetTimings", public_pb2.TimingsRequest(request_id="\x00"), None),
+                              ("Generation/GetTimings", public_pb2.TimingsRequest(request_id="\u00e9" * 20_000), None),
                               ("Generation/Abort", public_pb2.AbortRequest(request_id="x" * 10_000), None)]:
         cases.append(GRPCCase("bad parameters (SDK)", f"/splitserve.v1.{method}", msg.SerializeToString(), False, name))
     return cases

@@ -82,6 +82,8 @@ def grpc_problem(case: GRPCCase, code: grpc.StatusCode, details: str) -> str | N
         return f"{code.name}: {details[:300]}"
     if case.category == "garbage bytes" and (code != grpc.StatusCode.INVALID_ARGUMENT or case.field not in details):
         return f"{code.name}, expected INVALID_ARGUMENT naming {case.field}: {details[:300]}"
+    if case.category == "bad parameters (SDK)" and code not in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+        return f"{code.name}, expected OK, INVALID_ARGUMENT or NOT_FOUND: {details[:300]}"
     if code == grpc.StatusCode.INVALID_ARGUMENT and case.field is not None and case.field not in details:
         return f"INVALID_ARGUMENT not naming {case.field}: {details[:300]}"
     return None
