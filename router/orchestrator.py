@@ -53,6 +53,14 @@ class GenerateInput:
     slo_tpot_ms: float | None = None
 
 
+class OverloadedError(StatusError):
+    """This router already has its most requests in flight (router.max_concurrent_requests)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("UNAVAILABLE", f"the router is serving its limit of {limit} concurrent requests; retry shortly")
+        self.retry_after = 1.0
+
+
 class SLORefusedError(StatusError):
     """Admission control: even the best placement would miss the request's TTFT SLO."""
 
@@ -179,6 +187,7 @@ class Orchestrator:
         admission: bool = False,
         slo_ttft_ms: float = 5000.0,
         slo_slack: float = 1.0,
+        max_concurrent: int | None = None,
     ) -> None:
         self.view = view
         self.policy = policy
@@ -194,6 +203,7 @@ class Orchestrator:
         self.block_size = block_size
         self.colocated = colocated
         self.admission, self.slo_ttft_ms, self.slo_slack = admission, slo_ttft_ms, slo_slack
+        self.max_concurrent = max_concurrent
         self._legs: dict[str, _Legs] = {}
         self._timings: OrderedDict[str, Timings] = OrderedDict()
 
@@ -212,7 +222,11 @@ class Orchestrator:
 
     def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
         """Validate at once (raises before the first chunk), then stream. Closing the stream
-        early (the client left) aborts both legs."""
+        early (the client left) aborts both legs. Beyond `max_concurrent` requests in flight, over
+        both APIs, the answer is UNAVAILABLE at once (before any work for it)."""
+        if self.max_concurrent is not None and len(self._legs) >= self.max_concurrent:
+            self.metrics.refused.labels("overloaded").inc()
+            raise OverloadedError(self.max_concurrent)
         prompt = self.validate(inp)
         rid = inp.request_id or f"req-{uuid.uuid4().hex}"
         if rid in self._legs:
