@@ -19,6 +19,32 @@ def e2e_model(make_checkpoint: Callable[..., Path]) -> Path:
 
 
 @pytest.fixture(scope="module")
+def served(e2e_model: Path):
+    """`splitserve serve` on the e2e model for a module, every request disaggregated."""
+    from tests.e2e.serve_proc import start_serve
+
+    serve = start_serve("--model", str(e2e_model), "--dtype", "float32", "--local-prefill-tokens", "0")
+    yield serve
+    serve.stop()
+
+
+@pytest.fixture(scope="module")
+def single(e2e_model: Path):
+    """The reference: one engine in this process, on the same checkpoint."""
+    from splitserve.engine import LLM
+
+    return LLM(str(e2e_model), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def oai(served):
+    """The official openai client against `served`."""
+    import openai
+
+    return openai.OpenAI(base_url=served.http + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
 def spawn() -> Iterator[Callable[..., Proc]]:
     """`spawn(module, *args)` starts a worker process that is stopped when the module ends."""
     procs: list[Proc] = []

@@ -14,32 +14,14 @@ import pytest
 from splitserve.engine import LLM, SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.router.http_api import render_chat
-from tests.e2e.serve_proc import start_serve
 
 PROMPT = "Prefill reads the whole prompt at once and"
 MESSAGES = [{"role": "user", "content": "What is disaggregated serving?"}]
 
 
 @pytest.fixture(scope="module")
-def served(e2e_model: Path):
-    serve = start_serve("--model", str(e2e_model), "--dtype", "float32", "--local-prefill-tokens", "0")  # every request disaggregated
-    yield serve
-    serve.stop()
-
-
-@pytest.fixture(scope="module")
-def single(e2e_model: Path) -> LLM:
-    return LLM(str(e2e_model), dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def tok(e2e_model: Path) -> Tokenizer:
     return Tokenizer(e2e_model)
-
-
-@pytest.fixture(scope="module")
-def oai(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.http + "/v1", api_key="unused", timeout=60, max_retries=0)
 
 
 @pytest.fixture(scope="module")

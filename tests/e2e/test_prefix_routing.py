@@ -8,19 +8,11 @@ import random
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
-
-import pytest
 
 from splitserve.engine import LLM, SamplingParams
 
 GREEDY = dict(max_tokens=12, temperature=0, ignore_eos=True)
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # layers x (K, V) x block size x KV heads x head dim x float32
-
-
-@pytest.fixture(scope="module")
-def single(e2e_model: Path) -> LLM:
-    return LLM(str(e2e_model), dtype="float32")
 
 
 def expected(single: LLM, prompt: list[int]) -> list[int]:

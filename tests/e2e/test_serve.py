@@ -17,31 +17,13 @@ from splitserve.engine import LLM, SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.proto.client import AsyncClient, Client, InvalidArgumentError
 from splitserve.router.http_api import render_chat
-from tests.e2e.serve_proc import start_serve
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "def step(self):", "Prefill reads the whole prompt at once and"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is disaggregated serving?"}]
 
 
-@pytest.fixture(scope="module")
-def served(e2e_model: Path):
-    serve = start_serve("--model", str(e2e_model), "--dtype", "float32", "--local-prefill-tokens", "0")  # every request disaggregated
-    yield serve
-    serve.stop()
-
-
-@pytest.fixture(scope="module")
-def single(e2e_model: Path) -> LLM:
-    return LLM(str(e2e_model), dtype="float32")
-
-
 def greedy(llm: LLM, prompt, max_tokens: int = 12):
     return llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
-
-
-@pytest.fixture(scope="module")
-def oai(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.http + "/v1", api_key="unused", timeout=60, max_retries=0)
 
 
 def test_openai_completions_match_the_single_engine(oai: openai.OpenAI, single: LLM) -> None:
