@@ -20,6 +20,7 @@ per pool), and the ratios of workload_aware to round_robin and to least_loaded.
 
     python -m benchmarks.routing
     python -m benchmarks.routing --traces chat --local-sweep 0,128,256,512   # choose routing.local_prefill_tokens
+    python -m benchmarks.routing --traces chat --balance-sweep 1.15,1.3,1.5  # choose routing.balance_factor
 """
 
 from __future__ import annotations
@@ -153,9 +154,8 @@ def summarize(run: Run) -> dict[str, Any]:
     }
 
 
-def replay(trace: str, policy: str, local: int, model: Path, redis_url: str, tmp: Path, seed: int, vocab: int) -> dict[str, Any]:
-    cluster = BenchCluster(model, redis_url, tmp, {"router": {"policy": policy, "request_timeout_s": 600},
-                                                  "routing": {"local_prefill_tokens": local}})
+def replay(trace: str, policy: str, routing: dict[str, Any], model: Path, redis_url: str, tmp: Path, seed: int, vocab: int) -> dict[str, Any]:
+    cluster = BenchCluster(model, redis_url, tmp, {"router": {"policy": policy, "request_timeout_s": 600}, "routing": routing})
     workers = [("prefill", ["--max-prefill-chunk", "512", "--num-kv-blocks", "768"])] * 2 + [("decode", ["--num-kv-blocks", "4096"])] * 2
     n = os.cpu_count() or 2
     cpus = {"prefill": f"0-{max(0, n // 2 - 1)}", "decode": f"{n // 2}-{n - 1}"} if n >= 2 else None
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--local-prefill-tokens", type=int, default=None, help="workload_aware's threshold (default: the config default)")
     parser.add_argument("--local-sweep", default=None, help="also run workload_aware at each of these thresholds, e.g. 0,128,256,512")
+    parser.add_argument("--balance-sweep", default=None, help="also run workload_aware at each of these routing.balance_factor caps, e.g. 1.15,1.3,1.5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -207,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\ntrace {trace}: " + ("16 conversations x 6 turns, 4 groups sharing a 1,000-token system prompt" if trace == "chat"
                                              else "64 unrelated prompts of 200-1,200 tokens, Poisson 3/s"))
                 print(HEADER)
-                runs = [(p, p, local) for p in args.policies.split(",")]
-                runs += [(f"workload_aware@{x}", "workload_aware", int(x)) for x in (args.local_sweep or "").split(",") if x]
+                runs = [(p, p, {"local_prefill_tokens": local}) for p in args.policies.split(",")]
+                runs += [(f"workload_aware@{x}", "workload_aware", {"local_prefill_tokens": int(x)}) for x in (args.local_sweep or "").split(",") if x]
+                runs += [(f"workload_aware@cap{x}", "workload_aware", {"local_prefill_tokens": local, "balance_factor": float(x)})
+                         for x in (args.balance_sweep or "").split(",") if x]
                 rows = report[trace] = {}
-                for name, policy, threshold in runs:
-                    rows[name] = replay(trace, policy, threshold, model, redis.url, Path(tmp), args.seed, spec.vocab_size)
+                for name, policy, routing in runs:
+                    rows[name] = replay(trace, policy, routing, model, redis.url, Path(tmp), args.seed, spec.vocab_size)
                     print_row(name, rows[name])
                 print_ratios(trace, rows)
         finally:

@@ -12,7 +12,8 @@ them on identical traces:
                     lets a decode worker prefill a short uncached tail itself (selective
                     disaggregation); a bounded-load cap keeps any worker from taking much more
                     than its share of recent requests, so a prompt shared by every request
-                    cannot pull them all onto one worker.
+                    cannot pull them all onto one worker (a prefix only one conversation
+                    uses may exceed it, up to 1.5x the share).
 In a colocated cluster (no prefill pool) every route is local: the decode worker prefills.
 """
 
@@ -223,22 +224,40 @@ class LeastLoaded(RoutingPolicy):
 class _BoundedLoad:
     """At most `factor` x an equal share of the last `window` picks per worker: the cap that
     keeps cache affinity from becoming a hotspot (bounded-load hashing's rule, over recent
-    requests). Whatever the costs say, a worker at its cap waits for the others to catch up."""
+    requests). A worker at its cap waits for the others to catch up, unless what draws the
+    request to it is a prefix no other recent request was routed by (a conversation's own
+    history, not a system prompt many share): moving that request away would resend its whole
+    history and spread nothing that could pile up. Even then a worker takes at most
+    `HARD_FACTOR` x its share."""
+
+    HARD_FACTOR = 1.5
 
     def __init__(self, factor: float, window: int) -> None:
         self.factor = factor
         self.recent: deque[str] = deque(maxlen=window)
         self.counts: Counter[str] = Counter()
+        # the deepest cached block that drew each recent request to its worker
+        self.prefixes: deque[int | None] = deque(maxlen=window)
+        self.prefix_counts: Counter[int] = Counter()
 
-    def allows(self, worker_id: str, pool_size: int) -> bool:
-        cap = math.ceil(self.factor * (len(self.recent) + 1) / pool_size)
-        return self.counts[worker_id] + 1 <= cap
+    def allows(self, worker_id: str, pool_size: int, prefix: int | None = None) -> bool:
+        """`prefix`: the deepest block of the prompt this worker caches (None: none)."""
+        share = (len(self.recent) + 1) / pool_size
+        if self.counts[worker_id] + 1 <= math.ceil(self.factor * share):
+            return True
+        private = prefix is not None and self.prefix_counts[prefix] == 0
+        return private and self.counts[worker_id] + 1 <= math.ceil(self.HARD_FACTOR * share)
 
-    def record(self, worker_id: str) -> None:
+    def record(self, worker_id: str, prefix: int | None = None) -> None:
         if len(self.recent) == self.recent.maxlen:
             self.counts[self.recent[0]] -= 1
+            if self.prefixes[0] is not None:
+                self.prefix_counts[self.prefixes[0]] -= 1
         self.recent.append(worker_id)
         self.counts[worker_id] += 1
+        self.prefixes.append(prefix)
+        if prefix is not None:
+            self.prefix_counts[prefix] += 1
 
 
 class WorkloadAware(RoutingPolicy):
@@ -298,7 +317,7 @@ class WorkloadAware(RoutingPolicy):
             d = self._pick(snapshot, request, "decode", matched, local_ttft, room)
         else:
             d = self._pick_decode(snapshot, request, matched, room, lacks)
-        self.balance["decode"].record(d.worker_id)
+        self.balance["decode"].record(d.worker_id, _deepest(request, matched, d))
         d_cached = blocks - lacks(d)
         missing = n - d_cached * bs
         backlog = d.queued_prefill_tokens + d.inflight_prompt_tokens
@@ -314,7 +333,7 @@ class WorkloadAware(RoutingPolicy):
             return wait + max(compute, self.transfer_model.seconds(p.worker_id, d.worker_id, move)), wait
 
         p = self._pick(snapshot, request, "prefill", matched, lambda w: ttft(w)[0], lambda w: fits(w, 0))
-        self.balance["prefill"].record(p.worker_id)
+        self.balance["prefill"].record(p.worker_id, _deepest(request, matched, p))
         predicted, wait = ttft(p)
         predicted += self._extra("disaggregated")
         return Route(decode=d, prefill=p, prefill_cached_blocks=min(matched.get(p.worker_id, 0), blocks), decode_cached_blocks=d_cached,
@@ -354,7 +373,7 @@ class WorkloadAware(RoutingPolicy):
         pool = [snapshot.load(w) for w in pool]
         pool = [w for w in pool if fits(w)] or pool
         cap = self.balance[role]
-        return [w for w in pool if cap.allows(w.worker_id, size)] or pool
+        return [w for w in pool if cap.allows(w.worker_id, size, _deepest(request, matched, w))] or pool
 
     def _extra(self, path: str) -> float:
         return self._overhead[path].get(path) or 0.0
@@ -369,6 +388,12 @@ class WorkloadAware(RoutingPolicy):
         else:
             self.prefill_model.observe(route.decode.worker_id, n, n - o.decode_cached_tokens, o.prefill_seconds)
         self.lengths.observe(o.request.features, o.output_tokens)
+
+
+def _deepest(request: RouteRequest, matched: Mapping[str, int], w: WorkerLoad) -> int | None:
+    """The hash of the deepest block of the request's prompt that `w` caches, if any."""
+    n = min(matched.get(w.worker_id, 0), len(request.block_hashes))
+    return request.block_hashes[n - 1] if n > 0 else None
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "workload_aware": WorkloadAware}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -119,6 +120,31 @@ def test_workload_aware_caps_a_shared_prefix_hotspot() -> None:
     for role in ("prefill", "decode"):
         counts = Counter(getattr(r, role).worker_id for r in picks)
         assert max(counts.values()) <= 1.5 * min(counts.values()), counts
+
+
+class HistoryIndex:
+    """Each conversation's history is cached on its home decode worker only."""
+
+    def __init__(self, homes: dict[int, str]) -> None:
+        self.homes = homes
+
+    def match(self, block_hashes) -> dict[str, int]:
+        return {self.homes[block_hashes[0] // 1000]: len(block_hashes) - 2}
+
+
+def test_a_prefix_only_one_conversation_uses_may_pass_the_cap_up_to_one_and_a_half_shares() -> None:
+    """Four conversations all homed on d1 (their histories, private to each, are cached there
+    only): the 1.15 cap alone would move many of their turns to d2 and resend whole histories;
+    private prefixes keep their home up to 1.5x d1's share, and no further."""
+    policy = make_policy("workload_aware", index=HistoryIndex({c: "d1" for c in range(4)}), local_prefill_tokens=0, balance_factor=1.15)
+    snap = pools(p1={}, d1={}, d2={})
+    turns = [RouteRequest("r", 1600, 16, block_hashes=tuple(c * 1000 + turn * 10 + i for i in range(100))) for turn in range(8) for c in range(4)]
+    homes = Counter(policy.choose(snap, t).decode.worker_id for t in turns)
+    assert math.ceil(1.15 * 16) < homes["d1"] <= math.ceil(1.5 * 16), homes  # 32 turns, 2 workers: a share is 16
+    shared = make_policy("workload_aware", index=HistoryIndex({0: "d1"}), local_prefill_tokens=0, balance_factor=1.15)
+    same = RouteRequest("r", 1600, 16, block_hashes=tuple(range(100)))  # one prompt sent again and again: shared, capped
+    counts = Counter(shared.choose(snap, same).decode.worker_id for _ in range(40))
+    assert max(counts.values()) <= 1.5 * min(counts.values()), counts
 
 
 # ---- prediction and admission ------------------------------------------------------------------
