@@ -24,6 +24,7 @@ import torch
 
 from splitserve.engine.block_pool import BlockPool, block_hashes
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.cpu_linear import use_linear_kernel
 from splitserve.engine.errors import (
     ContextLengthExceededError,
     DuplicateRequestError,
@@ -83,7 +84,10 @@ class _Tracked:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         self.model, self.model_config = load_model(config.model, config.dtype, config.device)
+        use_linear_kernel(self.model, config.linear_kernel, batch_hint=config.scheduler.max_num_seqs)
         self.tokenizer = Tokenizer(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model_config)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings)

@@ -38,6 +38,9 @@ class LLM:
         max_prefill_chunk: int | None = None,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        attention_backend: str = "auto",
+        linear_kernel: str = "torch",
+        num_threads: int | None = None,
     ) -> None:
         scheduler = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -54,6 +57,9 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len,
             seed=seed,
+            attention_backend=attention_backend,
+            linear_kernel=linear_kernel,
+            num_threads=num_threads,
             scheduler=scheduler,
         )
         self.engine = LLMEngine(config)

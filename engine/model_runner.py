@@ -29,7 +29,7 @@ class ModelRunner:
         config: ModelConfig,
         num_blocks: int,
         block_size: int,
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
         seed: int = 0,
         mlp_chunk: int | None = None,
     ) -> None:
@@ -46,7 +46,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.backend = get_backend(attention_backend)
+        self.backend = get_backend(attention_backend, self.device, self.dtype)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -78,48 +78,50 @@ class ModelRunner:
         every = torch.arange(len(token_ids), device=self.device)
         return self.model(input_ids, positions, self.kv_cache, meta, every, self.backend, None, self.mlp_chunk)
 
-    def _prepare(self, out: SchedulerOutput):
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[int]]:
+        """Host lists -> the step's tensors: input ids, positions, attention metadata, the
+        rows whose logits are sampled, and which scheduled requests those rows belong to."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
-        blocks: list[int] = []
-        offsets: list[int] = []
+        slots: list[int] = []
         query_start = [0]
         context_lens: list[int] = []
         tables: list[list[int]] = []
         logits_idx: list[int] = []
         sampling: list[int] = []
+        decode: list[int] = []
+        prefill: list[int] = []
         for i, s in enumerate(out.scheduled):
-            r, start, end = s.request, s.start, s.start + s.num_new_tokens
-            ids.extend(r.token_slice(start, end))
-            rng = range(start, end)
-            pos.extend(rng)
+            r, start, n = s.request, s.start, s.num_new_tokens
+            end = start + n
             table = r.block_ids
-            blocks.extend(table[p // bs] for p in rng)
-            offsets.extend(p % bs for p in rng)
-            query_start.append(query_start[-1] + s.num_new_tokens)
+            if n == 1:  # the common case, without building ranges
+                ids.append(r.prompt_token_ids[start] if start < len(r.prompt_token_ids) else r.output_token_ids[start - len(r.prompt_token_ids)])
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                decode.append(i)
+            else:
+                ids.extend(r.token_slice(start, end))
+                pos.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+                prefill.append(i)
+            query_start.append(query_start[-1] + n)
             context_lens.append(end)
             tables.append(table)
             if s.will_sample:
                 logits_idx.append(query_start[-1] - 1)
                 sampling.append(i)
-        decode = [i for i, s in enumerate(out.scheduled) if s.num_new_tokens == 1]
-        prefill = [i for i, s in enumerate(out.scheduled) if s.num_new_tokens > 1]
-        width = max((-(-context_lens[i] // bs) for i in decode), default=0)
         dev = self.device
         meta = AttentionMetadata(
             query_start=query_start,
             context_lens=context_lens,
-            slot_blocks=torch.tensor(blocks, device=dev),
-            slot_offsets=torch.tensor(offsets, device=dev),
             block_tables=tables,
+            block_size=bs,
+            slot_mapping=torch.tensor(slots, device=dev),
             decode_seqs=decode,
-            decode_tokens=torch.tensor([query_start[i] for i in decode], device=dev, dtype=torch.long),
-            decode_block_table=torch.tensor(
-                [tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in decode], device=dev, dtype=torch.long
-            ).view(len(decode), width),
-            decode_context_lens=torch.tensor([context_lens[i] for i in decode], device=dev, dtype=torch.long),
             prefill_seqs=prefill,
+            device=dev,
         )
         return (
             torch.tensor(ids, device=dev),
