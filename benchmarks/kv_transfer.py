@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from splitserve.kv_transfer.connect import connect
-from splitserve.kv_transfer.grpc_transport import KVTransferServicer
+from splitserve.kv_transfer.grpc_transport import KVTransferServicer, add_kv_transfer_service
 from splitserve.kv_transfer.layout import KVLayout
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.receiver import KVReceiver, TensorKVStore
@@ -56,7 +56,6 @@ from splitserve.kv_transfer.sender import KVPusher
 from splitserve.kv_transfer.state import TransferTable
 from splitserve.kv_transfer.torch_transport import TorchKVServer
 from splitserve.kv_transfer.wire import DTYPES
-from splitserve.proto import kv_pb2_grpc
 from splitserve.proto.server import start_server
 
 logger = logging.getLogger("benchmarks.kv_transfer")
@@ -94,7 +93,7 @@ class ReceiverSide:
         self.endpoint = ""
         if serve:
             servicer = KVTransferServicer(self.receiver, TorchKVServer(self.receiver, HOST).accept)
-            add = lambda s: kv_pb2_grpc.add_KVTransferServicer_to_server(servicer, s)  # noqa: E731
+            add = lambda s: add_kv_transfer_service(servicer, s)
             self.server, port, _ = start_server(HOST, 0, add, ["splitserve.kv.KVTransfer"])
             self.endpoint = f"{HOST}:{port}"
 
