@@ -69,16 +69,17 @@ class BenchCluster:
         self.workers: list[Child] = []
         self.routers: list[Child] = []
 
-    def start(self, workers: list[tuple[str, list[str]]], routers: int = 1, timeout: float = 300.0,
-              cpus: dict[str, str] | None = None) -> "BenchCluster":
-        """`workers`: (role, extra flags) each; `cpus`: role -> the CPUs (taskset list) its workers run on."""
+    def start(self, workers: list[tuple], routers: int = 1, timeout: float = 300.0, cpus: dict[str, str] | None = None) -> "BenchCluster":
+        """`workers`: (role, extra flags[, CPUs]) each, CPUs as a taskset list; `cpus`: role ->
+        the CPUs of that role's workers when a worker names none."""
         path = self.tmp / f"{self.name}.yaml"
         path.write_text(yaml.safe_dump(self.config))
         self.routers = [Child("router", ["splitserve.router", "-f", str(path)]) for _ in range(routers)]
-        self.workers = [Child(f"{role} {i}", [f"splitserve.{role}_worker", "--model", str(self.model), "--dtype", "float32",
-                                              "--redis-url", self.redis_url, "--cluster", self.name, "--heartbeat-seconds", "0.5",
-                                              "--heartbeat-ttl-seconds", "3", *flags], cpus=(cpus or {}).get(role))
-                        for i, (role, flags) in enumerate(workers)]
+        self.workers = []
+        for i, (role, flags, *pin) in enumerate(workers):
+            args = [f"splitserve.{role}_worker", "--model", str(self.model), "--dtype", "float32", "--redis-url", self.redis_url,
+                    "--cluster", self.name, "--heartbeat-seconds", "0.5", "--heartbeat-ttl-seconds", "3", *flags]
+            self.workers.append(Child(f"{role} {i}", args, cpus=pin[0] if pin else (cpus or {}).get(role)))
         for c in [*self.routers, *self.workers]:
             c.wait_ready(timeout)
         from splitserve.proto.client import Client

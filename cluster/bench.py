@@ -15,12 +15,11 @@ and still reports what finished.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import math
 import random
+import shutil
 import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +28,13 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from splitserve.proto.client import Client, SplitserveError
 from splitserve.proto.status import STATUSES
@@ -71,14 +77,10 @@ class RequestRecord:
 
 # ---- statistics ----------------------------------------------------------------------------
 def percentile(values: Sequence[float], p: float) -> float:
-    """The p-th percentile with linear interpolation between ranks (numpy.percentile's default)."""
-    xs = sorted(values)
-    if not xs:
+    """The p-th percentile, linear interpolation between ranks."""
+    if len(values) == 0:
         raise ValueError("percentile of no values")
-    k = (len(xs) - 1) * p / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    return float(np.percentile(values, p))
 
 
 def fill_timings(rec: RequestRecord, sent: float, chunks: Sequence[tuple[float, int]], done: float, usage_tokens: int | None) -> None:
@@ -212,14 +214,14 @@ class GrpcBackend:
 
 
 class HttpBackend:
+    """The OpenAI streaming API over httpx, one connection per request."""
+
     def __init__(self, url: str, api_key: str | None, temperature: float, timeout: float) -> None:
         u = urlsplit(url if "://" in url else "http://" + url)
-        self.conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        self.host, self.port, self.path = u.hostname or "127.0.0.1", u.port, u.path.rstrip("/") + "/v1/completions"
-        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.url = f"{u.scheme}://{u.netloc}{u.path.rstrip('/')}/v1/completions"
+        self.headers = {"Accept": "text/event-stream", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self.temperature, self.timeout = temperature, timeout
+        self.client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
         self.live: set[socket.socket] = set()
         self.lock, self.closed = threading.Lock(), False
 
@@ -227,35 +229,29 @@ class HttpBackend:
         body = {"prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": self.temperature, "stream": True,
                 "ignore_eos": req.ignore_eos, "stream_options": {"include_usage": True}}
         deadline = time.monotonic() + self.timeout
-        conn = self.conn_cls(self.host, self.port, timeout=self.timeout)
-        conn.connect()
-        sock = conn.sock  # kept: http.client drops conn.sock once a `Connection: close` response starts
-        with self.lock:
-            if self.closed:
-                conn.close()
-                raise _error("CANCELLED", "the bench was stopped")
-            self.live.add(sock)
-        try:
-            conn.request("POST", self.path, json.dumps(body).encode(), self.headers)
-            resp = conn.getresponse()
-            if resp.status != 200:
-                raise _http_error(resp.status, resp.read())
-            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-            for event in sse_events(resp):
-                if "error" in event:  # a failure after the headers comes in-band
-                    raise _error(str(event["error"].get("type", "INTERNAL")).upper(), event["error"].get("message", ""))
-                usage.update(event.get("usage") or {})
-                choices = event.get("choices") or []
-                if choices and choices[0].get("text"):
-                    yield 1
-                sock.settimeout(max(deadline - time.monotonic(), 1e-3))  # bounds the whole request, not each read
-        except TimeoutError:
-            raise _error("DEADLINE_EXCEEDED", f"no complete answer within {self.timeout} s") from None
-        finally:
+        if self.closed:
+            raise _error("CANCELLED", "the bench was stopped")
+        with self.client.stream("POST", self.url, json=body, headers=self.headers) as resp:
+            sock = resp.extensions["network_stream"].get_extra_info("socket")
             with self.lock:
-                self.live.discard(sock)
-            conn.close()
-            sock.close()
+                self.live.add(sock)
+            try:
+                if resp.status_code != 200:
+                    raise _http_error(resp.status_code, resp.read())
+                for event in sse_events(resp.iter_lines()):
+                    if "error" in event:  # a failure after the headers comes in-band
+                        raise _error(str(event["error"].get("type", "INTERNAL")).upper(), event["error"].get("message", ""))
+                    usage.update(event.get("usage") or {})
+                    choices = event.get("choices") or []
+                    if choices and choices[0].get("text"):
+                        yield 1
+                    if time.monotonic() > deadline:  # bounds the whole request, not each read
+                        raise _error("DEADLINE_EXCEEDED", f"no complete answer within {self.timeout} s")
+            except httpx.TimeoutException:
+                raise _error("DEADLINE_EXCEEDED", f"no complete answer within {self.timeout} s") from None
+            finally:
+                with self.lock:
+                    self.live.discard(sock)
 
     def close(self) -> None:
         with self.lock:
@@ -265,13 +261,14 @@ class HttpBackend:
                     sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
                 except OSError:
                     pass
+        self.client.close()
 
 
-def sse_events(lines: Iterable[bytes]) -> Iterator[dict]:
+def sse_events(lines: Iterable[str]) -> Iterator[dict]:
     """The JSON of each `data:` line up to `data: [DONE]`; the stream ending before it is an error."""
     for line in lines:
-        if line.startswith(b"data:"):
-            if line[5:].strip() == b"[DONE]":
+        if line.startswith("data:"):
+            if line[5:].strip() == "[DONE]":
                 return
             yield json.loads(line[5:])
     raise ConnectionResetError("the stream ended before data: [DONE]")
@@ -294,7 +291,7 @@ def _status_of(e: Exception) -> str:
         return e.status
     if isinstance(e, TimeoutError):
         return "DEADLINE_EXCEEDED"
-    return "UNAVAILABLE" if isinstance(e, (OSError, http.client.HTTPException)) else "INTERNAL"
+    return "UNAVAILABLE" if isinstance(e, (OSError, httpx.TransportError)) else "INTERNAL"
 
 
 def run_one(backend: Backend, req: BenchRequest, index: int, t0: float, stop: threading.Event) -> RequestRecord:
@@ -357,20 +354,28 @@ def run_requests(backend: Backend, requests: Sequence[BenchRequest], arrivals: S
     return sorted(records, key=lambda r: r.index), time.perf_counter() - t0, interrupted
 
 
-def progress_line(total: int) -> Callable[[RequestRecord], None]:
-    """A one-line `done/total` counter on stderr, redrawn with \\r."""
-    seen, lock = Counter(), threading.Lock()
+class ProgressLine:
+    """`done/total` on stderr, with the failures so far, while the bench runs."""
 
-    def report(rec: RequestRecord) -> None:
-        with lock:
-            seen[rec.ok] += 1
-            sys.stderr.write(f"\rbench: {seen[True] + seen[False]}/{total} done, {seen[False]} failed")
-            sys.stderr.flush()
+    def __init__(self, total: int) -> None:
+        self.progress = Progress(TextColumn("bench: {task.completed:.0f}/{task.total:.0f} done, {task.fields[failed]} failed"), BarColumn(),
+                                 TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        self.task = self.progress.add_task("bench", total=total, failed=0)
+        self.failed = 0
 
-    return report
+    def __call__(self, rec: RequestRecord) -> None:
+        self.failed += not rec.ok
+        self.progress.update(self.task, advance=1, failed=self.failed)
+
+    def __enter__(self) -> "ProgressLine":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
 
 
-def format_summary(s: dict, title: str) -> str:
+def summary_table(s: dict, title: str) -> Table:
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
@@ -383,8 +388,12 @@ def format_summary(s: dict, title: str) -> str:
         rows += [("Goodput (req/s)", num(s["goodput"]["request_goodput"])), ("Good fraction", num(s["goodput"]["good_fraction"]))]
     for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E")):
         rows += [(f"{stat.capitalize()} {name} (ms)", num(v)) for stat, v in s[key].items()]
-    head = f" {title}{' (interrupted)' if s.get('interrupted') else ''} "
-    return "\n".join([head.center(50, "="), *(f"{k + ':':<38}{v:>12}" for k, v in rows), "=" * 50])
+    table = Table(title=f"{title}{' (interrupted)' if s.get('interrupted') else ''}", show_header=False, box=box.SIMPLE_HEAD)
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right")
+    for k, v in rows:
+        table.add_row(f"{k}:", str(v))
+    return table
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -428,12 +437,12 @@ def run_bench(args: argparse.Namespace) -> int:
     url = args.url or DEFAULT_ADDRESS[args.backend]
     backend = (HttpBackend if args.backend == "http" else GrpcBackend)(url, args.api_key, args.temperature, args.timeout)
     try:
-        records, duration, interrupted = run_requests(backend, requests, arrivals, args.max_concurrency, progress_line(len(requests)))
+        with ProgressLine(len(requests)) as progress:
+            records, duration, interrupted = run_requests(backend, requests, arrivals, args.max_concurrency, progress)
     finally:
-        sys.stderr.write("\n")
         backend.close()
     summary = {**summarize(records, duration, args.slo_ttft, args.slo_tpot), "interrupted": interrupted}
-    print(format_summary(summary, f"splitserve bench: {args.backend} {url}"), flush=True)
+    Console(width=max(80, shutil.get_terminal_size().columns)).print(summary_table(summary, f"splitserve bench: {args.backend} {url}"))
     if args.output:
         config = {k: ("inf" if v == math.inf else v) for k, v in vars(args).items() if k != "func"}
         result = {"config": {**config, "url": url}, "summary": summary, "requests": [{**asdict(r), "tpot": r.tpot} for r in records]}

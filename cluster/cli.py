@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -62,6 +64,12 @@ def _run_cluster(config, embedded_redis: bool, with_router: bool = True) -> int:
 
     if config.kv_transfer.transport == "local":
         raise ConfigError("kv_transfer.transport", "'local' needs both workers in one process, and a cluster runs them in separate ones: use 'grpc' or 'torch'")
+    if config.cluster_token is None:
+        if embedded_redis:  # a cluster of this run alone: its internal services get a token of their own
+            config = dataclasses.replace(config, cluster_token=secrets.token_urlsafe(24))
+        else:
+            logging.getLogger("splitserve").warning("cluster_token is not set: the workers' RPC and KV ports accept calls from anyone who "
+                                                    "can reach them; set cluster_token (e.g. cluster_token: ${SPLITSERVE_CLUSTER_TOKEN})")
 
     running = start_cluster(config, embedded_redis=embedded_redis, fresh=embedded_redis, with_router=with_router)
     try:
@@ -111,16 +119,21 @@ def _client(args: argparse.Namespace):
 
 
 def _status(args: argparse.Namespace) -> int:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     with _client(args) as c:
         st = c.status()
     targets = " ".join(f"{k}={v}" for k, v in sorted(st.targets.items()))
-    print(f"cluster {st.cluster}  model {st.model}  targets {targets}")
-    cols = ("WORKER", "ROLE", "STATE", "RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED", "BEAT_AGE", "ADDRESS")
-    rows = [(w.worker_id, w.role, w.state, w.running, w.queued_prefill_tokens, w.used_blocks, w.free_blocks, w.reserved_blocks, f"{w.heartbeat_age:.1f}s", w.address)
-            for w in sorted(st.workers, key=lambda w: (w.role, w.worker_id))]
-    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
-    for row in (cols, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    table = Table(title=f"cluster {st.cluster}  model {st.model}  targets {targets}", box=box.SIMPLE_HEAD, show_edge=False,
+                  title_justify="left")
+    for col in ("WORKER", "ROLE", "STATE", "RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED", "BEAT_AGE", "ADDRESS"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("RUNNING", "QUEUED_TOK", "BLOCKS_USED", "BLOCKS_FREE", "RESERVED") else "left")
+    for w in sorted(st.workers, key=lambda w: (w.role, w.worker_id)):
+        table.add_row(w.worker_id, w.role, w.state, str(w.running), str(w.queued_prefill_tokens), str(w.used_blocks), str(w.free_blocks),
+                      str(w.reserved_blocks), f"{w.heartbeat_age:.1f}s", w.address)
+    Console(width=200).print(table)  # a pipe gets the whole table, not one cut to 80 columns
     return 0
 
 

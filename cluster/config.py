@@ -115,6 +115,17 @@ class RouterSection:
     policy: Literal["workload_aware", "least_loaded", "round_robin"] = "workload_aware"
     request_timeout_s: float = 600.0
     max_retries: int = 1
+    # What one client can hold (router/http_limits.py): requests in flight on this router, over
+    # both APIs (503 / UNAVAILABLE with Retry-After beyond it); a request's size (a 1M-token
+    # prompt as JSON token ids is ~7 MiB); its request line and headers; how long its headers
+    # and its body may take to arrive; how long a response may wait for a client that reads
+    # nothing before the connection is dropped and the request aborted.
+    max_concurrent_requests: int = 1024
+    max_request_bytes: int = 8 << 20
+    max_header_bytes: int = 16 << 10
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,8 @@ class ClusterConfig:
             ("router.http_port", 0 <= self.router.http_port < 65536, "a port in 0..65535 (0 = any free)"),
             ("router.grpc_port", 0 <= self.router.grpc_port < 65536, "a port in 0..65535 (0 = any free)"),
             ("router.max_retries", self.router.max_retries >= 0, ">= 0"),
+            *((f"router.{k}", getattr(self.router, k) > 0, "> 0") for k in (
+                "max_concurrent_requests", "max_request_bytes", "max_header_bytes", "header_timeout_s", "body_timeout_s", "send_timeout_s")),
             ("routing.local_prefill_tokens", self.routing.local_prefill_tokens >= 0, ">= 0 (0: never prefill on the decode worker)"),
             ("routing.balance_factor", self.routing.balance_factor >= 1.0, ">= 1.0"),
             ("routing.balance_window", self.routing.balance_window >= 1, ">= 1"),

@@ -70,6 +70,13 @@ class Controller:
             self.backend.stop(wid)
             self.registry.forget(wid)
             del alive[wid]
+        # a worker silent in the registry whose process Ray will not restart (its restarts are
+        # used up) is stopped for good here, and replaced below like any missing worker
+        for wid in self.backend.dead([w for w in alive if w not in records]):
+            logger.warning("worker %s died and Ray will not restart it (max_restarts used up): replacing it", wid)
+            self.backend.stop(wid)
+            self.registry.forget(wid)
+            del alive[wid]
         targets = self.registry.targets()
         if any(role not in targets for role in ROLES):  # Redis lost its data (restart): restore
             self.registry.init_targets(self._targets)

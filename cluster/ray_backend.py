@@ -44,6 +44,9 @@ class WorkerBackend(Protocol):
     def alive(self) -> dict[str, str]:
         """worker id -> role of every worker this backend has started and not stopped."""
 
+    def dead(self, worker_ids: list[str]) -> list[str]:
+        """Of these workers, those whose process is gone for good (no restart is coming)."""
+
     def shutdown(self) -> None: ...
 
 
@@ -57,7 +60,10 @@ class WorkerActor:
         from splitserve.cluster.worker_runtime import WorkerRuntime
 
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self.runtime = WorkerRuntime(WorkerSpec(**json.loads(spec_json)), restarts=int(restarted))
+        spec = WorkerSpec(**json.loads(spec_json))
+        if not spec.host:  # on a multi-node cluster: the address Ray knows this node by, which peers can reach
+            spec = dataclasses.replace(spec, host=ray.util.get_node_ip_address())
+        self.runtime = WorkerRuntime(spec, restarts=int(restarted))
 
     def info(self) -> dict:
         return self.runtime.info()
@@ -118,6 +124,7 @@ class RayBackend:
         self._max_restarts = max_restarts
         self._start_timeout = start_timeout
         self._actors: dict[str, tuple[str, object]] = {}
+        self._pings: dict[str, object] = {}  # worker id -> a pending liveness call
 
     def start(self, spec: WorkerSpec, resources: Resources) -> None:
         """Start a worker and wait until it serves. A context-parallel prefill group gets a
@@ -153,6 +160,7 @@ class RayBackend:
 
     def stop(self, worker_id: str) -> None:
         entry = self._actors.pop(worker_id, None)
+        self._pings.pop(worker_id, None)
         if entry is None:
             return
         _, actor = entry
@@ -171,6 +179,28 @@ class RayBackend:
 
     def alive(self) -> dict[str, str]:
         return {wid: role for wid, (role, _) in self._actors.items()}
+
+    def dead(self, worker_ids: list[str]) -> list[str]:
+        """A call to a restarting actor waits for it; to an actor Ray gave up on, it fails at
+        once with ActorDiedError. So: ping, and call dead only those whose ping failed so."""
+        from ray.exceptions import ActorDiedError
+
+        for wid in worker_ids:
+            if wid in self._actors and wid not in self._pings:
+                self._pings[wid] = self._actors[wid][1].info.remote()
+        refs = {ref: wid for wid, ref in self._pings.items()}
+        ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=0.2) if refs else ([], [])
+        dead = []
+        for ref in ready:
+            wid = refs[ref]
+            del self._pings[wid]
+            try:
+                self._ray.get(ref)
+            except ActorDiedError:
+                dead.append(wid)
+            except Exception as e:  # busy, restarting: ask again next time
+                logger.debug("liveness of %s: %s", wid, e)
+        return dead
 
     def shutdown(self) -> None:
         for wid in list(self._actors):

@@ -53,7 +53,7 @@ class Running:
 
 
 def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, with_router: bool = True) -> Running:
-    redis_server = EmbeddedRedis(config.router.host) if embedded_redis else None
+    redis_server = EmbeddedRedis() if embedded_redis else None  # loopback, with a generated password
     redis_url = redis_server.url if redis_server else config.redis_url
     if not redis_url:
         raise ValueError("redis_url: required by `splitserve up` (an existing Redis); `splitserve serve` starts its own")

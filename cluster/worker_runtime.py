@@ -89,8 +89,8 @@ class WorkerRuntime:
     def __init__(self, spec: WorkerSpec, restarts: int = 0) -> None:
         from splitserve.proto.server import start_server
 
-        if not spec.host:  # on a multi-node cluster: this node's address, which peers can reach
-            spec = dataclasses.replace(spec, host=socket.gethostbyname(socket.gethostname()))
+        if not spec.host:  # started by hand on a multi-node cluster: this node's routable address
+            spec = dataclasses.replace(spec, host=node_address())
         self.spec = spec
         self.worker, add_services, names = self._build()
         self.server, port, _ = start_server(spec.host, spec.port, add_services, names, spec.token)
@@ -199,6 +199,17 @@ def add_kv_service(worker, srv: grpc.Server) -> None:
     from splitserve.kv_transfer.grpc_transport import KVTransferServicer, add_kv_transfer_service
 
     add_kv_transfer_service(KVTransferServicer(worker.receiver, worker.torch_server.accept if worker.torch_server else None), srv)
+
+
+def node_address() -> str:
+    """The address of the interface this node's default route leaves by: the one peers on other
+    nodes reach it at (a hostname can resolve to loopback). No packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
 
 def _idle(stats: dict) -> bool:

@@ -6,7 +6,7 @@ import grpc
 
 from splitserve.decode_worker.worker import DecodeWorker
 from splitserve.proto import worker_pb2, worker_pb2_grpc
-from splitserve.proto.convert import descriptor_to_proto, params_from_proto, stats_to_proto
+from splitserve.proto.convert import descriptor_to_proto, params_from_proto, stats_to_proto, top_to_proto
 from splitserve.proto.status import grpc_code
 
 DEFAULT_DECODE_TIMEOUT = 3600.0
@@ -19,7 +19,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def Reserve(self, request: worker_pb2.ReserveRequest, context: grpc.ServicerContext) -> worker_pb2.TransferDescriptor:
         try:
             params = params_from_proto(request.params)
-            d = self.worker.reserve(request.request_id, list(request.prompt_token_ids), params, request.transport, request.lease_seconds)
+            d = self.worker.reserve(request.request_id, list(request.prompt_token_ids), params, request.transport, request.lease_seconds,
+                                    list(request.output_prefix))
         except Exception as e:
             context.abort(grpc_code(e), str(e))
         return descriptor_to_proto(d)
@@ -29,7 +30,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext):
         try:
-            self.worker.generate(request.request_id, list(request.prompt_token_ids), params_from_proto(request.params))
+            self.worker.generate(request.request_id, list(request.prompt_token_ids), params_from_proto(request.params), list(request.output_prefix))
         except Exception as e:
             context.abort(grpc_code(e), str(e))
         yield from self._stream(request.request_id, context)
@@ -46,6 +47,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     request_id=rid, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text,
                     finished=c.finished, finish_reason=c.finish_reason or "", num_prompt_tokens=c.num_prompt_tokens,
                     kv_transfer_seconds=c.kv_transfer_seconds, kv_bytes=c.kv_bytes, num_cached_tokens=c.num_cached_tokens,
+                    top_logprobs=top_to_proto(c.top_logprobs, worker_pb2.TopLogprobs),
                 )
         except Exception as e:
             finished = True  # the worker already cleaned up

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from splitserve.engine.engine import LLMEngine, RequestOutput
 from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.errors import UnknownRequestError
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.prompt import check_token_ids
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.kv_transfer.connect import TRANSPORTS
 from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
 from splitserve.kv_transfer.local import LocalHub
@@ -52,15 +54,18 @@ class TokenChunk:
     kv_transfer_seconds: float = 0.0  # first chunk only
     kv_bytes: int = 0  # first chunk only
     num_cached_tokens: int = 0  # first chunk only
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when the request asked for them
 
 
 @dataclass
 class _Stream:
     prompt_token_ids: list[int]
     params: SamplingParams
+    output_prefix: list[int] = field(default_factory=list)  # a continuation's tokens from before: not sent again
     chunks: "queue.Queue[TokenChunk | DecodeError]" = field(default_factory=queue.Queue)
     text_sent: int = 0
     tokens_sent: int = 0
+    first_sent: bool = False
     ended_at: float | None = None  # kept this long after the end so a late reader learns why
     kv_transfer_seconds: float = 0.0
     kv_bytes: int = 0
@@ -84,6 +89,7 @@ class DecodeWorker:
         self.transports = transports
         self.default_transport = default_transport
         self.layout = KVLayout.from_dict(engine.kv_layout)
+        self.vocab_size = engine.model_config.vocab_size
         self.table = TransferTable(engine.model_config.num_layers, self._on_transfer_done)
         self.receiver = KVReceiver(worker_id, self.layout, self.table, TensorKVStore(engine.runner.kv_cache), engine.config.device)
         self.torch_server = TorchKVServer(self.receiver, host, engine.config.device) if "torch" in transports else None
@@ -105,41 +111,44 @@ class DecodeWorker:
                 self.endpoints[t] = address
 
     # ---- reservations --------------------------------------------------------------------
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transport: str = "", lease_seconds: float = 0.0) -> TransferDescriptor:
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transport: str = "", lease_seconds: float = 0.0,
+                output_prefix: list[int] = ()) -> TransferDescriptor:
         transport = transport or self.default_transport
         if transport not in self.endpoints:
             raise DecodeError("FAILED_PRECONDITION", f"transport {transport!r} is not enabled on decode worker {self.worker_id} (enabled: {sorted(self.endpoints)}; known: {TRANSPORTS})")
         lease = lease_seconds or self.lease_seconds
-        self._open_stream(request_id, prompt_token_ids, params)
+        check_token_ids(params, self.vocab_size)  # the engine samples them after the transfer: refuse bad ones now
+        self._open_stream(request_id, prompt_token_ids, params, output_prefix)
         try:
-            r = self.loop.call(lambda e: e.reserve(request_id, prompt_token_ids, params.max_tokens))
+            r = self.loop.call(lambda e: e.reserve(request_id, prompt_token_ids, params.max_tokens, output_prefix))
             # the blocks this worker's prefix cache already holds are not sent again
-            self.table.reserve(request_id, r.block_ids[r.num_cached_blocks:], len(prompt_token_ids), lease)
+            secret = secrets.token_hex(16)  # this reservation's: only the prefill worker the router hands it to can fill it
+            self.table.reserve(request_id, r.block_ids[r.num_cached_blocks:], len(prompt_token_ids) + len(output_prefix), lease, secret)
         except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)
             raise
         return TransferDescriptor(request_id, tuple(r.block_ids), transport, self.endpoints[transport], self.layout, time.time() + lease,
-                                  self.worker_id, r.num_cached_blocks)
+                                  self.worker_id, r.num_cached_blocks, secret)
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_prefix: list[int] = ()) -> None:
         """Take the whole request: prefill it here, then decode; read it with `stream()`."""
-        self._open_stream(request_id, prompt_token_ids, params)
+        self._open_stream(request_id, prompt_token_ids, params, output_prefix)
         try:
-            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, output_prefix=output_prefix))
         except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)
             raise
 
-    def _open_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _open_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_prefix: list[int] = ()) -> None:
         if not self.accepting:
             raise DecodeError("UNAVAILABLE", f"decode worker {self.worker_id} is draining")
         with self._lock:
             live = self._streams.get(request_id)
             if live is not None and live.ended_at is None:
                 raise DecodeError("ALREADY_EXISTS", f"request {request_id!r} is already on {self.worker_id}")
-            self._streams[request_id] = _Stream(list(prompt_token_ids), params)
+            self._streams[request_id] = _Stream(list(prompt_token_ids), params, list(output_prefix), tokens_sent=len(output_prefix))
 
     def _on_transfer_done(self, t: Transfer) -> None:
         """A transfer reached a final state (on a transport or the loop thread)."""
@@ -152,7 +161,9 @@ class DecodeWorker:
         if t.state is TransferState.COMPLETE and stream is not None:
             stream.kv_transfer_seconds = (t.finished or 0.0) - (t.first_payload or t.finished or 0.0)
             stream.kv_bytes = t.bytes_received
-            out = engine.admit_prefilled(t.request_id, stream.prompt_token_ids, t.first_token, stream.params, t.first_logprob)
+            first = t.first
+            out = engine.admit_prefilled(t.request_id, stream.prompt_token_ids, first.token, stream.params, first.logprob, stream.output_prefix,
+                                         first.top_logprobs)
             self._on_outputs([out])
             return
         try:
@@ -192,8 +203,9 @@ class DecodeWorker:
                 continue
             new_tokens = out.token_ids[stream.tokens_sent :]
             chunk = TokenChunk(out.request_id, new_tokens, out.logprobs[stream.tokens_sent :], out.text[stream.text_sent :],
-                               out.finished, out.finish_reason, len(out.prompt_token_ids))
-            if stream.tokens_sent == 0:
+                               out.finished, out.finish_reason, len(out.prompt_token_ids), top_logprobs=out.top_logprobs[stream.tokens_sent :])
+            if not stream.first_sent:
+                stream.first_sent = True
                 chunk.kv_transfer_seconds, chunk.kv_bytes = stream.kv_transfer_seconds, stream.kv_bytes
                 chunk.num_cached_tokens = out.num_cached_tokens
             stream.tokens_sent, stream.text_sent = len(out.token_ids), len(out.text)

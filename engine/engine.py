@@ -34,9 +34,10 @@ from splitserve.engine.errors import (
 )
 from splitserve.engine.loader import load_model, resolve_dtype
 from splitserve.engine.model_runner import KV_LAYOUT, ModelRunner
-from splitserve.engine.prompt import Prompt, check_fits, encode_prompt
+from splitserve.engine.prompt import Prompt, check_fits, check_token_ids, encode_prompt
 from splitserve.engine.request import FinishReason, Request
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampler import Sampled
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
 
@@ -55,6 +56,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     num_cached_tokens: int = 0
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token: the params.top_logprobs most likely
     kv_block_ids: list[int] = field(default_factory=list)  # held KV of a prefill-only request
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -79,6 +81,16 @@ class _Tracked:
     request: Request
     detok: IncrementalDetokenizer | None
     new_tokens: list[int] = field(default_factory=list)
+    text_start: int = 0  # a continuation's text begins after its output prefix's
+
+    @classmethod
+    def of(cls, request: Request, tokenizer: Tokenizer) -> "_Tracked":
+        """With the detokenizer fed the request's output so far (a continuation's prefix), so
+        stop strings are found across the boundary and the text continues where it was."""
+        detok = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens)
+        for token in request.output_token_ids:
+            detok.push(token)
+        return cls(request, detok, text_start=len(detok.text))
 
 
 class LLMEngine:
@@ -108,14 +120,27 @@ class LLMEngine:
         return max(1, min(self.config.kv_cache_memory_bytes // per_block, enough))
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, *, prefill_only: bool = False) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, *, prefill_only: bool = False,
+                    output_prefix: Sequence[int] = ()) -> None:
+        """`output_prefix`: tokens this request already generated elsewhere (a continuation after
+        a failover). They count as output — for max_tokens, stop strings and the seeded
+        sampler's positions — and their KV is computed with the prompt's."""
         if request_id in self._requests or request_id in self._reserved:
             raise DuplicateRequestError(request_id)
         ids = self.encode_prompt(prompt)
+        check_token_ids(params, self.model_config.vocab_size)
+        prefix = self._check_prefix(output_prefix, params)
         self.check_fits(len(ids), params.max_tokens)
-        request = Request(request_id, ids, params, prefill_only=prefill_only)
-        self._requests[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+        request = Request(request_id, ids, params, prefill_only=prefill_only, output_token_ids=prefix)
+        self._requests[request_id] = _Tracked.of(request, self.tokenizer)
         self.scheduler.add(request)
+
+    def _check_prefix(self, output_prefix: Sequence[int], params: SamplingParams) -> list[int]:
+        prefix = list(output_prefix)
+        if len(prefix) >= params.max_tokens:
+            raise InvalidRequestError("output_prefix", f"has {len(prefix)} tokens; max_tokens ({params.max_tokens}) leaves none to generate")
+        encode_prompt(self.tokenizer, self.model_config.vocab_size, prefix or [0])  # every id in the vocabulary
+        return prefix
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
@@ -151,30 +176,31 @@ class LLMEngine:
             return []
         hook = self.on_layer_done
         layer_done = None if hook is None else (lambda layer: hook(layer, out.scheduled))
-        tokens, logprobs, rows = self.runner.execute(out, layer_done)
+        sampled, rows = self.runner.execute(out, layer_done)
         self.scheduler.on_computed(out)
-        return self._update(out, tokens, logprobs, rows)
+        return self._update(out, sampled, rows)
 
-    def _update(self, out: SchedulerOutput, tokens: list[int], logprobs: list[float], rows: list[int]) -> list[RequestOutput]:
+    def _update(self, out: SchedulerOutput, sampled: Sampled, rows: list[int]) -> list[RequestOutput]:
         now = time.monotonic()
         results = []
-        for token, logprob, i in zip(tokens, logprobs, rows):
+        for j, i in enumerate(rows):
             tracked = self._requests[out.scheduled[i].request.request_id]
             request = tracked.request
             if request.first_token_time is None:
                 request.first_token_time = now
-            reason = self._append(tracked, token, logprob)
+            reason = self._append(tracked, sampled.tokens[j], sampled.logprobs[j], sampled.top_logprobs[j])
             if reason is not None:
                 self.scheduler.finish(request, reason)
                 del self._requests[request.request_id]
             results.append(self._output(tracked))
         return results
 
-    def _append(self, tracked: _Tracked, token: int, logprob: float) -> FinishReason | None:
+    def _append(self, tracked: _Tracked, token: int, logprob: float, top: TopLogprobs) -> FinishReason | None:
         """Record a sampled token; return why the request is finished, if it is."""
         request, params = tracked.request, tracked.request.params
         request.output_token_ids.append(token)
         request.output_logprobs.append(logprob)
+        request.output_top_logprobs.append(top)
         tracked.new_tokens.append(token)
         if request.prefill_only:
             return FinishReason.PREFILL_DONE  # stop conditions are the decode side's to apply
@@ -198,8 +224,9 @@ class LLMEngine:
             prompt_token_ids=r.prompt_token_ids,
             token_ids=list(r.output_token_ids),
             new_token_ids=new,
-            text=tracked.detok.text if tracked.detok else "",
+            text=tracked.detok.text[tracked.text_start :] if tracked.detok else "",
             logprobs=list(r.output_logprobs),
+            top_logprobs=list(r.output_top_logprobs),
             finished=r.is_finished,
             finish_reason=r.finish_reason.value if r.finish_reason else None,
             num_cached_tokens=r.num_cached_tokens,
@@ -214,17 +241,17 @@ class LLMEngine:
             raise UnknownRequestError(request_id)
 
     # ---- disaggregation: decode side -----------------------------------------------------
-    def reserve(self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int) -> Reservation:
-        """Allocate the blocks a prompt's KV will be written into; the caller must later
-        `admit_prefilled` or `abort_request` it. The prompt's leading full blocks that this
-        engine's prefix cache already holds are pinned and reused: only the blocks after
-        `num_cached_blocks` need their KV written."""
+    def reserve(self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int, output_prefix: Sequence[int] = ()) -> Reservation:
+        """Allocate the blocks the KV of a prompt (and of a continuation's output prefix) will
+        be written into; the caller must later `admit_prefilled` or `abort_request` it. The
+        leading full blocks that this engine's prefix cache already holds are pinned and
+        reused: only the blocks after `num_cached_blocks` need their KV written."""
         if request_id in self._requests or request_id in self._reserved:
             raise DuplicateRequestError(request_id)
-        ids = list(prompt_token_ids)
-        if not ids:
+        if not prompt_token_ids:
             raise InvalidRequestError("prompt", "is empty")
-        self.check_fits(len(ids), max_tokens)
+        self.check_fits(len(prompt_token_ids), max_tokens)
+        ids = list(prompt_token_ids) + list(output_prefix)
         bs = self.pool.block_size
         hashes = block_hashes(ids, bs) if self.config.scheduler.enable_prefix_caching else []
         cached = self.pool.touch(hashes)
@@ -237,26 +264,29 @@ class LLMEngine:
         return reservation
 
     def admit_prefilled(
-        self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams, first_logprob: float = 0.0
+        self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams, first_logprob: float = 0.0,
+        output_prefix: Sequence[int] = (), first_top_logprobs: TopLogprobs = (),
     ) -> RequestOutput:
-        """Admit a request whose prompt KV now fills its reserved blocks. Returns its output
-        after the first token (already finished if that token ends it)."""
+        """Admit a request whose prompt KV (and its output prefix's, for a continuation) now
+        fills its reserved blocks. Returns its output after the first token it samples here
+        (already finished if that token ends it)."""
         reservation = self._reserved.pop(request_id, None)
         if reservation is None:
             raise UnknownRequestError(request_id)
-        ids, blocks = list(prompt_token_ids), reservation.block_ids
-        if len(blocks) != -(-len(ids) // self.pool.block_size):
+        ids, prefix, blocks = list(prompt_token_ids), list(output_prefix), reservation.block_ids
+        if len(blocks) != -(-(len(ids) + len(prefix)) // self.pool.block_size):
             self.pool.free(list(reversed(blocks)))
-            raise InvalidRequestError("prompt_token_ids", f"{len(ids)} tokens do not match the {len(blocks)} reserved blocks")
-        request = Request(request_id, ids, params, block_ids=blocks, num_computed_tokens=len(ids))
+            raise InvalidRequestError("prompt_token_ids", f"{len(ids) + len(prefix)} tokens do not match the {len(blocks)} reserved blocks")
+        request = Request(request_id, ids, params, block_ids=blocks, num_computed_tokens=len(ids) + len(prefix),
+                          output_token_ids=prefix)
         # the pinned prefix is in the cache already; the blocks that arrived are cached as full
         request.block_hashes = list(reservation.block_hashes)
         request.num_cached_blocks = reservation.num_cached_blocks
         request.num_cached_tokens = reservation.num_cached_blocks * self.pool.block_size
-        tracked = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+        tracked = _Tracked.of(request, self.tokenizer)
         self._requests[request_id] = tracked
         request.first_token_time = time.monotonic()
-        reason = self._append(tracked, first_token, first_logprob)
+        reason = self._append(tracked, first_token, first_logprob, list(first_top_logprobs))
         self.scheduler.add(request)
         if reason is not None:
             self.scheduler.finish(request, reason)

@@ -15,7 +15,7 @@ from splitserve.engine.attention import AttentionMetadata, get_backend
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.model import LlamaForCausalLM
 from splitserve.engine.request import Request
-from splitserve.engine.sampler import SampleRow, sample
+from splitserve.engine.sampler import Sampled, SampleRow, sample
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -57,18 +57,18 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------
     def execute(
         self, out: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None
-    ) -> tuple[list[int], list[float], list[int]]:
-        """Run the step; returns sampled tokens, their logprobs and the indices (into
+    ) -> tuple[Sampled, list[int]]:
+        """Run the step; returns the sampled tokens (with their logprobs) and the indices (into
         `out.scheduled`) of the requests they belong to."""
         input_ids, positions, meta, logits_idx, sampling = self._prepare(out)
         logits = self.model(
             input_ids, positions, self.kv_cache, meta, logits_idx, self.backend, on_layer_done, self.mlp_chunk
         )
         if not sampling:
-            return [], [], []
-        rows = [SampleRow(out.scheduled[i].request.params, len(out.scheduled[i].request.output_token_ids)) for i in sampling]
-        tokens, logprobs = sample(logits, rows, self.generator)
-        return tokens, logprobs, sampling
+            return Sampled([], []), []
+        eos = self.config.eos_token_ids
+        rows = [SampleRow.of(r.params, r.prompt_token_ids, r.output_token_ids, eos) for r in (out.scheduled[i].request for i in sampling)]
+        return sample(logits, rows, self.generator), sampling
 
     def score(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
         """Logits [T, vocab] at every position of one sequence written into `block_ids`."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from splitserve.engine.errors import ContextLengthExceededError, InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -33,3 +34,11 @@ def check_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> N
         raise ContextLengthExceededError(
             "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {max_model_len}"
         )
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """The token ids a request's parameters name (stop ids, logit bias) are in the vocabulary."""
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(name, f"token id {bad} is not in the vocabulary [0, {vocab_size})")

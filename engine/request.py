@@ -42,6 +42,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in this request's blocks
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache
     num_preemptions: int = 0
@@ -51,6 +52,12 @@ class Request:
     finish_reason: FinishReason | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        # a continuation's output prefix was generated (and its logprobs reported) elsewhere
+        missing = len(self.output_token_ids) - len(self.output_logprobs)
+        self.output_logprobs += [0.0] * missing
+        self.output_top_logprobs += [[] for _ in range(len(self.output_token_ids) - len(self.output_top_logprobs))]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,8 +1,8 @@
 """Text <-> token ids through a checkpoint's `tokenizer.json` (the `tokenizers` library).
 
 `IncrementalDetokenizer` turns a growing list of output ids into text deltas without
-re-decoding everything each step, and holds back bytes that do not yet form a whole
-character (byte-level BPE can split a UTF-8 character over two tokens).
+re-decoding everything each step (the library's DecodeStream), and holds back bytes that do
+not yet form a whole character (byte-level BPE can split a UTF-8 character over two tokens).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from splitserve.engine.errors import CheckpointError
 
@@ -62,6 +63,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def hf(self) -> HFTokenizer:
+        """The `tokenizers` library's tokenizer underneath."""
+        return self._tok
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -73,27 +79,21 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 class IncrementalDetokenizer:
     """Feeds output ids one at a time; `text` is everything decoded so far. Special tokens add
-    no text unless `skip_special_tokens` is False (then they show, e.g. `</s>`)."""
+    no text unless `skip_special_tokens` is False (then they show, e.g. `</s>`). The decoding
+    is the `tokenizers` library's own streaming decoder, which holds back the bytes of a
+    character split over two tokens (byte-level BPE does that) until it is whole."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
+        self._tok = tokenizer.hf
         self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
-        self._ids: list[int] = []
-        self._prefix = 0  # decode window start: a token boundary before `_read`
-        self._read = 0  # ids before this are already in `text`
+        self._stream = DecodeStream(skip_special_tokens=False)  # the skipping is ours, by id
         self.text = ""
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (may be empty)."""
         if token_id in self._skip:
             return ""
-        self._ids.append(token_id)
-        before = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=False)
-        after = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=False)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""  # an incomplete character, or a token that renders as nothing yet
-        delta = after[len(before) :]
-        self._prefix, self._read = self._read, len(self._ids)
+        delta = self._stream.step(self._tok, token_id) or ""
         self.text += delta
         return delta
 

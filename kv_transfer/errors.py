@@ -38,6 +38,13 @@ class TransferNotFoundError(TransferError):
     status = "NOT_FOUND"
 
 
+class WrongSecretError(TransferError):
+    """A payload, commit or abort without the reservation's one-time secret: refused, and the
+    reservation stays as it was (whoever sent it cannot spoil another request's KV)."""
+
+    status = "PERMISSION_DENIED"
+
+
 class PeerUnavailableError(TransferError):
     """The other side cannot be reached or went away mid-transfer."""
 

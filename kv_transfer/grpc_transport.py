@@ -36,7 +36,7 @@ from splitserve.kv_transfer.errors import (
     PeerUnavailableError,
     TransferError,
 )
-from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.receiver import KVReceiver
 from splitserve.kv_transfer.sender import KVSender
 from splitserve.kv_transfer.wire import PayloadHeader, copy_bytes_into, to_bytes
@@ -85,23 +85,24 @@ class _PushSession:
         kind = msg.WhichOneof("kind")
         if kind == "payload":
             p = msg.payload
-            header = PayloadHeader(p.request_id, p.layer, tuple(p.block_ids), p.dtype, tuple(p.shape), p.byte_length)
-            self.open.add(p.request_id)
+            header = PayloadHeader(p.request_id, p.layer, tuple(p.block_ids), p.dtype, tuple(p.shape), p.byte_length, p.secret)
             try:
                 payload = data() if data is not None else p.data  # read before any check: the stream stays in step
             except PayloadError as e:
+                self.receiver.table.authorize(p.request_id, p.secret)  # a stranger's broken stream fails nothing
                 self.receiver.table.fail(p.request_id, str(e), "INTERNAL")
                 raise
             self.receiver.receive(header, lambda dest: copy_bytes_into(dest, payload, header))
+            self.open.add(p.request_id)  # only once the secret was right
             self.payloads += 1
             self.nbytes += p.byte_length
         elif kind == "commit":
             c = msg.commit
-            self.open.add(c.request_id)
-            self.receiver.commit(c.request_id, c.first_token, c.first_logprob, c.num_tokens)
+            first = FirstToken(c.first_token, c.first_logprob, tuple(zip(c.top_token_ids, c.top_logprobs)))
+            self.receiver.commit(c.request_id, c.secret, first, c.num_tokens)
             self.open.discard(c.request_id)
         elif kind == "abort":
-            self.receiver.abort(msg.abort.request_id, msg.abort.reason)
+            self.receiver.abort(msg.abort.request_id, msg.abort.secret, msg.abort.reason)
             self.open.discard(msg.abort.request_id)
 
 
@@ -185,7 +186,8 @@ class _Stream:
     by gRPC's thread of this call as it sends them, so the streams of a request copy in
     parallel."""
 
-    def __init__(self, push, timeout: float, metadata: tuple) -> None:
+    def __init__(self, push, timeout: float, metadata: tuple, secret: str) -> None:
+        self.secret = secret  # the reservation's, for an abort when the sender closes
         self.queue: queue.Queue[object] = queue.Queue()
         self.future = push.future(self._frames(), timeout=timeout, metadata=metadata)
 
@@ -231,23 +233,24 @@ class GrpcSender(KVSender):
             raise _rpc_error(e, "KV raw-stream probe") from None
         return True
 
-    def _calls(self, request_id: str) -> list[_Stream]:
+    def _calls(self, request_id: str, secret: str) -> list[_Stream]:
         calls = self._streams.get(request_id)
         if calls is None:
             push = self._raw_push if self.raw else self.stub.Push
-            calls = self._streams[request_id] = [_Stream(push, self.timeout, self.metadata) for _ in range(self.streams if self.raw else 1)]
+            n = self.streams if self.raw else 1
+            calls = self._streams[request_id] = [_Stream(push, self.timeout, self.metadata, secret) for _ in range(n)]
             self._sent[request_id] = 0
         elif any(c.future.done() for c in calls):  # the receiver already refused a call: say why now
             self._finish(request_id)
         return calls
 
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None:
-        calls = self._calls(header.request_id)
+        calls = self._calls(header.request_id, header.secret)
         n = self._sent[header.request_id]
         self._sent[header.request_id] = n + 1
         msg = kv_pb2.KVMessage()
         p = msg.payload  # filled in place: KVMessage(payload=...) would copy the bytes again
-        p.request_id, p.layer, p.dtype, p.byte_length = header.request_id, header.layer, header.dtype, header.byte_length
+        p.request_id, p.layer, p.dtype, p.byte_length, p.secret = header.request_id, header.layer, header.dtype, header.byte_length, header.secret
         p.block_ids.extend(header.block_ids)
         p.shape.extend(header.shape)
         if self.raw:
@@ -265,16 +268,17 @@ class GrpcSender(KVSender):
         if request_id in self._streams:
             self._finish(request_id)
 
-    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
-        calls = self._calls(request_id)
+    def commit(self, request_id: str, secret: str, first: FirstToken, num_tokens: int) -> None:
+        calls = self._calls(request_id, secret)
         self._end(request_id, calls[:-1])  # every payload is in before the commit is read
-        commit = kv_pb2.KVCommit(request_id=request_id, first_token=first_token, first_logprob=first_logprob, num_tokens=num_tokens)
+        commit = kv_pb2.KVCommit(request_id=request_id, secret=secret, first_token=first.token, first_logprob=first.logprob, num_tokens=num_tokens,
+                                 top_token_ids=[i for i, _ in first.top_logprobs], top_logprobs=[lp for _, lp in first.top_logprobs])
         self._control(calls[-1], kv_pb2.KVMessage(commit=commit))
         self._finish(request_id)
 
-    def abort(self, request_id: str, reason: str) -> None:
-        calls = self._streams.get(request_id) or self._calls(request_id)
-        self._control(calls[-1], kv_pb2.KVMessage(abort=kv_pb2.KVAbort(request_id=request_id, reason=reason)))
+    def abort(self, request_id: str, secret: str, reason: str) -> None:
+        calls = self._streams.get(request_id) or self._calls(request_id, secret)
+        self._control(calls[-1], kv_pb2.KVMessage(abort=kv_pb2.KVAbort(request_id=request_id, secret=secret, reason=reason)))
         try:
             self._finish(request_id)
         except TransferError as e:
@@ -307,6 +311,6 @@ class GrpcSender(KVSender):
             raise _rpc_error(error, f"KV transfer of {request_id}") from None
 
     def close(self) -> None:
-        for rid in list(self._streams):
-            self.abort(rid, "sender closed")
+        for rid, calls in list(self._streams.items()):
+            self.abort(rid, calls[0].secret, "sender closed")
         self.channel.close()

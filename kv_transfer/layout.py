@@ -55,3 +55,21 @@ class TransferDescriptor:
     lease_expiry_unix: float
     decode_worker_id: str
     num_cached_blocks: int = 0  # the first blocks already hold this KV on the decode side: not sent
+    secret: str = ""  # one-time, per reservation: every payload, commit and abort must carry it
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The token the prefill side sampled, handed to the decode side with the KV's commit."""
+
+    token: int
+    logprob: float = 0.0
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # what the request asked for (SamplingParams.top_logprobs)
+
+    def to_dict(self) -> dict:
+        return {"token": self.token, "logprob": self.logprob, "top_logprobs": [list(p) for p in self.top_logprobs]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FirstToken":
+        return cls(int(d["token"]), float(d["logprob"]), tuple((int(i), float(lp)) for i, lp in d.get("top_logprobs", ())))
+

@@ -10,7 +10,7 @@ import threading
 import torch
 
 from splitserve.kv_transfer.errors import PeerUnavailableError
-from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.receiver import KVReceiver
 from splitserve.kv_transfer.sender import KVSender
 from splitserve.kv_transfer.wire import PayloadHeader
@@ -48,8 +48,8 @@ class LocalSender(KVSender):
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None:
         self.receiver.receive(header, lambda dest: dest.copy_(kv))
 
-    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
-        self.receiver.commit(request_id, first_token, first_logprob, num_tokens)
+    def commit(self, request_id: str, secret: str, first: FirstToken, num_tokens: int) -> None:
+        self.receiver.commit(request_id, secret, first, num_tokens)
 
-    def abort(self, request_id: str, reason: str) -> None:
-        self.receiver.abort(request_id, reason)
+    def abort(self, request_id: str, secret: str, reason: str) -> None:
+        self.receiver.abort(request_id, secret, reason)

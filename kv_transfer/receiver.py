@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from splitserve.kv_transfer.errors import PayloadError, TransferError
-from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.state import TransferTable
 from splitserve.kv_transfer.wire import DTYPES, PayloadHeader
 
@@ -44,13 +44,14 @@ class KVReceiver:
     def receive(self, header: PayloadHeader, fill: Fill) -> None:
         """Check `header`, then let `fill` write the payload into its blocks (straight into the
         cache when the blocks are contiguous, else through one staging tensor)."""
+        self.table.authorize(header.request_id, header.secret)
         try:
             header.check(self.layout)
         except PayloadError as e:
             self.table.fail(header.request_id, str(e), "INTERNAL")
             raise
         blocks = list(header.block_ids)
-        transfer = self.table.begin_payload(header.request_id, header.layer, blocks)
+        transfer = self.table.begin_payload(header.request_id, header.secret, header.layer, blocks)
         error = None
         try:
             view = self.store.kv_view(header.layer, blocks)
@@ -66,12 +67,15 @@ class KVReceiver:
         finally:
             self.table.end_payload(transfer, header.layer, blocks, header.byte_length, error)
 
-    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
-        t = self.table.commit(request_id, first_token, first_logprob, num_tokens)
+    def commit(self, request_id: str, secret: str, first: FirstToken, num_tokens: int) -> None:
+        t = self.table.commit(request_id, secret, first, num_tokens)
         if t.state.value != "complete":
             raise TransferError(t.reason, t.status or "INTERNAL")
 
-    def abort(self, request_id: str, reason: str) -> None:
+    def abort(self, request_id: str, secret: str, reason: str) -> None:
+        if self.table.get(request_id) is None:
+            return  # already gone (landed, expired, aborted here): nothing to abort
+        self.table.authorize(request_id, secret)
         self.table.fail(request_id, f"sender aborted: {reason}")
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.kv_transfer.errors import PeerUnavailableError, TransferError
+from splitserve.kv_transfer.layout import FirstToken
 from splitserve.kv_transfer.wire import MAX_MESSAGE_BYTES, PayloadHeader
 
 logger = logging.getLogger(__name__)
@@ -33,11 +34,11 @@ class KVSender(abc.ABC):
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None: ...
 
     @abc.abstractmethod
-    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
+    def commit(self, request_id: str, secret: str, first: FirstToken, num_tokens: int) -> None:
         """Returns once the receiver has the commit (as far as the transport can tell)."""
 
     @abc.abstractmethod
-    def abort(self, request_id: str, reason: str) -> None: ...
+    def abort(self, request_id: str, secret: str, reason: str) -> None: ...
 
     def finish(self, request_id: str) -> None:
         """End this sender's part of a request without committing it (another sender of a
@@ -51,9 +52,10 @@ class KVSender(abc.ABC):
 class _Job:
     request_id: str
     kind: str  # "payload" | "commit" | "flush" | "abort"
+    secret: str = ""
     header: PayloadHeader | None = None
     kv: torch.Tensor | None = None
-    commit: tuple[int, float, int] | None = None
+    commit: tuple[FirstToken, int] | None = None
     reason: str = ""
     done: Future | None = None
 
@@ -70,20 +72,21 @@ class KVPusher:
         self._thread = threading.Thread(target=self._run, name=f"kv-push-{name}", daemon=True)
         self._thread.start()
 
-    def push(self, request_id: str, layer: int, dst_blocks: list[int], kv: torch.Tensor) -> None:
-        """Queue one layer's KV (`kv` [n, 2, bs, KH, D], already a copy) for `dst_blocks`."""
+    def push(self, request_id: str, secret: str, layer: int, dst_blocks: list[int], kv: torch.Tensor) -> None:
+        """Queue one layer's KV (`kv` [n, 2, bs, KH, D], already a copy) for `dst_blocks`;
+        `secret` is the reservation's (TransferDescriptor.secret), as for commit and abort."""
         per_block = max(1, kv[0].numel() * kv.element_size())
         step = max(1, self.sender.max_payload_bytes // per_block)
         for i in range(0, len(dst_blocks), step):
             part = kv[i : i + step]
-            header = PayloadHeader.for_tensor(request_id, layer, dst_blocks[i : i + step], part)
+            header = PayloadHeader.for_tensor(request_id, secret, layer, dst_blocks[i : i + step], part)
             self._put(_Job(request_id, "payload", header=header, kv=part))
 
-    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> Future:
+    def commit(self, request_id: str, secret: str, first: FirstToken, num_tokens: int) -> Future:
         """Queue the commit; the future resolves when it is delivered, or raises the request's
         first send error."""
         done: Future = Future()
-        self._put(_Job(request_id, "commit", commit=(first_token, first_logprob, num_tokens), done=done))
+        self._put(_Job(request_id, "commit", secret, commit=(first, num_tokens), done=done))
         return done
 
     def flush(self, request_id: str) -> Future:
@@ -93,10 +96,10 @@ class KVPusher:
         self._put(_Job(request_id, "flush", done=done))
         return done
 
-    def abort(self, request_id: str, reason: str) -> None:
+    def abort(self, request_id: str, secret: str, reason: str) -> None:
         with self._lock:
             self._failed.setdefault(request_id, TransferError(f"aborted: {reason}"))
-        self._put(_Job(request_id, "abort", reason=reason))
+        self._put(_Job(request_id, "abort", secret, reason=reason))
 
     def close(self) -> None:
         """Finish what is queued, then close the connection; later calls fail at once."""
@@ -146,7 +149,7 @@ class KVPusher:
 
     def _do(self, job: _Job, failed: BaseException | None) -> None:
         if job.kind == "abort":
-            self.sender.abort(job.request_id, job.reason)
+            self.sender.abort(job.request_id, job.secret, job.reason)
             with self._lock:
                 self._failed.pop(job.request_id, None)
         elif failed is not None:
@@ -161,5 +164,5 @@ class KVPusher:
             self.sender.finish(job.request_id)
             job.done.set_result(None)
         else:
-            self.sender.commit(job.request_id, *job.commit)
+            self.sender.commit(job.request_id, job.secret, *job.commit)
             job.done.set_result(None)

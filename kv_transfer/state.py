@@ -4,6 +4,8 @@ Life cycle of an entry:
     RESERVED --first payload--> RECEIVING --commit with every layer of every block--> COMPLETE
     RESERVED | RECEIVING --bad payload, sender abort, local abort, peer lost--> FAILED
     RESERVED | RECEIVING --no progress for lease_seconds--> EXPIRED
+A sender's payloads, commit and abort carry the reservation's one-time secret; one without it
+is refused (WrongSecretError) and changes nothing.
 The lease counts from the reservation and restarts at each payload, so a long transfer that
 keeps moving is never cut off, and a silent one is. A terminal entry is reported exactly once
 through `on_done`, and only when no payload write into its blocks is still in flight, so the
@@ -13,12 +15,14 @@ owner can free or admit the blocks without racing a writer.
 from __future__ import annotations
 
 import enum
+import hmac
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from splitserve.kv_transfer.errors import PayloadError, TransferClosedError, TransferNotFoundError
+from splitserve.kv_transfer.errors import PayloadError, TransferClosedError, TransferNotFoundError, WrongSecretError
+from splitserve.kv_transfer.layout import FirstToken
 
 
 class TransferState(enum.Enum):
@@ -44,8 +48,8 @@ class Transfer:
     state: TransferState = TransferState.RESERVED
     reason: str = ""
     status: str = ""  # canonical status of a failure: what the request it belongs to reports
-    first_token: int | None = None
-    first_logprob: float = 0.0
+    secret: str = ""
+    first: FirstToken | None = None  # set by the commit
     bytes_received: int = 0
     payloads: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -79,9 +83,9 @@ class TransferTable:
         self.transfers_total: dict[str, int] = {s.value: 0 for s in TransferState if s.terminal}
 
     # ---- reservations --------------------------------------------------------------------
-    def reserve(self, request_id: str, block_ids: Sequence[int], num_tokens: int, lease_seconds: float) -> Transfer:
+    def reserve(self, request_id: str, block_ids: Sequence[int], num_tokens: int, lease_seconds: float, secret: str = "") -> Transfer:
         now = self._clock()
-        t = Transfer(request_id, list(block_ids), num_tokens, lease_seconds, now + lease_seconds, self.num_layers)
+        t = Transfer(request_id, list(block_ids), num_tokens, lease_seconds, now + lease_seconds, self.num_layers, secret=secret)
         t._received = [set() for _ in range(self.num_layers)]
         with self._lock:
             if request_id in self._transfers:
@@ -102,12 +106,15 @@ class TransferTable:
             return sum(1 for t in self._transfers.values() if not t.state.terminal)
 
     # ---- payloads ------------------------------------------------------------------------
-    def begin_payload(self, request_id: str, layer: int, block_ids: Sequence[int]) -> Transfer:
+    def authorize(self, request_id: str, secret: str) -> None:
+        """Raise unless `request_id` has a reservation and `secret` is its secret."""
+        with self._lock:
+            self._authorized(request_id, secret)
+
+    def begin_payload(self, request_id: str, secret: str, layer: int, block_ids: Sequence[int]) -> Transfer:
         """Check a payload's target and mark a write in flight; end with `end_payload`."""
         with self._lock:
-            t = self._transfers.get(request_id)
-            if t is None:
-                raise TransferNotFoundError(f"no reservation for request {request_id!r}")
+            t = self._authorized(request_id, secret)
             if t.state.terminal:
                 # the late sender learns why it ended (a lease that expired stays DEADLINE_EXCEEDED)
                 raise TransferClosedError(f"request {request_id!r} is {t.state.value} ({t.reason})", t.status or None)
@@ -140,15 +147,13 @@ class TransferTable:
             done = self._take_report(t)
         self._report(done)
 
-    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> Transfer:
+    def commit(self, request_id: str, secret: str, first: FirstToken, num_tokens: int) -> Transfer:
         """Complete the transfer if every layer of every block arrived. Payloads from other
         senders (the ranks of a context-parallel group) may still be landing: wait for them up
         to `commit_grace` seconds before calling the transfer incomplete."""
         end = time.monotonic() + self.commit_grace
         with self._lock:
-            t = self._transfers.get(request_id)
-            if t is None:
-                raise TransferNotFoundError(f"no reservation for request {request_id!r}")
+            t = self._authorized(request_id, secret)
             while not t.state.terminal and t.missing() and time.monotonic() < end:
                 self._changed.wait(max(0.0, end - time.monotonic()))
             if not t.state.terminal:
@@ -158,7 +163,7 @@ class TransferTable:
                 elif missing:
                     self._finish(t, TransferState.FAILED, f"commit before all KV arrived: {missing}", "INTERNAL")
                 else:
-                    t.first_token, t.first_logprob = first_token, first_logprob
+                    t.first = first
                     self._finish(t, TransferState.COMPLETE, "")
             done = self._take_report(t)
         self._report(done)
@@ -202,6 +207,14 @@ class TransferTable:
                 self._changed.wait(left)
 
     # ---- internals (lock held) -----------------------------------------------------------
+    def _authorized(self, request_id: str, secret: str) -> Transfer:
+        t = self._transfers.get(request_id)
+        if t is None:
+            raise TransferNotFoundError(f"no reservation for request {request_id!r}")
+        if not hmac.compare_digest(t.secret.encode(), secret.encode()):
+            raise WrongSecretError(f"wrong transfer secret for request {request_id!r}: refused, the reservation is unchanged")
+        return t
+
     def _target_error(self, t: Transfer, layer: int, block_ids: Sequence[int]) -> str | None:
         if not 0 <= layer < self.num_layers:
             return f"payload for layer {layer}; the model has {self.num_layers}"

@@ -14,8 +14,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import secrets
 import threading
-import uuid
 
 import grpc
 import torch
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from splitserve.kv_transfer.errors import PeerUnavailableError, TransferError
 from splitserve.kv_transfer.grpc_transport import handshake
-from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.receiver import KVReceiver
 from splitserve.kv_transfer.sender import KVSender
 from splitserve.kv_transfer.wire import PayloadHeader
@@ -97,8 +97,13 @@ class TorchKVServer:
         self._threads: list[threading.Thread] = []
 
     def accept(self, sender_id: str) -> tuple[str, str]:
-        """Start serving a new pair for `sender_id`; returns (store address, pair key)."""
-        pair_key = f"kv/{sender_id}/{uuid.uuid4().hex[:12]}"
+        """Start serving a new pair for `sender_id`; returns (store address, pair key).
+
+        The rendezvous store itself takes any connection (TCPStore has no authentication), so
+        the pair's keys live under a 128-bit random prefix that only this call hands out, over
+        the KV handshake that needs the cluster token: a peer without the token cannot find
+        the pair's rendezvous keys, join its group, or learn where its data connections are."""
+        pair_key = f"kv/{sender_id}/{secrets.token_hex(16)}"
         t = threading.Thread(target=self._serve_pair, args=(pair_key,), name=f"kv-recv-{sender_id}", daemon=True)
         t.start()
         self._threads.append(t)
@@ -120,8 +125,7 @@ class TorchKVServer:
     def _handle(self, pair: _Pair, h: dict, seen: set[str]) -> None:
         rid = h["request_id"]
         if h["kind"] == "payload":
-            seen.add(rid)
-            header = PayloadHeader(rid, h["layer"], tuple(h["block_ids"]), h["dtype"], tuple(h["shape"]), h["byte_length"])
+            header = PayloadHeader(rid, h["layer"], tuple(h["block_ids"]), h["dtype"], tuple(h["shape"]), h["byte_length"], h.get("secret", ""))
             consumed = False
 
             def fill(dest: torch.Tensor) -> None:
@@ -131,6 +135,7 @@ class TorchKVServer:
 
             try:
                 self.receiver.receive(header, fill)
+                seen.add(rid)  # only once the secret was right
             except TransferError as e:
                 logger.info("refused KV payload for %s: %s", rid, e)
             finally:
@@ -139,15 +144,18 @@ class TorchKVServer:
         elif h["kind"] == "commit":
             ack = {"kind": "ack", "request_id": rid, "ok": True, "reason": "", "status": ""}
             try:
-                self.receiver.commit(rid, h["first_token"], h["first_logprob"], h["num_tokens"])
+                self.receiver.commit(rid, h.get("secret", ""), FirstToken.from_dict(h["first"]), h["num_tokens"])
             except TransferError as e:
                 ack.update(ok=False, reason=str(e)[:1000], status=e.status)
             seen.discard(rid)
             pair.send_header(ack)  # the sender waits for the verdict, as with gRPC's stream result
             pair.flush()
         elif h["kind"] == "abort":
-            self.receiver.abort(rid, h.get("reason", ""))
-            seen.discard(rid)
+            try:
+                self.receiver.abort(rid, h.get("secret", ""), h.get("reason", ""))
+                seen.discard(rid)
+            except TransferError as e:
+                logger.info("refused KV abort for %s: %s", rid, e)
 
 
 class TorchSender(KVSender):
@@ -169,11 +177,11 @@ class TorchSender(KVSender):
 
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None:
         meta = {"kind": "payload", "request_id": header.request_id, "layer": header.layer, "block_ids": list(header.block_ids),
-                "dtype": header.dtype, "shape": list(header.shape), "byte_length": header.byte_length}
+                "dtype": header.dtype, "shape": list(header.shape), "byte_length": header.byte_length, "secret": header.secret}
         self._guarded(lambda: (self.pair.send_header(meta), self.pair.post(kv)))
 
-    def commit(self, request_id: str, first_token: int, first_logprob: float, num_tokens: int) -> None:
-        meta = {"kind": "commit", "request_id": request_id, "first_token": first_token, "first_logprob": first_logprob, "num_tokens": num_tokens}
+    def commit(self, request_id: str, secret: str, first: FirstToken, num_tokens: int) -> None:
+        meta = {"kind": "commit", "request_id": request_id, "secret": secret, "first": first.to_dict(), "num_tokens": num_tokens}
         self._guarded(lambda: (self.pair.send_header(meta), self.pair.flush()))
         ack: dict = {}
         self._guarded(lambda: ack.update(self.pair.recv_header()))
@@ -183,8 +191,9 @@ class TorchSender(KVSender):
     def finish(self, request_id: str) -> None:
         self._guarded(self.pair.flush)
 
-    def abort(self, request_id: str, reason: str) -> None:
-        self._guarded(lambda: (self.pair.send_header({"kind": "abort", "request_id": request_id, "reason": reason}), self.pair.flush()))
+    def abort(self, request_id: str, secret: str, reason: str) -> None:
+        header = {"kind": "abort", "request_id": request_id, "secret": secret, "reason": reason}
+        self._guarded(lambda: (self.pair.send_header(header), self.pair.flush()))
 
     def close(self) -> None:
         try:

@@ -30,10 +30,11 @@ class PayloadHeader:
     dtype: str
     shape: tuple[int, ...]
     byte_length: int
+    secret: str = ""  # the reservation's (TransferDescriptor.secret)
 
     @classmethod
-    def for_tensor(cls, request_id: str, layer: int, block_ids: list[int], kv: torch.Tensor) -> "PayloadHeader":
-        return cls(request_id, layer, tuple(block_ids), dtype_name(kv.dtype), tuple(kv.shape), kv.numel() * kv.element_size())
+    def for_tensor(cls, request_id: str, secret: str, layer: int, block_ids: list[int], kv: torch.Tensor) -> "PayloadHeader":
+        return cls(request_id, layer, tuple(block_ids), dtype_name(kv.dtype), tuple(kv.shape), kv.numel() * kv.element_size(), secret)
 
     def check(self, layout: KVLayout) -> None:
         """Raise PayloadError unless dtype, shape and size agree with each other and the layout."""

@@ -33,7 +33,7 @@ from splitserve.engine.model_runner import KV_LAYOUT
 from splitserve.engine.sampler import SampleRow, sample
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kv_transfer.errors import HandshakeError, request_status
-from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.kv_transfer.layout import FirstToken, KVLayout, TransferDescriptor
 from splitserve.kv_transfer.wire import dtype_name
 from splitserve.prefill_worker.pushers import PusherPool
 from splitserve.prefill_worker.ring_attention import (
@@ -61,6 +61,7 @@ class CPJob:
     params: dict
     descriptor: dict
     variant: str = ""  # "" = choose from the cost model
+    position: int = 0  # the output position of the token sampled (a continuation's prefix length)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -140,9 +141,9 @@ class CPRank:
                 logger.warning("rank %d: %s", self.rank, e)
 
     # ---- one request ---------------------------------------------------------------------
-    def run(self, job: CPJob) -> tuple[int, float] | None:
+    def run(self, job: CPJob) -> FirstToken | None:
         """Prefill the job's prompt with the group and push its KV; rank 0 returns the first
-        token and its logprob after committing the transfer."""
+        token after committing the transfer."""
         desc = descriptor_from_dict(job.descriptor)
         n_tokens = len(job.prompt)
         ranges = shard_ranges(n_tokens, self.world, self.block_size)[self.rank]
@@ -162,20 +163,20 @@ class CPRank:
                 raise CPError("UNAVAILABLE", f"a rank of the context-parallel group could not deliver its KV for {job.request_id}")
             if self.rank == 0:
                 try:
-                    pusher.commit(job.request_id, first[0], first[1], n_tokens).result(timeout=600)
+                    pusher.commit(job.request_id, desc.secret, first, n_tokens).result(timeout=600)
                 except Exception as e:  # the decode side refused or lost it: the request fails, the group is fine
                     raise CPError(request_status(e), f"KV transfer of {job.request_id} failed: {e}") from e
                 return first
             return None
         except CPError:
-            pusher.abort(job.request_id, "context-parallel prefill failed")
+            pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
             raise
         except Exception as e:  # a gloo error: a rank died; the group is broken
-            pusher.abort(job.request_id, "context-parallel prefill failed")
+            pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
             raise CPError("UNAVAILABLE", f"context-parallel group failed during {job.request_id}: {str(e).splitlines()[0][:200]}") from e
 
     @torch.inference_mode()
-    def _forward(self, job: CPJob, desc: TransferDescriptor, ranges, pos: torch.Tensor, variant: str, pusher) -> tuple[int, float] | None:
+    def _forward(self, job: CPJob, desc: TransferDescriptor, ranges, pos: torch.Tensor, variant: str, pusher) -> FirstToken | None:
         m = self.model.model
         h = m.embed_tokens(torch.tensor(job.prompt, device=self.device)[pos])  # [t, hidden], this rank's tokens only
         scale = self.config.head_dim ** -0.5
@@ -192,8 +193,10 @@ class CPRank:
             return None
         last = int((pos == len(job.prompt) - 1).nonzero()[0, 0])  # rank 0 holds the last chunk
         logits = self.model.lm_head(m.norm(h[last : last + 1])).float()
-        (token,), (logprob,) = sample(logits, [SampleRow(SamplingParams(**job.params), 0)], self.generator)
-        return token, logprob
+        n_prompt = len(job.prompt) - job.position  # the rest is a continuation's output prefix
+        row = SampleRow.of(SamplingParams(**job.params), job.prompt[:n_prompt], job.prompt[n_prompt:], self.config.eos_token_ids)
+        s = sample(logits, [row], self.generator)
+        return FirstToken(s.tokens[0], s.logprobs[0], tuple(s.top_logprobs[0]))
 
     def _push(self, pusher, rid: str, desc: TransferDescriptor, layer: int, ranges, k: torch.Tensor, v: torch.Tensor) -> None:
         """Ship this rank's blocks of one layer ([n, 2, bs, KH, D]) and let them go."""
@@ -208,7 +211,7 @@ class CPRank:
             kv = kv.view(2, n, bs, *k.shape[1:]).transpose(0, 1)  # [n, 2, bs, KH, D]
             first = max(0, skip - a // bs)  # blocks the decode side already holds are not sent
             if first < n:
-                pusher.push(rid, layer, list(desc.block_ids[a // bs + first : a // bs + n]), kv[first:].contiguous())
+                pusher.push(rid, desc.secret, layer, list(desc.block_ids[a // bs + first : a // bs + n]), kv[first:].contiguous())
             row += b - a
 
     def close(self) -> None:
@@ -230,7 +233,8 @@ class CPPrefillWorker:
         self._waiting: dict[str, int] = {}
         self._current: str | None = None
 
-    def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float):
+    def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float,
+                output_prefix: list[int] = ()):
         from splitserve.prefill_worker.worker import PrefillError, PrefillResult, check_descriptor
 
         if not self.accepting:
@@ -239,6 +243,7 @@ class CPPrefillWorker:
             descriptor.layout.check_peer(self.layout)  # the decode side receives, this side sends
         except HandshakeError as e:
             raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
+        prompt, position = list(prompt) + list(output_prefix), len(output_prefix)  # a continuation's KV is computed with its prompt's
         check_descriptor(descriptor, len(prompt), self.layout.block_size)
         arrival = time.monotonic()
         self._waiting[request_id] = len(prompt)
@@ -252,15 +257,18 @@ class CPPrefillWorker:
                 raise PrefillError("UNAVAILABLE", f"context-parallel group {self.worker_id} is broken ({self.broken}); it must be restarted")
             start = time.monotonic()
             self._current, self.rank0.abort_flag, self.rank0.deadline = request_id, False, arrival + timeout
-            job = CPJob(request_id, list(prompt), asdict(params), descriptor_to_dict(descriptor))
-            self.rank0.broadcast(job.to_json())
+            job = CPJob(request_id, list(prompt), asdict(params), descriptor_to_dict(descriptor), position=position)
             try:
-                token, logprob = self.rank0.run(job)
+                try:
+                    self.rank0.broadcast(job.to_json())
+                except Exception as e:  # a gloo error: a rank is gone, the group with it
+                    raise CPError("UNAVAILABLE", f"context-parallel group {self.worker_id} lost a rank: {str(e).splitlines()[0][:200]}") from e
+                first = self.rank0.run(job)
             except CPError as e:
                 if e.status == "UNAVAILABLE":
                     self.broken = str(e)
                 raise PrefillError(e.status, str(e)) from e
-            return PrefillResult(request_id, token, logprob, 0, start - arrival, time.monotonic() - start)
+            return PrefillResult(request_id, first, 0, start - arrival, time.monotonic() - start)
         finally:
             self._current = None
             self._turn.release()

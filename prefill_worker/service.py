@@ -6,7 +6,7 @@ import grpc
 
 from splitserve.prefill_worker.worker import PrefillWorker
 from splitserve.proto import worker_pb2, worker_pb2_grpc
-from splitserve.proto.convert import descriptor_from_proto, params_from_proto, stats_to_proto
+from splitserve.proto.convert import descriptor_from_proto, params_from_proto, stats_to_proto, top_to_proto
 from splitserve.proto.status import grpc_code
 
 DEFAULT_PREFILL_TIMEOUT = 600.0
@@ -23,15 +23,16 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         try:
             r = self.worker.prefill(
                 rid, list(request.prompt_token_ids), params_from_proto(request.params),
-                descriptor_from_proto(request.descriptor), context.time_remaining() or DEFAULT_PREFILL_TIMEOUT,
+                descriptor_from_proto(request.descriptor), context.time_remaining() or DEFAULT_PREFILL_TIMEOUT, list(request.output_prefix),
             )
         except Exception as e:
             done = True
             context.abort(grpc_code(e), str(e))
         done = True
+        (top,) = top_to_proto([r.first.top_logprobs], worker_pb2.TopLogprobs)
         return worker_pb2.PrefillResponse(
-            request_id=rid, first_token=r.first_token, first_logprob=r.first_logprob, num_cached_tokens=r.num_cached_tokens,
-            queue_seconds=r.queue_seconds, prefill_seconds=r.prefill_seconds,
+            request_id=rid, first_token=r.first.token, first_logprob=r.first.logprob, num_cached_tokens=r.num_cached_tokens,
+            queue_seconds=r.queue_seconds, prefill_seconds=r.prefill_seconds, first_top_logprobs=top,
         )
 
     def Abort(self, request: worker_pb2.AbortRequest, context: grpc.ServicerContext) -> worker_pb2.AbortResponse:

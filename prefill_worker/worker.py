@@ -25,7 +25,7 @@ from splitserve.engine.errors import UnknownRequestError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledRequest
 from splitserve.kv_transfer.errors import HandshakeError, request_status
-from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
+from splitserve.kv_transfer.layout import FirstToken, KVLayout, TransferDescriptor
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.sender import KVPusher
 from splitserve.prefill_worker.pushers import PusherPool, PushError
@@ -41,8 +41,7 @@ class PrefillError(StatusError):
 @dataclass
 class PrefillResult:
     request_id: str
-    first_token: int
-    first_logprob: float
+    first: FirstToken
     num_cached_tokens: int
     queue_seconds: float
     prefill_seconds: float
@@ -76,21 +75,25 @@ class PrefillWorker:
         self.kv_events = self.loop.kv_events  # what this worker's prefix cache gained and lost
 
     # ---- requests ------------------------------------------------------------------------
-    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float) -> PrefillResult:
+    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float,
+                output_prefix: list[int] = ()) -> PrefillResult:
+        """Prefill the prompt (and a continuation's output prefix), push its KV per the
+        descriptor, return the next token once the decode side has the KV."""
         if not self.accepting:
             raise PrefillError("UNAVAILABLE", f"prefill worker {self.worker_id} is draining")
         try:  # refuse a mismatched peer before any work, naming the field that differs
             descriptor.layout.check_peer(self.layout)  # the decode side receives, this side sends
         except HandshakeError as e:
             raise PrefillError(e.status, f"decode worker {descriptor.decode_worker_id}: {e}") from e
-        check_descriptor(descriptor, len(prompt_token_ids), self.block_size)
-        job = _Job(descriptor, self._pusher(descriptor), len(prompt_token_ids))
+        context = len(prompt_token_ids) + len(output_prefix)
+        check_descriptor(descriptor, context, self.block_size)
+        job = _Job(descriptor, self._pusher(descriptor), context)
         with self._lock:
             if request_id in self._jobs:
                 raise PrefillError("ALREADY_EXISTS", f"request {request_id!r} is already being prefilled")
             self._jobs[request_id] = job
         try:
-            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, prefill_only=True))
+            self.loop.call(lambda e: e.add_request(request_id, prompt_token_ids, params, prefill_only=True, output_prefix=output_prefix))
         except BaseException:
             with self._lock:
                 self._jobs.pop(request_id, None)
@@ -121,7 +124,7 @@ class PrefillWorker:
             last = -(-end // bs)
             if first < last:
                 kv = self.engine.read_kv(layer, s.request.block_ids[first:last])  # a copy: blocks may move on
-                job.pusher.push(s.request.request_id, layer, list(job.descriptor.block_ids[first:last]), kv)
+                job.pusher.push(s.request.request_id, job.descriptor.secret, layer, list(job.descriptor.block_ids[first:last]), kv)
             if layer == self.num_layers - 1:
                 job.pushed_tokens = end // bs * bs  # a partly filled block is sent again next chunk
                 job.first_scheduled = job.first_scheduled or time.monotonic()
@@ -131,10 +134,11 @@ class PrefillWorker:
             job = self._jobs.get(out.request_id)
             if job is None or out.finish_reason != "prefill_done":
                 continue
-            done = job.pusher.commit(out.request_id, out.token_ids[0], out.logprobs[0], job.num_prompt_tokens)
-            done.add_done_callback(lambda f, out=out: self._committed(out, f))
+            first = FirstToken(out.token_ids[-1], out.logprobs[-1], tuple(out.top_logprobs[-1]))
+            done = job.pusher.commit(out.request_id, job.descriptor.secret, first, job.num_prompt_tokens)
+            done.add_done_callback(lambda f, out=out, first=first: self._committed(out, first, f))
 
-    def _committed(self, out: RequestOutput, delivered: Future) -> None:
+    def _committed(self, out: RequestOutput, first: FirstToken, delivered: Future) -> None:
         """On a pusher thread: the commit went out (or failed). Free the blocks, answer."""
         rid = out.request_id
         self.loop.submit(lambda e: _release(e, rid))
@@ -148,7 +152,7 @@ class PrefillWorker:
             return
         now = time.monotonic()
         started = job.first_scheduled or now
-        job.future.set_result(PrefillResult(rid, out.token_ids[0], out.logprobs[0], out.num_cached_tokens, started - job.arrival, now - started))
+        job.future.set_result(PrefillResult(rid, first, out.num_cached_tokens, started - job.arrival, now - started))
 
     # ---- aborts and state ----------------------------------------------------------------
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
@@ -156,7 +160,7 @@ class PrefillWorker:
             job = self._jobs.pop(request_id, None)
         found = self.loop.call(lambda e: _abort(e, request_id))
         if job is not None:
-            job.pusher.abort(request_id, reason)
+            job.pusher.abort(request_id, job.descriptor.secret, reason)
             if not job.future.done():
                 job.future.set_exception(PrefillError("ABORTED", f"prefill of {request_id!r} aborted: {reason}"))
         return found or job is not None
@@ -165,7 +169,7 @@ class PrefillWorker:
         with self._lock:
             jobs, self._jobs = self._jobs, {}
         for rid, job in jobs.items():
-            job.pusher.abort(rid, "prefill engine failed")
+            job.pusher.abort(rid, job.descriptor.secret, "prefill engine failed")
             if not job.future.done():
                 job.future.set_exception(PrefillError("INTERNAL", f"prefill engine failed: {exc}"))
 

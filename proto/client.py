@@ -91,6 +91,7 @@ class GenerateChunk:
     logprobs: list[float]
     finished: bool
     finish_reason: str | None
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, with top_logprobs=N
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float | str | int] = field(default_factory=dict)
@@ -106,12 +108,17 @@ class Completion:
 
 def _request(prompt: str | list[int], *, request_id: str | None = None, model: str = "", max_tokens: int = 16, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
-             ignore_eos: bool = False, skip_special_tokens: bool = True, slo_ttft_ms: float | None = None,
-             slo_tpot_ms: float | None = None) -> public_pb2.GenerateRequest:
+             ignore_eos: bool = False, skip_special_tokens: bool = True, min_tokens: int = 0, logit_bias: dict[int, float] | None = None,
+             repetition_penalty: float | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0, top_logprobs: int = 0,
+             slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None) -> public_pb2.GenerateRequest:
     """The request for `prompt` (text or token ids) with these sampling options; every
     generate method of both clients takes exactly these keywords."""
     params = public_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
+                                       stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos,
+                                       min_tokens=min_tokens, logit_bias=logit_bias or {}, frequency_penalty=frequency_penalty,
+                                       presence_penalty=presence_penalty, top_logprobs=top_logprobs)
+    if repetition_penalty is not None:
+        params.repetition_penalty = repetition_penalty
     if seed is not None:
         params.seed = seed
     if not skip_special_tokens:
@@ -128,7 +135,12 @@ def _request(prompt: str | list[int], *, request_id: str | None = None, model: s
 
 
 def _chunk(msg: public_pb2.GenerateResponse) -> GenerateChunk:
-    return GenerateChunk(msg.request_id, list(msg.token_ids), msg.text, list(msg.logprobs), msg.finished, msg.finish_reason or None)
+    return GenerateChunk(msg.request_id, list(msg.token_ids), msg.text, list(msg.logprobs), msg.finished, msg.finish_reason or None,
+                         _top(msg))
+
+
+def _top(msg: public_pb2.GenerateResponse) -> list[list[tuple[int, float]]]:
+    return [list(zip(t.token_ids, t.logprobs)) for t in msg.top_logprobs]
 
 
 def _fields(msg) -> dict:
@@ -141,6 +153,7 @@ def _add(done: Completion, msg: public_pb2.GenerateResponse) -> None:
     done.text += msg.text
     done.token_ids.extend(msg.token_ids)
     done.logprobs.extend(msg.logprobs)
+    done.top_logprobs.extend(_top(msg))
     if msg.finished:
         done.finish_reason = msg.finish_reason
         done.usage = _fields(msg.usage)
@@ -247,6 +260,18 @@ class AsyncClient:
             raise error_from_rpc(e, req.request_id) from None
         finally:
             call.cancel()
+
+    async def abort(self, request_id: str) -> bool:
+        return (await self._call(self.stub.Abort, public_pb2.AbortRequest(request_id=request_id))).found
+
+    async def timings(self, request_id: str) -> public_pb2.Timings:
+        return await self._call(self.stub.GetTimings, public_pb2.TimingsRequest(request_id=request_id))
+
+    async def _call(self, method, request, timeout: float = 30.0):
+        try:
+            return await method(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
 
     async def generate(self, prompt: str | list[int], *, timeout: float | None = None, **options) -> Completion:
         req = _request(prompt, **options)

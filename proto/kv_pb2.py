@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitserve/proto/kv.proto\x12\rsplitserve.kv\"\xae\x01\n\x08KVLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0e\n\x06layout\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x18\n\x10protocol_version\x18\x08 \x01(\x05\"a\n\x10HandshakeRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x11\n\ttransport\x18\x03 \x01(\t\"Q\n\x11HandshakeResponse\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12\x15\n\rstore_address\x18\x02 \x01(\t\x12\x10\n\x08pair_key\x18\x03 \x01(\t\"\x82\x01\n\tKVPayload\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"^\n\x08KVCommit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\"-\n\x07KVAbort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xca\x01\n\tKVMessage\x12\x34\n\thandshake\x18\x01 \x01(\x0b\x32\x1f.splitserve.kv.HandshakeRequestH\x00\x12+\n\x07payload\x18\x02 \x01(\x0b\x32\x18.splitserve.kv.KVPayloadH\x00\x12)\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x17.splitserve.kv.KVCommitH\x00\x12\'\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x16.splitserve.kv.KVAbortH\x00\x42\x06\n\x04kind\"-\n\nPushResult\x12\x10\n\x08payloads\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x32\x9b\x01\n\nKVTransfer\x12N\n\tHandshake\x12\x1f.splitserve.kv.HandshakeRequest\x1a .splitserve.kv.HandshakeResponse\x12=\n\x04Push\x12\x18.splitserve.kv.KVMessage\x1a\x19.splitserve.kv.PushResult(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitserve/proto/kv.proto\x12\rsplitserve.kv\"\xae\x01\n\x08KVLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0e\n\x06layout\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x18\n\x10protocol_version\x18\x08 \x01(\x05\"a\n\x10HandshakeRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x11\n\ttransport\x18\x03 \x01(\t\"Q\n\x11HandshakeResponse\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12\x15\n\rstore_address\x18\x02 \x01(\t\x12\x10\n\x08pair_key\x18\x03 \x01(\t\"\x92\x01\n\tKVPayload\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0e\n\x06secret\x18\x08 \x01(\t\"\x9b\x01\n\x08KVCommit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\x0e\n\x06secret\x18\x05 \x01(\t\x12\x15\n\rtop_token_ids\x18\x06 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x07 \x03(\x02\"=\n\x07KVAbort\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\t\"\xca\x01\n\tKVMessage\x12\x34\n\thandshake\x18\x01 \x01(\x0b\x32\x1f.splitserve.kv.HandshakeRequestH\x00\x12+\n\x07payload\x18\x02 \x01(\x0b\x32\x18.splitserve.kv.KVPayloadH\x00\x12)\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x17.splitserve.kv.KVCommitH\x00\x12\'\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x16.splitserve.kv.KVAbortH\x00\x42\x06\n\x04kind\"-\n\nPushResult\x12\x10\n\x08payloads\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x32\x9b\x01\n\nKVTransfer\x12N\n\tHandshake\x12\x1f.splitserve.kv.HandshakeRequest\x1a .splitserve.kv.HandshakeResponse\x12=\n\x04Push\x12\x18.splitserve.kv.KVMessage\x1a\x19.splitserve.kv.PushResult(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKERESPONSE']._serialized_start=320
   _globals['_HANDSHAKERESPONSE']._serialized_end=401
   _globals['_KVPAYLOAD']._serialized_start=404
-  _globals['_KVPAYLOAD']._serialized_end=534
-  _globals['_KVCOMMIT']._serialized_start=536
-  _globals['_KVCOMMIT']._serialized_end=630
-  _globals['_KVABORT']._serialized_start=632
-  _globals['_KVABORT']._serialized_end=677
-  _globals['_KVMESSAGE']._serialized_start=680
-  _globals['_KVMESSAGE']._serialized_end=882
-  _globals['_PUSHRESULT']._serialized_start=884
-  _globals['_PUSHRESULT']._serialized_end=929
-  _globals['_KVTRANSFER']._serialized_start=932
-  _globals['_KVTRANSFER']._serialized_end=1087
+  _globals['_KVPAYLOAD']._serialized_end=550
+  _globals['_KVCOMMIT']._serialized_start=553
+  _globals['_KVCOMMIT']._serialized_end=708
+  _globals['_KVABORT']._serialized_start=710
+  _globals['_KVABORT']._serialized_end=771
+  _globals['_KVMESSAGE']._serialized_start=774
+  _globals['_KVMESSAGE']._serialized_end=976
+  _globals['_PUSHRESULT']._serialized_start=978
+  _globals['_PUSHRESULT']._serialized_end=1023
+  _globals['_KVTRANSFER']._serialized_start=1026
+  _globals['_KVTRANSFER']._serialized_end=1181
 # @@protoc_insertion_point(module_scope)

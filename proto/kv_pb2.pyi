@@ -47,7 +47,7 @@ class HandshakeResponse(_message.Message):
     def __init__(self, receiver_id: _Optional[str] = ..., store_address: _Optional[str] = ..., pair_key: _Optional[str] = ...) -> None: ...
 
 class KVPayload(_message.Message):
-    __slots__ = ("request_id", "layer", "block_ids", "dtype", "shape", "byte_length", "data")
+    __slots__ = ("request_id", "layer", "block_ids", "dtype", "shape", "byte_length", "data", "secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class KVPayload(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -62,27 +63,36 @@ class KVPayload(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     byte_length: int
     data: bytes
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    secret: str
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., data: _Optional[bytes] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class KVCommit(_message.Message):
-    __slots__ = ("request_id", "first_token", "first_logprob", "num_tokens")
+    __slots__ = ("request_id", "first_token", "first_logprob", "num_tokens", "secret", "top_token_ids", "top_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token: int
     first_logprob: float
     num_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    secret: str
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ..., secret: _Optional[str] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class KVAbort(_message.Message):
-    __slots__ = ("request_id", "reason")
+    __slots__ = ("request_id", "reason", "secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    secret: str
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class KVMessage(_message.Message):
     __slots__ = ("handshake", "payload", "commit", "abort")

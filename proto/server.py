@@ -1,13 +1,19 @@
 """Boilerplate shared by every gRPC server of splitserve: thread pool (or asyncio), message
-limits, grpc.health.v1, binding a port (0 = any free one), and the cluster-token check."""
+limits, grpc.health.v1, binding a port (0 = any free one), the cluster-token check, and (for
+public asyncio servers) services that answer undecodable requests INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 TOKEN_HEADER = "x-splitserve-token"
@@ -62,15 +68,21 @@ def start_server(
 
 
 async def start_aio_server(
-    host: str, port: int, add_services: Callable[[grpc.aio.Server], None], service_names: list[str]
+    host: str, port: int, add_services: Callable[[grpc.aio.Server], None], service_names: list[str], *,
+    max_message_bytes: int | None = None, max_concurrent_rpcs: int | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """The asyncio twin of `start_server` (no thread per call), on the running event loop."""
+    """The asyncio twin of `start_server` (no thread per call), on the running event loop.
+    `max_message_bytes` lowers the largest request accepted; beyond `max_concurrent_rpcs`
+    calls gRPC itself answers RESOURCE_EXHAUSTED."""
     from grpc_health.v1._async import HealthServicer
 
-    server = grpc.aio.server(options=OPTIONS)
+    options = OPTIONS
+    if max_message_bytes is not None:
+        options = [o for o in OPTIONS if o[0] != "grpc.max_receive_message_length"] + [("grpc.max_receive_message_length", max_message_bytes)]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
     add_services(server)
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_checked_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
@@ -78,6 +90,83 @@ async def start_aio_server(
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a checked method's servicer would have got instead of a request that does not parse."""
+
+    type_name: str
+    error: str
+
+    @property
+    def message(self) -> str:
+        return f"the request is not a valid {self.type_name} message: {self.error}"
+
+
+def add_checked_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+    """Register `servicer` for every method of `service`, as the generated
+    add_*Servicer_to_server does, except that a request whose bytes do not parse as the method's
+    message is answered INVALID_ARGUMENT naming the message type (grpcio answers UNKNOWN or
+    INTERNAL). Covers every method of the descriptor, whatever its streaming kinds."""
+    handlers = {m.name: _checked_handler(getattr(servicer, m.name), m) for m in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _checked_handler(behavior: Callable, method: MethodDescriptor) -> grpc.RpcMethodHandler:
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+
+    def deserialize(data: bytes):
+        try:
+            return request_cls.FromString(data)
+        except DecodeError as e:
+            return Undecodable(method.input_type.full_name, str(e) or "cannot parse")
+
+    async def refuse(context: grpc.aio.ServicerContext, bad: Undecodable) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+    if method.client_streaming:  # the requests arrive as an iterator: check each as it is read
+        async def behavior_in(requests, context):
+            async def checked():
+                async for r in requests:
+                    if isinstance(r, Undecodable):
+                        await refuse(context, r)
+                    yield r
+
+            return behavior(checked(), context)
+
+        wrapped = _same_kind(behavior, behavior_in)
+    else:
+        async def behavior_in(request, context):
+            if isinstance(request, Undecodable):
+                await refuse(context, request)
+            return behavior(request, context)
+
+        wrapped = _same_kind(behavior, behavior_in)
+    kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return kind[method.client_streaming, method.server_streaming](wrapped, request_deserializer=deserialize,
+                                                                  response_serializer=response_cls.SerializeToString)
+
+
+def _same_kind(behavior: Callable, check: Callable) -> Callable:
+    """`check(request, context)` returns what `behavior` returns (a coroutine or an async
+    generator) once the request passed: wrap it as a function of the same kind, which is what
+    grpc.aio looks at to drive it."""
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            async for response in await check(request, context):
+                yield response
+
+        return stream
+
+    async def call(request, context):
+        result = await check(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return call
 
 
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -25,39 +25,45 @@ _sym_db = _symbol_database.Default()
 from splitserve.proto import kv_pb2 as splitserve_dot_proto_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/proto/worker.proto\x12\x11splitserve.worker\x1a\x19splitserve/proto/kv.proto\"\xe7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"\xd9\x01\n\x12TransferDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\'\n\x06layout\x18\x05 \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x19\n\x11lease_expiry_unix\x18\x06 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x07 \x01(\t\x12\x19\n\x11num_cached_blocks\x18\x08 \x01(\x05\"\x9b\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x15\n\rlease_seconds\x18\x05 \x01(\x02\"#\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"r\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\"\xe1\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\x05\x12\x1b\n\x13kv_transfer_seconds\x18\x08 \x01(\x01\x12\x10\n\x08kv_bytes\x18\t \x01(\x03\x12\x19\n\x11num_cached_tokens\x18\n \x01(\x05\"\xac\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x39\n\ndescriptor\x18\x04 \x01(\x0b\x32%.splitserve.worker.TransferDescriptor\"\x9c\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xb8\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\x03\x12\x18\n\x10running_requests\x18\x04 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x05 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x07 \x01(\x05\x12\x17\n\x0freserved_blocks\x18\x08 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\t \x01(\x05\x12\x18\n\x10\x61\x63tive_transfers\x18\n \x01(\x05\x12\'\n\x06layout\x18\x0b \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x19\n\x11kv_bytes_received\x18\x0c \x01(\x03\x32\x97\x03\n\x0c\x44\x65\x63odeWorker\x12S\n\x07Reserve\x12!.splitserve.worker.ReserveRequest\x1a%.splitserve.worker.TransferDescriptor\x12K\n\x06\x44\x65\x63ode\x12 .splitserve.worker.DecodeRequest\x1a\x1d.splitserve.worker.TokenChunk0\x01\x12O\n\x08Generate\x12\".splitserve.worker.GenerateRequest\x1a\x1d.splitserve.worker.TokenChunk0\x01\x12J\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a .splitserve.worker.AbortResponse\x12H\n\x05Stats\x12\x1f.splitserve.worker.StatsRequest\x1a\x1e.splitserve.worker.WorkerStats2\xf7\x01\n\rPrefillWorker\x12P\n\x07Prefill\x12!.splitserve.worker.PrefillRequest\x1a\".splitserve.worker.PrefillResponse\x12J\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a .splitserve.worker.AbortResponse\x12H\n\x05Stats\x12\x1f.splitserve.worker.StatsRequest\x1a\x1e.splitserve.worker.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/proto/worker.proto\x12\x11splitserve.worker\x1a\x19splitserve/proto/kv.proto\"\xf6\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x44\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x30.splitserve.worker.SamplingParams.LogitBiasEntry\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x01\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x16\n\x14_skip_special_tokensB\x15\n\x13_repetition_penalty\"\xf2\x01\n\x12TransferDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\'\n\x06layout\x18\x05 \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x19\n\x11lease_expiry_unix\x18\x06 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x07 \x01(\t\x12\x19\n\x11num_cached_blocks\x18\x08 \x01(\x05\x12\x17\n\x0ftransfer_secret\x18\t \x01(\t\"\xb2\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x15\n\rlease_seconds\x18\x05 \x01(\x02\x12\x15\n\routput_prefix\x18\x06 \x03(\x05\"#\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x89\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x15\n\routput_prefix\x18\x04 \x03(\x05\"\x97\x02\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\x05\x12\x1b\n\x13kv_transfer_seconds\x18\x08 \x01(\x01\x12\x10\n\x08kv_bytes\x18\t \x01(\x03\x12\x19\n\x11num_cached_tokens\x18\n \x01(\x05\x12\x34\n\x0ctop_logprobs\x18\x0b \x03(\x0b\x32\x1e.splitserve.worker.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xc3\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x39\n\ndescriptor\x18\x04 \x01(\x0b\x32%.splitserve.worker.TransferDescriptor\x12\x15\n\routput_prefix\x18\x05 \x03(\x05\"\xd8\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12:\n\x12\x66irst_top_logprobs\x18\x07 \x01(\x0b\x32\x1e.splitserve.worker.TopLogprobs\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xb8\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x03 \x01(\x03\x12\x18\n\x10running_requests\x18\x04 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x05 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x07 \x01(\x05\x12\x17\n\x0freserved_blocks\x18\x08 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\t \x01(\x05\x12\x18\n\x10\x61\x63tive_transfers\x18\n \x01(\x05\x12\'\n\x06layout\x18\x0b \x01(\x0b\x32\x17.splitserve.kv.KVLayout\x12\x19\n\x11kv_bytes_received\x18\x0c \x01(\x03\x32\x97\x03\n\x0c\x44\x65\x63odeWorker\x12S\n\x07Reserve\x12!.splitserve.worker.ReserveRequest\x1a%.splitserve.worker.TransferDescriptor\x12K\n\x06\x44\x65\x63ode\x12 .splitserve.worker.DecodeRequest\x1a\x1d.splitserve.worker.TokenChunk0\x01\x12O\n\x08Generate\x12\".splitserve.worker.GenerateRequest\x1a\x1d.splitserve.worker.TokenChunk0\x01\x12J\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a .splitserve.worker.AbortResponse\x12H\n\x05Stats\x12\x1f.splitserve.worker.StatsRequest\x1a\x1e.splitserve.worker.WorkerStats2\xf7\x01\n\rPrefillWorker\x12P\n\x07Prefill\x12!.splitserve.worker.PrefillRequest\x1a\".splitserve.worker.PrefillResponse\x12J\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a .splitserve.worker.AbortResponse\x12H\n\x05Stats\x12\x1f.splitserve.worker.StatsRequest\x1a\x1e.splitserve.worker.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.proto.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=80
-  _globals['_SAMPLINGPARAMS']._serialized_end=311
-  _globals['_TRANSFERDESCRIPTOR']._serialized_start=314
-  _globals['_TRANSFERDESCRIPTOR']._serialized_end=531
-  _globals['_RESERVEREQUEST']._serialized_start=534
-  _globals['_RESERVEREQUEST']._serialized_end=689
-  _globals['_DECODEREQUEST']._serialized_start=691
-  _globals['_DECODEREQUEST']._serialized_end=726
-  _globals['_GENERATEREQUEST']._serialized_start=728
-  _globals['_GENERATEREQUEST']._serialized_end=842
-  _globals['_TOKENCHUNK']._serialized_start=845
-  _globals['_TOKENCHUNK']._serialized_end=1070
-  _globals['_PREFILLREQUEST']._serialized_start=1073
-  _globals['_PREFILLREQUEST']._serialized_end=1245
-  _globals['_PREFILLRESPONSE']._serialized_start=1248
-  _globals['_PREFILLRESPONSE']._serialized_end=1404
-  _globals['_ABORTREQUEST']._serialized_start=1406
-  _globals['_ABORTREQUEST']._serialized_end=1456
-  _globals['_ABORTRESPONSE']._serialized_start=1458
-  _globals['_ABORTRESPONSE']._serialized_end=1488
-  _globals['_STATSREQUEST']._serialized_start=1490
-  _globals['_STATSREQUEST']._serialized_end=1504
-  _globals['_WORKERSTATS']._serialized_start=1507
-  _globals['_WORKERSTATS']._serialized_end=1819
-  _globals['_DECODEWORKER']._serialized_start=1822
-  _globals['_DECODEWORKER']._serialized_end=2229
-  _globals['_PREFILLWORKER']._serialized_start=2232
-  _globals['_PREFILLWORKER']._serialized_end=2479
+  _globals['_SAMPLINGPARAMS']._serialized_end=582
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=478
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=526
+  _globals['_TRANSFERDESCRIPTOR']._serialized_start=585
+  _globals['_TRANSFERDESCRIPTOR']._serialized_end=827
+  _globals['_RESERVEREQUEST']._serialized_start=830
+  _globals['_RESERVEREQUEST']._serialized_end=1008
+  _globals['_DECODEREQUEST']._serialized_start=1010
+  _globals['_DECODEREQUEST']._serialized_end=1045
+  _globals['_GENERATEREQUEST']._serialized_start=1048
+  _globals['_GENERATEREQUEST']._serialized_end=1185
+  _globals['_TOKENCHUNK']._serialized_start=1188
+  _globals['_TOKENCHUNK']._serialized_end=1467
+  _globals['_TOPLOGPROBS']._serialized_start=1469
+  _globals['_TOPLOGPROBS']._serialized_end=1519
+  _globals['_PREFILLREQUEST']._serialized_start=1522
+  _globals['_PREFILLREQUEST']._serialized_end=1717
+  _globals['_PREFILLRESPONSE']._serialized_start=1720
+  _globals['_PREFILLRESPONSE']._serialized_end=1936
+  _globals['_ABORTREQUEST']._serialized_start=1938
+  _globals['_ABORTREQUEST']._serialized_end=1988
+  _globals['_ABORTRESPONSE']._serialized_start=1990
+  _globals['_ABORTRESPONSE']._serialized_end=2020
+  _globals['_STATSREQUEST']._serialized_start=2022
+  _globals['_STATSREQUEST']._serialized_end=2036
+  _globals['_WORKERSTATS']._serialized_start=2039
+  _globals['_WORKERSTATS']._serialized_end=2351
+  _globals['_DECODEWORKER']._serialized_start=2354
+  _globals['_DECODEWORKER']._serialized_end=2761
+  _globals['_PREFILLWORKER']._serialized_start=2764
+  _globals['_PREFILLWORKER']._serialized_end=3011
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,12 @@ when installed) that serves both APIs: the HTTP API on uvicorn, the gRPC API on 
 every call to workers on grpc.aio channels. No thread per request or per connection. The
 constructor returns once both ports are bound; `stop()` lets running calls end briefly, then
 closes everything.
+
+What one client can hold is bounded at each door (router.* limits in cluster.yaml): requests in
+flight by the orchestrator (both APIs), with uvicorn's limit_concurrency and gRPC's
+maximum_concurrent_rpcs as backstops above it; HTTP sizes and timeouts by router/http_limits.py;
+the gRPC request size by the server's receive limit; undecodable gRPC requests by the services
+registered through proto.server.add_checked_service.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import uvicorn
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.kv_events import KVEventReader
@@ -26,11 +32,12 @@ from splitserve.cluster.registry import Registry
 from splitserve.engine.checkpoint import checkpoint_fingerprint, safetensors_files
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.tokenizer import Tokenizer
-from splitserve.proto import public_pb2, public_pb2_grpc
-from splitserve.proto.server import start_aio_server
+from splitserve.proto import public_pb2
+from splitserve.proto.server import add_checked_service, start_aio_server
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.grpc_api import AdminService, GenerationService
 from splitserve.router.http_api import OpenAIFrontend, build_app
+from splitserve.router.http_limits import BodyLimits, HTTPLimits, http_protocol
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.orchestrator import Orchestrator
 from splitserve.router.policy import make_policy
@@ -90,6 +97,7 @@ class Router:
             max_model_len=config.model.max_model_len, transport=config.kv_transfer.transport,
             timeout=config.router.request_timeout_s, max_retries=config.router.max_retries, block_size=config.block_size,
             colocated=config.colocated, admission=config.slo.admission, slo_ttft_ms=config.slo.ttft_ms, slo_slack=config.slo.slack,
+            max_concurrent=config.router.max_concurrent_requests,
         )
         self.api_keys = frozenset(config.api_keys)
         special = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
@@ -113,15 +121,22 @@ class Router:
     async def _serve(self) -> None:
         try:
             self._stopping = asyncio.Event()
-            names = [public_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Generation", "Admin")]
+            services = public_pb2.DESCRIPTOR.services_by_name
+            names = [services[s].full_name for s in ("Generation", "Admin")]
+            rc = self.config.router
+            backstop = 2 * rc.max_concurrent_requests  # the orchestrator refuses first; these bound what never reaches it
 
             def add(server) -> None:
-                public_pb2_grpc.add_GenerationServicer_to_server(GenerationService(self.orchestrator, self.api_keys), server)
-                public_pb2_grpc.add_AdminServicer_to_server(AdminService(self.registry, self.config.name, self.orchestrator.model_name, self.api_keys), server)
-                reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+                add_checked_service(server, GenerationService(self.orchestrator, self.api_keys, rc.send_timeout_s), services["Generation"])
+                add_checked_service(server, AdminService(self.registry, self.config.name, self.orchestrator.model_name, self.api_keys), services["Admin"])
+                add_checked_service(server, reflection.aio.ReflectionServicer([*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"]),
+                                    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
 
-            self.grpc, self.grpc_port = await start_aio_server(self.config.router.host, self._grpc_port, add, names)
-            config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+            self.grpc, self.grpc_port = await start_aio_server(rc.host, self._grpc_port, add, names, max_message_bytes=rc.max_request_bytes,
+                                                               max_concurrent_rpcs=backstop)
+            limits = HTTPLimits(rc.max_request_bytes, rc.max_header_bytes, rc.header_timeout_s, rc.body_timeout_s, rc.send_timeout_s)
+            config = uvicorn.Config(BodyLimits(self.app, limits), http=http_protocol(limits), ws="none", limit_concurrency=backstop,
+                                    log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
             self.http = uvicorn.Server(config)
             http_task = asyncio.ensure_future(self.http.serve(sockets=[self._sock]))
         except BaseException as e:

@@ -8,6 +8,7 @@ write Redis on a worker thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -16,13 +17,25 @@ import grpc
 import grpc.aio
 
 from splitserve.cluster.registry import Registry, WorkerRecord
+from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import public_pb2, public_pb2_grpc
-from splitserve.proto.status import grpc_code
+from splitserve.proto.convert import processors_from_proto, top_to_proto
+from splitserve.proto.status import StatusError, grpc_code
 from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator, timings_to_proto
 
 logger = logging.getLogger(__name__)
 API_KEY_HEADER = "authorization"
+# A request id is logged, kept with its timings and sent to both workers: an id, not a payload.
+MAX_REQUEST_ID_CHARS = 256
+# A status message travels in a trailer, percent-encoded, and clients refuse trailers past 8 KiB
+# (gRPC's default): one that quotes a caller's 10 KB model name would reach the caller as
+# RESOURCE_EXHAUSTED instead of the status it is.
+MAX_DETAILS_CHARS = 1000
+
+
+def details(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS_CHARS else f"{message[:MAX_DETAILS_CHARS]}... ({len(message)} characters)"
 
 
 def params_from_public(p: public_pb2.SamplingParams) -> SamplingParams:
@@ -36,12 +49,14 @@ def params_from_public(p: public_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
+        **processors_from_proto(p),
     )
 
 
 def chunk_to_public(c: Chunk) -> public_pb2.GenerateResponse:
     msg = public_pb2.GenerateResponse(
-        request_id=c.request_id, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text, finished=c.finished, finish_reason=c.finish_reason or ""
+        request_id=c.request_id, token_ids=c.token_ids, logprobs=c.logprobs, text=c.text, finished=c.finished, finish_reason=c.finish_reason or "",
+        top_logprobs=top_to_proto(c.top_logprobs, public_pb2.TopLogprobs),
     )
     if c.usage is not None:
         msg.usage.CopyFrom(public_pb2.Usage(**c.usage))
@@ -60,9 +75,16 @@ async def check_api_key(context: grpc.aio.ServicerContext, api_keys: frozenset[s
 
 
 class GenerationService(public_pb2_grpc.GenerationServicer):
-    def __init__(self, orchestrator: Orchestrator, api_keys: frozenset[str]) -> None:
+    """`send_timeout`: how long a response may wait for a caller that reads nothing (HTTP/2 flow
+    control holds the write) before its request is aborted as if the caller had left, freeing
+    its slot on the router and both legs; else a stalled reader would hold them as long as it
+    likes. The call itself ends DEADLINE_EXCEEDED once the caller reads again (grpc.aio cannot
+    end a call whose write is pending)."""
+
+    def __init__(self, orchestrator: Orchestrator, api_keys: frozenset[str], send_timeout: float | None = None) -> None:
         self.orch = orchestrator
         self.api_keys = api_keys
+        self.send_timeout = send_timeout
 
     async def Generate(self, request: public_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         await check_api_key(context, self.api_keys)
@@ -70,14 +92,22 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
         prompt = request.text if kind == "text" else list(request.token_ids.ids) if kind == "token_ids" else ""
         failed: Exception | None = None
         try:
+            if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+                raise InvalidRequestError("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request.request_id)}")
             slos = {f: getattr(request, f) for f in ("slo_ttft_ms", "slo_tpot_ms") if request.HasField(f)}
             stream = self.orch.generate(GenerateInput(prompt, params_from_public(request.params), request.request_id, request.model, **slos))
         except Exception as e:
             failed, stream = e, None
         if stream is not None:
+            dropped: list[bool] = []
             try:
                 async for chunk in stream:  # a caller that leaves cancels this task: the stream aborts both legs
-                    yield chunk_to_public(chunk)
+                    watch = self._watch_write(stream, dropped)
+                    yield chunk_to_public(chunk)  # resumed once the message is written
+                    if watch is not None:
+                        watch.cancel()
+                    if dropped:
+                        raise StatusError("DEADLINE_EXCEEDED", f"the caller read nothing for {self.send_timeout:g} s; its request was aborted")
             except Exception as e:
                 failed = e
             finally:
@@ -85,7 +115,19 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
         if failed is not None:
             if getattr(failed, "retry_after", None):
                 context.set_trailing_metadata((("retry-after", str(math.ceil(failed.retry_after))),))
-            await context.abort(grpc_code(failed), str(failed))
+            await context.abort(grpc_code(failed), details(str(failed)))
+
+    def _watch_write(self, stream, dropped: list[bool]) -> asyncio.TimerHandle | None:
+        """Abort the request if this write is still waiting after `send_timeout`."""
+        if self.send_timeout is None:
+            return None
+
+        def drop() -> None:
+            logger.warning("aborting a request whose gRPC caller read nothing for %g s", self.send_timeout)
+            dropped.append(True)
+            asyncio.ensure_future(_close(stream))
+
+        return asyncio.get_running_loop().call_later(self.send_timeout, drop)
 
     async def Abort(self, request: public_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> public_pb2.AbortResponse:
         await check_api_key(context, self.api_keys)
@@ -95,8 +137,13 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
         await check_api_key(context, self.api_keys)
         t = self.orch.timings(request.request_id)
         if t is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no timings for request {request.request_id!r} (unknown, running, or too old)")
+            await context.abort(grpc.StatusCode.NOT_FOUND, details(f"no timings for request {request.request_id!r} (unknown, running, or too old)"))
         return timings_to_proto(t)
+
+
+async def _close(stream) -> None:
+    with contextlib.suppress(RuntimeError):  # running again (the write went through): the servicer stops it
+        await stream.aclose()
 
 
 def worker_info(r: WorkerRecord, now: float) -> public_pb2.WorkerInfo:
@@ -121,7 +168,7 @@ class AdminService(public_pb2_grpc.AdminServicer):
         try:
             return await asyncio.to_thread(fn, *args)
         except Exception as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"registry unreachable: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, details(f"registry unreachable: {e}"))
 
     async def Status(self, request, context) -> public_pb2.ClusterStatus:
         await check_api_key(context, self.api_keys)
@@ -145,7 +192,7 @@ class AdminService(public_pb2_grpc.AdminServicer):
         workers = await self._redis(context, self.registry.workers)
         record = next((w for w in workers if w.worker_id == request.worker_id), None)
         if record is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"worker_id: no worker {request.worker_id!r} in cluster {self.cluster!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, details(f"worker_id: no worker {request.worker_id!r} in cluster {self.cluster!r}"))
         targets = await self._redis(context, self.registry.targets)
         await self._redis(context, self.registry.set_target, record.role, max(0, targets.get(record.role, 1) - 1))  # do not replace it
         await self._redis(context, self.registry.request_drain, record.worker_id)

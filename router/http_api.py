@@ -3,10 +3,13 @@ not), /v1/models, /health, /metrics, /v1/requests/{id}/timings (where a request'
 and /docs + /openapi.json.
 
 Bodies are pydantic models (router/openai_protocol.py); a wrong type, a bad value or an unknown
-field is a 400 whose message and `param` name the field. Errors use the OpenAI error shape,
-with statuses from proto.status. A streaming request's first chunk is awaited before the
-response starts, so a failure before the first token still gets its own status; later failures
-are reported in-band, as OpenAI does. A client that disconnects aborts its request's two legs.
+field is a 400 whose message and `param` name the field; a body that is not JSON at all (cut
+short, not UTF-8, nested too deeply) is a 400 that says which. Errors use the OpenAI error
+shape, with statuses from proto.status. What is refused before a request reaches a route
+(oversized, too slow, unparsable HTTP) is router/http_limits.py's. A streaming request's first
+chunk is awaited before the response starts, so a failure before the first token still gets its
+own status; later failures are reported in-band, as OpenAI does. A client that disconnects
+aborts its request's two legs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import jinja2
@@ -23,6 +27,7 @@ import jinja2.sandbox
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve.engine.errors import InvalidRequestError
@@ -56,20 +61,36 @@ class HTTPError(Exception):
 
 
 def render_chat(template: str, messages: list[dict], **special: Any) -> str:
-    """Render a checkpoint's chat template (tokenizer_config.json) for a new assistant turn."""
+    """Render a checkpoint's chat template (tokenizer_config.json) for a new assistant turn.
+    Messages the template cannot render (it raised, or failed on their content) are the
+    request's fault: InvalidRequestError naming `messages`."""
 
     def raise_exception(message: str) -> None:
         raise InvalidRequestError("messages", message)
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    compiled = env.from_string(template)  # a broken template is the checkpoint's fault, not the request's
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=True, **special)
+    except InvalidRequestError:
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, RecursionError) as e:
+        raise InvalidRequestError("messages", f"the chat template cannot render these messages: {type(e).__name__}: {e}") from None
 
 
-def error_response(status: str, message: str, param: str | None = None, retry_after: float | None = None) -> JSONResponse:
-    code = STATUSES.get(status, STATUSES["INTERNAL"])[1]
+def error_body(status: str, message: str, param: str | None = None, code: int | None = None) -> dict:
+    """The OpenAI error shape. `code` is the HTTP status: the canonical status's (proto.status)
+    unless the HTTP layer has a more precise one (405, 408, 413, 431)."""
+    code = code or STATUSES.get(status, STATUSES["INTERNAL"])[1]
+    return {"error": {"message": message, "type": status.lower(), "param": param, "code": code}}
+
+
+def error_response(status: str, message: str, param: str | None = None, retry_after: float | None = None,
+                   code: int | None = None) -> JSONResponse:
+    body = error_body(status, message, param, code)
+    code = body["error"]["code"]
     headers = {"Retry-After": str(math.ceil(retry_after or RETRY_AFTER_SECONDS))} if code in (429, 503) else None
-    body = {"error": {"message": message, "type": status.lower(), "param": param, "code": code}}
     return JSONResponse(body, status_code=code, headers=headers)
 
 
@@ -81,13 +102,45 @@ def _param(loc: tuple) -> str:
     return out
 
 
+def _unparsable(cause: BaseException) -> str:
+    """Why a body FastAPI could not decode is not JSON, for the client."""
+    if isinstance(cause, RecursionError):
+        return "malformed JSON body: nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 JSON: {cause.reason} at byte {cause.start}"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "malformed JSON body: an integer has too many digits"
+    return f"malformed JSON body: {type(cause).__name__}"
+
+
+class JSONBodyRoute(APIRoute):
+    """A route whose body decode errors say what is wrong with the body. FastAPI turns every
+    failure to decode a JSON body other than a syntax error (invalid UTF-8, nesting too deep
+    for the parser, an integer too long to convert) into one 'There was an error parsing the
+    body'."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except StarletteHTTPException as e:
+                if e.status_code == 400 and e.__cause__ is not None:
+                    raise HTTPError("INVALID_ARGUMENT", _unparsable(e.__cause__)) from None
+                raise
+
+        return route
+
+
 def validation_error(exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0]
     if err.get("type") == "json_invalid":
         return error_response("INVALID_ARGUMENT", f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
-    param = _param(tuple(err.get("loc", ())))
-    if not param:
+    loc = tuple(err.get("loc", ()))
+    if loc in ((), ("body",)):
         return error_response("INVALID_ARGUMENT", f"the body must be a JSON object: {err['msg']}")
+    param = _param(loc)
     message = "is not a field of this request (unknown fields are refused, not ignored)" if err["type"] == "extra_forbidden" else err["msg"]
     return error_response("INVALID_ARGUMENT", f"{param}: {message}", param)
 
@@ -113,11 +166,13 @@ class OpenAIFrontend:
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
         ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **self.special), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return GenerateInput(ids, body.sampling_params(max_tokens), model=body.model or "", kind="chat",
-                             slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms)
+        with _renamed(chat_fields(body)):
+            params = body.sampling_params(max_tokens)
+        return GenerateInput(ids, params, model=body.model or "", kind="chat", slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms)
 
-    async def respond(self, kind: str, inp: GenerateInput, stream: bool, include_usage: bool) -> Response:
-        chunks = self.orch.generate(inp)  # validation errors raise here, before any byte is sent
+    async def respond(self, kind: str, inp: GenerateInput, stream: bool, include_usage: bool, fields: dict[str, str] | None = None) -> Response:
+        with _renamed(fields or {}):
+            chunks = self.orch.generate(inp)  # validation errors raise here, before any byte is sent
         created = int(time.time())
         if not stream:
             return JSONResponse((await self._collect(kind, chunks, created)).model_dump(exclude_none=False), headers=None)
@@ -167,6 +222,23 @@ class OpenAIFrontend:
             await chunks.aclose()
 
 
+def chat_fields(body: ChatCompletionRequest) -> dict[str, str]:
+    """The engine's field names -> the chat request's, for errors: its prompt is `messages`, its
+    output length `max_completion_tokens` when it sent that."""
+    return {"prompt": "messages", **({"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else {})}
+
+
+@contextmanager
+def _renamed(names: dict[str, str]) -> Iterator[None]:
+    """Re-raise an InvalidRequestError about an engine field under the name the client used."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        if e.field not in names:
+            raise
+        raise type(e)(names[e.field], str(e).split(": ", 1)[-1]) from None
+
+
 async def _sse(first: str, events: AsyncIterator[str]) -> AsyncIterator[bytes]:
     try:
         yield b"data: " + first.encode() + b"\n\n"
@@ -184,6 +256,7 @@ async def _sse(first: str, events: AsyncIterator[str]) -> AsyncIterator[bytes]:
 def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
     orch = frontend.orch
     app = FastAPI(title="splitserve", summary="OpenAI-compatible API of a disaggregated prefill/decode cluster", version="1")
+    app.router.route_class = JSONBodyRoute
 
     async def check_key(request: Request) -> None:
         header = request.headers.get("authorization", "")
@@ -204,10 +277,7 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
     async def on_starlette_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         status = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}.get(e.status_code, "INVALID_ARGUMENT")
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        response = error_response(status, message)
-        if e.status_code == 405:
-            response.status_code = 405
-        return response
+        return error_response(status, message, code=405 if e.status_code == 405 else None)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, e: Exception) -> JSONResponse:
@@ -223,7 +293,7 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=keyed, response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         options = body.stream_options
-        return await frontend.respond("chat", frontend.chat_input(body), body.stream, bool(options and options.include_usage))
+        return await frontend.respond("chat", frontend.chat_input(body), body.stream, bool(options and options.include_usage), chat_fields(body))
 
     @app.get("/v1/models", dependencies=keyed, response_model=ModelList)
     async def models() -> ModelList:

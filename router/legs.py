@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.proto import worker_pb2, worker_pb2_grpc
-from splitserve.proto.convert import params_to_proto
+from splitserve.proto.convert import params_to_proto, top_from_proto
 from splitserve.proto.server import OPTIONS, token_metadata
 from splitserve.proto.status import StatusError
 
@@ -70,8 +70,9 @@ class WorkerClient:
 
     # ---- decode side ---------------------------------------------------------------------
     async def reserve(self, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams, transport: str,
-                      timeout: float) -> worker_pb2.TransferDescriptor:
-        req = worker_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, transport=transport)
+                      timeout: float, output_prefix: list[int] = ()) -> worker_pb2.TransferDescriptor:
+        req = worker_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, transport=transport,
+                                        output_prefix=output_prefix)
         try:
             return await self.decode.Reserve(req, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
@@ -81,9 +82,10 @@ class WorkerClient:
         call = self.decode.Decode(worker_pb2.DecodeRequest(request_id=request_id), timeout=timeout, metadata=self.metadata)
         return DecodeStream(self, call)
 
-    def open_generate(self, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams, timeout: float) -> "DecodeStream":
+    def open_generate(self, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams, timeout: float,
+                      output_prefix: list[int] = ()) -> "DecodeStream":
         """Selective disaggregation: the decode worker prefills the prompt itself."""
-        req = worker_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, params=params)
+        req = worker_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, params=params, output_prefix=output_prefix)
         return DecodeStream(self, self.decode.Generate(req, timeout=timeout, metadata=self.metadata))
 
     def abort_decode(self, request_id: str, reason: str) -> None:
@@ -91,8 +93,9 @@ class WorkerClient:
 
     # ---- prefill side --------------------------------------------------------------------
     def start_prefill(self, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams,
-                      descriptor: worker_pb2.TransferDescriptor, timeout: float) -> grpc.aio.UnaryUnaryCall:
-        req = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, descriptor=descriptor)
+                      descriptor: worker_pb2.TransferDescriptor, timeout: float, output_prefix: list[int] = ()) -> grpc.aio.UnaryUnaryCall:
+        req = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, descriptor=descriptor,
+                                        output_prefix=output_prefix)
         return self.prefill.Prefill(req, timeout=timeout, metadata=self.metadata)
 
     def abort_prefill(self, request_id: str, reason: str) -> None:
@@ -169,9 +172,9 @@ class DecodeStream:
 
 
 async def prefill_watching(prefill: WorkerClient, stream: DecodeStream, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams,
-                           descriptor: worker_pb2.TransferDescriptor, timeout: float) -> worker_pb2.PrefillResponse:
+                           descriptor: worker_pb2.TransferDescriptor, timeout: float, output_prefix: list[int] = ()) -> worker_pb2.PrefillResponse:
     """Run the prefill leg while watching the decode leg; the first failure of either ends it."""
-    call = prefill.start_prefill(request_id, prompt, params, descriptor, timeout)
+    call = prefill.start_prefill(request_id, prompt, params, descriptor, timeout, output_prefix)
     result = asyncio.ensure_future(_result(call))
     try:
         done, _ = await asyncio.wait({result, stream.ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -200,6 +203,7 @@ class RequestResult:
     request_id: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -249,6 +253,7 @@ def run_disaggregated(prefill: str, decode: str, request_id: str, prompt_token_i
             async for chunk in stream_disaggregated(p, d, request_id, prompt_token_ids, params, timings=result.timings, **kw):
                 result.token_ids.extend(chunk.token_ids)
                 result.logprobs.extend(chunk.logprobs)
+                result.top_logprobs.extend(top_from_proto(chunk.top_logprobs))
                 result.text += chunk.text
                 if chunk.finished:
                     result.finish_reason = chunk.finish_reason

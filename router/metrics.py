@@ -41,7 +41,7 @@ class RouterMetrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens.", registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests in flight through this router.", registry=r)
-        self.refused = Counter(p + "requests_refused", "Requests refused at admission (reason: slo = predicted TTFT beyond the SLO).",
+        self.refused = Counter(p + "requests_refused", "Requests refused at admission (reason: slo = predicted TTFT beyond the SLO; overloaded = router.max_concurrent_requests in flight).",
                                ["reason"], registry=r)
         self.paths = Counter(p + "requests_by_path", "Finished requests by path: disaggregated, or prefilled locally on the decode worker.",
                              ["path"], registry=r)

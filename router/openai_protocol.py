@@ -1,39 +1,57 @@
 """The OpenAI protocol's request and response bodies, as pydantic models.
 
-Requests are strict: a wrong type is refused (no "10" for 10, no true for 1), and a field this
-server does not know is refused by name rather than ignored. The validation errors become 400s
-naming the field (router/http_api.py). Extensions beyond OpenAI's fields follow vLLM's names
-(`top_k`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`).
+Requests are strict: a wrong type is refused (no "10" for 10, no true for 1), numbers are finite
+(Python's JSON parser accepts NaN and Infinity; JSON does not), strings are Unicode text (a lone
+surrogate escape such as "\\ud800" would reach the tokenizer and the wire, which refuse it), and
+a field this server does not know is refused by name rather than ignored. The validation errors
+become 400s naming the field (router/http_api.py). Extensions beyond OpenAI's fields follow
+vLLM's names (`top_k`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError, WrapValidator
+from pydantic import AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 
-Number = Annotated[float, Strict()]  # an int or a float, never a bool or a string
+Number = Annotated[float, Strict(), AllowInfNan(False)]  # a finite int or float, never a bool or a string
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("unicode", "must be Unicode text: {reason} at character {start}",
+                                  {"reason": e.reason, "start": e.start}) from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
 
 
 def _one_of(description: str) -> WrapValidator:
-    """One clear error for a union ("must be X or Y") instead of one per alternative."""
+    """One clear error for a union ("must be X or Y") instead of one per alternative, unless
+    the value has the right shape and only its text is bad."""
 
     def wrap(value: Any, handler):
         try:
             return handler(value)
-        except ValidationError:
+        except ValidationError as e:
+            bad_text = next((err for err in e.errors() if err["type"] == "unicode"), None)
+            if bad_text is not None:
+                raise PydanticCustomError("unicode", bad_text["msg"]) from None
             raise PydanticCustomError("one_of", f"must be {description}") from None
 
     return WrapValidator(wrap)
 
 
 TokenIds = list[StrictInt]
-Prompt = Annotated[StrictStr | TokenIds | list[StrictStr] | list[TokenIds], _one_of("a string, a list of token ids, or a list of either")]
-Stop = Annotated[StrictStr | list[StrictStr] | None, _one_of("a string or a list of strings")]
+Prompt = Annotated[Text | TokenIds | list[Text] | list[TokenIds], _one_of("a string, a list of token ids, or a list of either")]
+Stop = Annotated[Text | list[Text] | None, _one_of("a string or a list of strings")]
 
 
 class _Body(BaseModel):
@@ -47,7 +65,7 @@ class StreamOptions(_Body):
 class _Sampling(_Body):
     """Fields both endpoints share."""
 
-    model: StrictStr | None = None
+    model: Text | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: Number | None = None
@@ -57,7 +75,7 @@ class _Sampling(_Body):
     seed: StrictInt | None = None
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
-    user: StrictStr | None = None
+    user: Text | None = None
     # extensions
     top_k: StrictInt | None = None
     ignore_eos: StrictBool = False
@@ -93,7 +111,7 @@ class CompletionRequest(_Sampling):
     echo: StrictBool = False
     logprobs: StrictInt | None = None
     best_of: StrictInt | None = None
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -116,13 +134,13 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Annotated[StrictStr | list[TextPart] | None, _one_of("a string or a list of text parts")]
-    name: StrictStr | None = None
+    content: Annotated[Text | list[TextPart] | None, _one_of("a string or a list of text parts")]
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -138,8 +156,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: StrictInt | None = None
 
     def check_supported(self) -> None:
-        if self.logprobs or self.top_logprobs is not None:
+        if self.logprobs:
             raise InvalidRequestError("logprobs", "is not supported by this server")
+        if self.top_logprobs is not None:
+            raise InvalidRequestError("top_logprobs", "is not supported by this server")
 
 
 # ---- responses -----------------------------------------------------------------------------

@@ -21,15 +21,15 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from splitserve.engine.block_pool import block_hashes
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.prompt import check_fits, encode_prompt
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.prompt import check_fits, check_token_ids, encode_prompt
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
-from splitserve.proto.convert import params_to_proto
+from splitserve.proto.convert import params_to_proto, top_from_proto
 from splitserve.proto.status import StatusError, status_of
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.legs import LegError, WorkerClient, prefill_watching
@@ -51,6 +51,14 @@ class GenerateInput:
     kind: str = "completion"  # "completion" | "chat"
     slo_ttft_ms: float | None = None  # this request's SLO; None: the cluster's (slo.ttft_ms)
     slo_tpot_ms: float | None = None
+
+
+class OverloadedError(StatusError):
+    """This router already has its most requests in flight (router.max_concurrent_requests)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("UNAVAILABLE", f"the router is serving its limit of {limit} concurrent requests; retry shortly")
+        self.retry_after = 1.0
 
 
 class SLORefusedError(StatusError):
@@ -79,6 +87,8 @@ class Timings:
     path: str = ""  # "disaggregated" | "local"
     prefill_cached_tokens: int = 0  # prompt tokens the prefill worker did not compute
     decode_cached_tokens: int = 0  # prompt tokens the decode worker already held (not moved)
+    predicted_ttft: float = 0.0  # what the routing policy expected (workload_aware)
+    predicted_output: int = 0
     outcome: str = "running"
 
     def to_dict(self) -> dict:
@@ -95,6 +105,7 @@ class Chunk:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     timings: Timings | None = None
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when params.top_logprobs > 0
 
 
 @dataclass
@@ -104,11 +115,45 @@ class _Started:
 
     first_token: list[int]
     first_logprob: list[float]
+    first_top: list[TopLogprobs]
     stream: AsyncIterator
     skip: int
     cached_tokens: int  # prompt tokens not recomputed
     route: Route
     request: RouteRequest
+
+
+@dataclass
+class _Attempts:
+    """A request's budget of re-dispatches (before its first token, and failovers after) and
+    the workers that already failed it."""
+
+    max_retries: int
+    n: int = 0
+    exclude: set[str] = field(default_factory=set)
+    last: LegError | None = None
+
+    def spent(self) -> bool:
+        return self.n >= self.max_retries
+
+    def failed(self, e: LegError) -> None:
+        self.n += 1
+        self.exclude.add(e.worker_id)
+        self.last = e
+
+
+@dataclass
+class _Stream:
+    """What the client has received of a request so far."""
+
+    rid: str
+    prompt: list[int]
+    inp: GenerateInput
+    timings: Timings
+    arrival: float
+    text: "_Text"
+    tokens: list[int] = field(default_factory=list)
+    last_emit: float = 0.0
 
 
 @dataclass
@@ -142,6 +187,7 @@ class Orchestrator:
         admission: bool = False,
         slo_ttft_ms: float = 5000.0,
         slo_slack: float = 1.0,
+        max_concurrent: int | None = None,
     ) -> None:
         self.view = view
         self.policy = policy
@@ -157,6 +203,7 @@ class Orchestrator:
         self.block_size = block_size
         self.colocated = colocated
         self.admission, self.slo_ttft_ms, self.slo_slack = admission, slo_ttft_ms, slo_slack
+        self.max_concurrent = max_concurrent
         self._legs: dict[str, _Legs] = {}
         self._timings: OrderedDict[str, Timings] = OrderedDict()
 
@@ -170,11 +217,16 @@ class Orchestrator:
                 raise InvalidRequestError(name, f"must be > 0 milliseconds, got {value}")
         ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, inp.prompt)
         check_fits(len(ids), inp.params.max_tokens, self.max_model_len)
+        check_token_ids(inp.params, self.model_config.vocab_size)
         return ids
 
     def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
         """Validate at once (raises before the first chunk), then stream. Closing the stream
-        early (the client left) aborts both legs."""
+        early (the client left) aborts both legs. Beyond `max_concurrent` requests in flight, over
+        both APIs, the answer is UNAVAILABLE at once (before any work for it)."""
+        if self.max_concurrent is not None and len(self._legs) >= self.max_concurrent:
+            self.metrics.refused.labels("overloaded").inc()
+            raise OverloadedError(self.max_concurrent)
         prompt = self.validate(inp)
         rid = inp.request_id or f"req-{uuid.uuid4().hex}"
         if rid in self._legs:
@@ -183,52 +235,34 @@ class Orchestrator:
         return self._run(rid, prompt, inp)
 
     async def _run(self, rid: str, prompt: list[int], inp: GenerateInput) -> AsyncIterator[Chunk]:
-        params = inp.params
         t = Timings(rid)
         arrival = time.monotonic()
         deadline = arrival + self.timeout
         left = lambda: max(0.001, deadline - time.monotonic())  # noqa: E731
         legs = self._legs[rid]
         held: list[tuple[str, str, tuple[int, int, int, int]]] = []  # (worker, role, in-flight counts) to give back
-        text = _Text(self.tokenizer, params.stop, params.skip_special_tokens)
-        out_tokens: list[int] = []
+        s = _Stream(rid, prompt, inp, t, arrival, _Text(self.tokenizer, inp.params.stop, inp.params.skip_special_tokens))
+        attempts = _Attempts(self.max_retries)
         self.metrics.running.inc()
         try:
-            started = await self._dispatch(rid, prompt, inp, t, legs, held, left)
-            last_emit = time.monotonic()
-            if started.first_token:
-                yield self._first(t, arrival, held, text, rid, started.first_token, started.first_logprob)
-                out_tokens += started.first_token
-                last_emit = time.monotonic()
-            skip = started.skip
-            async for chunk in started.stream:
-                now = time.monotonic()
-                tokens, logprobs = list(chunk.token_ids), list(chunk.logprobs)
-                if skip:
-                    dropped = min(skip, len(tokens))
-                    tokens, logprobs, skip = tokens[dropped:], logprobs[dropped:], skip - dropped
-                if chunk.kv_bytes or chunk.kv_transfer_seconds:
-                    t.transfer, t.kv_bytes = chunk.kv_transfer_seconds, chunk.kv_bytes
-                    self.metrics.kv_seconds.observe(t.transfer)
-                    self.metrics.kv_bytes.inc(t.kv_bytes)
-                if tokens and not out_tokens:  # the local path: the first token comes from the decode worker
-                    out = self._first(t, arrival, held, text, rid, tokens, logprobs)
-                else:
-                    if tokens and len(out_tokens) == 1:
-                        t.first_decode = now - last_emit
-                    for _ in tokens:
-                        self.metrics.itl.observe((now - last_emit) / len(tokens))
-                    out = Chunk(rid, tokens, logprobs, "".join(text.push(tok) for tok in tokens))
-                out_tokens += tokens
-                if tokens:
-                    last_emit = now
-                if chunk.finished:
-                    self._finished(t, arrival, out, chunk.finish_reason, prompt, out_tokens, started)
-                if tokens or out.finished:
-                    yield out
-                if chunk.finished:
+            started = await self._dispatch(rid, prompt, inp, t, legs, held, left, attempts)
+            while True:
+                try:
+                    async for out in self._relay(s, started, held):
+                        yield out
                     return
-            raise StatusError("INTERNAL", f"decode stream of {rid} ended without finishing")
+                except LegError as e:
+                    # the decode worker was lost mid-stream: continue the request elsewhere from the
+                    # tokens the client already has (a continuation: the same tokens a single
+                    # engine would produce, none repeated, none missing)
+                    if not s.tokens or e.leg != "decode" or e.status not in RETRYABLE["decode"] or attempts.spent() or legs.aborted:
+                        raise
+                    logger.warning("%s after %d tokens; continuing elsewhere", e, len(s.tokens))
+                    self._abort_legs(rid, legs, "decode leg lost")
+                    self._give_back(held)
+                    attempts.failed(e)
+                    self.metrics.retries.labels("decode_failover").inc()
+                    started = await self._dispatch(rid, prompt, inp, t, legs, held, left, attempts, output_prefix=list(s.tokens))
         except (GeneratorExit, asyncio.CancelledError):
             t.outcome = "cancelled"
             self._abort_legs(rid, legs, "client went away")
@@ -246,11 +280,47 @@ class Orchestrator:
             t.e2e = t.e2e or time.monotonic() - arrival
             self._finish(rid, t)
 
-    def _first(self, t: Timings, arrival: float, held: list, text: "_Text", rid: str, tokens: list[int], logprobs: list[float]) -> Chunk:
-        t.ttft = time.monotonic() - arrival
-        self.metrics.ttft.observe(t.ttft)
-        self._give_back(held, prompts_only=True)  # the prompt is computed: it no longer loads a prefill queue
-        return Chunk(rid, tokens, logprobs, "".join(text.push(tok) for tok in tokens))
+    async def _relay(self, s: "_Stream", started: _Started, held: list) -> AsyncIterator[Chunk]:
+        """The client's chunks from one placement of the request; returns once it finished."""
+        t = s.timings
+        if started.first_token:
+            yield self._emit(s, held, started.first_token, started.first_logprob, started.first_top)
+        skip = started.skip
+        async for chunk in started.stream:
+            tokens, logprobs, top = list(chunk.token_ids), list(chunk.logprobs), top_from_proto(chunk.top_logprobs)
+            if skip:
+                dropped = min(skip, len(tokens))
+                tokens, logprobs, top, skip = tokens[dropped:], logprobs[dropped:], top[dropped:], skip - dropped
+            if chunk.kv_bytes or chunk.kv_transfer_seconds:
+                t.transfer, t.kv_bytes = chunk.kv_transfer_seconds, chunk.kv_bytes
+                self.metrics.kv_seconds.observe(t.transfer)
+                self.metrics.kv_bytes.inc(t.kv_bytes)
+            out = self._emit(s, held, tokens, logprobs, top)
+            if chunk.finished:
+                self._finished(t, s.arrival, out, chunk.finish_reason, s.prompt, s.tokens, started)
+            if tokens or out.finished:
+                yield out
+            if chunk.finished:
+                return
+        raise StatusError("INTERNAL", f"decode stream of {s.rid} ended without finishing")
+
+    def _emit(self, s: "_Stream", held: list, tokens: list[int], logprobs: list[float], top: list[TopLogprobs]) -> Chunk:
+        """The chunk for new tokens, with the latencies they close: TTFT for the very first,
+        inter-token gaps after."""
+        now, t = time.monotonic(), s.timings
+        if tokens and not s.tokens:
+            t.ttft = now - s.arrival
+            self.metrics.ttft.observe(t.ttft)
+            self._give_back(held, prompts_only=True)  # the prompt is computed: it no longer loads a prefill queue
+        elif tokens:
+            if len(s.tokens) == 1:
+                t.first_decode = now - s.last_emit
+            for _ in tokens:
+                self.metrics.itl.observe((now - s.last_emit) / len(tokens))
+        if tokens:
+            s.tokens += tokens
+            s.last_emit = now
+        return Chunk(s.rid, tokens, logprobs, "".join(s.text.push(tok) for tok in tokens), top_logprobs=top)
 
     def _finished(self, t: Timings, arrival: float, out: Chunk, reason: str, prompt: list[int], tokens: list[int], started: _Started) -> None:
         t.e2e = time.monotonic() - arrival
@@ -259,7 +329,7 @@ class Orchestrator:
         out.usage = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens), "cached_tokens": started.cached_tokens}
         out.timings = t
         self.policy.observe(Outcome(started.route, started.request, t.prefill, t.prefill_cached_tokens, t.decode_cached_tokens,
-                                    t.transfer, t.kv_bytes, len(tokens)))
+                                    t.transfer, t.kv_bytes, len(tokens), t.ttft))
         m = self.metrics
         m.e2e.observe(t.e2e)
         m.prompt_tokens.inc(len(prompt))
@@ -282,42 +352,44 @@ class Orchestrator:
         self._abort_legs(rid, legs, f"request failed: {err}")
         return err
 
-    async def _dispatch(self, rid: str, prompt: list[int], inp: GenerateInput, t: Timings, legs: _Legs, held: list, left) -> _Started:
-        """Route and start the request; a leg that fails before the first token (its worker
-        unreachable or full) is tried again elsewhere, `max_retries` times at most."""
-        params = inp.params
+    async def _dispatch(self, rid: str, prompt: list[int], inp: GenerateInput, t: Timings, legs: _Legs, held: list, left,
+                        attempts: "_Attempts", output_prefix: list[int] | None = None) -> _Started:
+        """Route and start the request (or its continuation after `output_prefix`); a leg that
+        fails before its first token (its worker unreachable or full) is tried again elsewhere,
+        within the request's budget of `max_retries` re-dispatches."""
+        params, prefix = inp.params, output_prefix or []
         p_params = params_to_proto(params)
         bs = self.block_size
-        hashes = tuple(block_hashes(prompt, bs))
-        exclude: set[str] = set()
-        failed: LegError | None = None
-        for attempt in range(self.max_retries + 1):
+        context = prompt + prefix  # a continuation's KV covers what it generated so far
+        hashes = tuple(block_hashes(context, bs))
+        while True:
             if legs.aborted:
                 raise StatusError("ABORTED", f"request {rid} aborted")
             start = time.monotonic()
-            request = RouteRequest(rid, len(prompt), params.max_tokens, frozenset(exclude), hashes, bs, inp.kind, self.colocated)
+            request = RouteRequest(rid, len(context), params.max_tokens - len(prefix), frozenset(attempts.exclude), hashes, bs, inp.kind, self.colocated)
             try:
                 route = await self._route(request, left)
             except NoWorkerError as e:
-                if failed is None:
+                if attempts.last is None:
                     raise
-                raise StatusError(failed.status, f"{failed} (no other {failed.leg} worker to retry on: {e})") from None
+                raise StatusError(attempts.last.status, f"{attempts.last} (no other {attempts.last.leg} worker to retry on: {e})") from None
             t.route += time.monotonic() - start
-            if attempt == 0:
+            if attempts.n == 0:
                 self._admit(route, inp)
-            t.retries, t.path = attempt, route.path
+            t.retries, t.path = attempts.n, route.path
+            t.predicted_ttft, t.predicted_output = route.predicted_ttft, route.predicted_output
             t.prefill_worker, t.decode_worker = route.prefill.worker_id if route.prefill else "", route.decode.worker_id
-            legs.leg_id = lid = rid if attempt == 0 else f"{rid}.retry{attempt}"
+            legs.leg_id = lid = rid if attempts.n == 0 else f"{rid}.retry{attempts.n}"
             try:
-                return await self._start(route, request, lid, prompt, p_params, t, legs, held, left)
+                return await self._start(route, request, lid, prompt, prefix, p_params, t, legs, held, left)
             except LegError as e:
                 self._abort_legs(rid, legs, f"{e.leg} leg failed")
                 self._give_back(held)
-                if e.status not in RETRYABLE[e.leg] or attempt >= self.max_retries or legs.aborted:
+                if e.status not in RETRYABLE[e.leg] or attempts.spent() or legs.aborted:
                     raise
-                failed = e
-                self._retry(e, exclude)
-        raise AssertionError("unreachable")
+                attempts.failed(e)
+                logger.warning("%s; retrying elsewhere", e)
+                self.metrics.retries.labels(e.leg).inc()
 
     def _admit(self, route: Route, inp: GenerateInput) -> None:
         """Refuse at once what would miss its TTFT SLO because of queued work: better a 429 now,
@@ -329,37 +401,38 @@ class Orchestrator:
             self.metrics.refused.labels("slo").inc()
             raise SLORefusedError(why, retry_after=max(1.0, route.predicted_wait))
 
-    async def _start(self, route: Route, request: RouteRequest, lid: str, prompt: list[int], p_params, t: Timings, legs: _Legs,
-                     held: list, left) -> _Started:
-        bs, blocks = self.block_size, -(-len(prompt) // self.block_size)
+    async def _start(self, route: Route, request: RouteRequest, lid: str, prompt: list[int], prefix: list[int], p_params, t: Timings,
+                     legs: _Legs, held: list, left) -> _Started:
+        n = len(prompt) + len(prefix)
+        bs, blocks = self.block_size, -(-n // self.block_size)
         local = route.prefill is None  # then the decode worker has the prompt's missing tokens to compute
-        self._hold(held, route.decode, len(prompt) - route.decode_cached_blocks * bs if local else 0, blocks - route.decode_cached_blocks,
-                   route.heavy)
+        self._hold(held, route.decode, n - route.decode_cached_blocks * bs if local else 0, blocks - route.decode_cached_blocks, route.heavy)
         legs.decode = self.view.client(route.decode)
         legs.prefill = None
         start = time.monotonic()
         if local:  # selective disaggregation: the decode worker prefills it
-            stream = legs.decode.open_generate(lid, prompt, p_params, left())
+            stream = legs.decode.open_generate(lid, prompt, p_params, left(), prefix)
             head = await stream.first()  # a failure before the first token may still be retried
             t.decode_cached_tokens = head.num_cached_tokens
             t.prefill = time.monotonic() - start
-            return _Started([], [], stream.after(head), 0, head.num_cached_tokens, route, request)
-        self._hold(held, route.prefill, len(prompt) - route.prefill_cached_blocks * bs, blocks - route.prefill_cached_blocks)
+            return _Started([], [], [], stream.after(head), 0, head.num_cached_tokens, route, request)
+        self._hold(held, route.prefill, n - route.prefill_cached_blocks * bs, blocks - route.prefill_cached_blocks)
         legs.prefill = self.view.client(route.prefill)
-        desc = await legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0))
+        desc = await legs.decode.reserve(lid, prompt, p_params, self.transport, min(left(), 30.0), prefix)
         t.reserve = time.monotonic() - start
         t.decode_cached_tokens = desc.num_cached_blocks * bs
         self.metrics.route.observe(t.route + t.reserve)
         stream = legs.decode.open_decode(lid, left())
         try:
-            pre = await prefill_watching(legs.prefill, stream, lid, prompt, p_params, desc, left())
+            pre = await prefill_watching(legs.prefill, stream, lid, prompt, p_params, desc, left(), prefix)
         except LegError:
             stream.cancel()
             raise
         t.prefill_queue, t.prefill, t.prefill_cached_tokens = pre.queue_seconds, pre.prefill_seconds, pre.num_cached_tokens
         self.metrics.queue.observe(t.prefill_queue)
         self.metrics.prefill.observe(t.prefill)
-        return _Started([pre.first_token], [pre.first_logprob], stream, 1, pre.num_cached_tokens, route, request)
+        first_top = top_from_proto([pre.first_top_logprobs]) if pre.HasField("first_top_logprobs") else [[]]
+        return _Started([pre.first_token], [pre.first_logprob], first_top, stream, 1, pre.num_cached_tokens, route, request)
 
     async def _route(self, request: RouteRequest, left) -> Route:
         """The policy's pick. When a pool looks empty (a worker restarting, the registry just
@@ -374,11 +447,6 @@ class Orchestrator:
                 if ((snapshot.prefill or self.colocated) and snapshot.decode) or time.monotonic() >= end:
                     raise
                 await asyncio.sleep(0.1)
-
-    def _retry(self, err: LegError, exclude: set[str]) -> None:
-        logger.warning("%s; retrying elsewhere", err)
-        exclude.add(err.worker_id)
-        self.metrics.retries.labels(err.leg).inc()
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def _hold(self, held: list, worker: WorkerLoad, prompt_tokens: int, blocks: int, heavy: bool = False) -> None:

@@ -141,6 +141,7 @@ class Outcome:
     transfer_seconds: float
     kv_bytes: int
     output_tokens: int
+    ttft: float  # as the router measured it, arrival to first token
 
 
 def admission_refusal(route: Route, slo_ttft_s: float, slack: float) -> str | None:
@@ -271,6 +272,9 @@ class WorkloadAware(RoutingPolicy):
         self.lengths = lengths or OutputLengthModel()
         self.balance = {"prefill": _BoundedLoad(balance_factor, balance_window), "decode": _BoundedLoad(balance_factor, balance_window)}
         self._rng = random.Random(seed)
+        # what TTFT holds beyond the modelled compute and transfer (calls, scheduling ticks, the
+        # first layer's wait...), learned per path as the error of past predictions
+        self._overhead = {"local": PrefillModel.overhead_model(), "disaggregated": PrefillModel.overhead_model()}
 
     def choose(self, snapshot: Snapshot, request: RouteRequest) -> Route:
         matched = self.index.match(request.block_hashes) if self.index is not None and request.block_hashes else {}
@@ -300,8 +304,8 @@ class WorkloadAware(RoutingPolicy):
         backlog = d.queued_prefill_tokens + d.inflight_prompt_tokens
         if request.colocated or (missing <= self.local_prefill_tokens and backlog + missing <= 2 * self.local_prefill_tokens and fits(d, 0)):
             wait = self.prefill_model.seconds(d.worker_id, n, backlog)
-            return Route(decode=d, decode_cached_blocks=d_cached, predicted_ttft=wait + self.prefill_model.seconds(d.worker_id, n, missing),
-                         predicted_wait=wait, predicted_output=out, heavy=heavy)
+            predicted = wait + self.prefill_model.seconds(d.worker_id, n, missing) + self._extra("local")
+            return Route(decode=d, decode_cached_blocks=d_cached, predicted_ttft=predicted, predicted_wait=wait, predicted_output=out, heavy=heavy)
         move = lacks(d) * self.kv_block_bytes
 
         def ttft(p: WorkerLoad) -> tuple[float, float]:
@@ -312,6 +316,7 @@ class WorkloadAware(RoutingPolicy):
         p = self._pick(snapshot, request, "prefill", matched, lambda w: ttft(w)[0], lambda w: fits(w, 0))
         self.balance["prefill"].record(p.worker_id)
         predicted, wait = ttft(p)
+        predicted += self._extra("disaggregated")
         return Route(decode=d, prefill=p, prefill_cached_blocks=min(matched.get(p.worker_id, 0), blocks), decode_cached_blocks=d_cached,
                      predicted_ttft=predicted, predicted_wait=wait, predicted_output=out, heavy=heavy)
 
@@ -324,7 +329,10 @@ class WorkloadAware(RoutingPolicy):
         if len(near) == 1:
             return near[0]
         two = self._rng.sample(near, 2)  # TetriInfer: of two, the one with fewer heavy decodes
-        return min(two, key=lambda w: (w.inflight_heavy, lacks(w), w.used_blocks + w.reserved_blocks + w.inflight_blocks))
+        # then the smaller load; on a tie the one picked less recently, so that two idle
+        # workers share new conversations instead of a coin leaving one with both
+        recent = self.balance["decode"].counts
+        return min(two, key=lambda w: (w.inflight_heavy, lacks(w), w.used_blocks + w.reserved_blocks + w.inflight_blocks, recent[w.worker_id]))
 
     def _pick(self, snapshot: Snapshot, request: RouteRequest, role: str, matched: dict[str, int], cost, fits) -> WorkerLoad:
         pool = self._eligible(snapshot, request, role, matched, fits)
@@ -348,8 +356,13 @@ class WorkloadAware(RoutingPolicy):
         cap = self.balance[role]
         return [w for w in pool if cap.allows(w.worker_id, size)] or pool
 
+    def _extra(self, path: str) -> float:
+        return self._overhead[path].get(path) or 0.0
+
     def observe(self, o: Outcome) -> None:
         n, route = o.request.num_prompt_tokens, o.route
+        if route.predicted_ttft > 0:
+            self._overhead[route.path].add(route.path, max(0.0, self._extra(route.path) + o.ttft - route.predicted_ttft))
         if route.prefill is not None:
             self.prefill_model.observe(route.prefill.worker_id, n, n - o.prefill_cached_tokens, o.prefill_seconds)
             self.transfer_model.observe(route.prefill.worker_id, route.decode.worker_id, o.kv_bytes, o.transfer_seconds)

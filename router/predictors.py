@@ -67,6 +67,10 @@ class PrefillModel:
     def seconds(self, worker: str, context: int, tokens: int) -> float:
         return max(0, tokens) / self.tokens_per_s(worker, context)
 
+    @staticmethod
+    def overhead_model() -> _Ewma:
+        return _Ewma(alpha=0.1)
+
 
 class TransferModel:
     def __init__(self, prior_bytes_per_s: float = 1e9) -> None:

@@ -109,7 +109,7 @@ import splitserve
 splitserve.Client
 from splitserve.cluster.cli import build_parser
 build_parser().parse_args(["status"])
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "ray", "redis", "numpy", "tokenizers"))))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "ray", "redis", "tokenizers", "safetensors"))))
 """ % (sorted(_base_distributions() | {"splitserve"}), modules)
     out = run_python(code, tmp_path)
     assert out.returncode == 0, out.stderr

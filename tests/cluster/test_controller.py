@@ -17,6 +17,7 @@ class FakeBackend:
         self.registry = registry
         self.workers: dict[str, str] = {}
         self.stopped: list[str] = []
+        self.gone: set[str] = set()  # processes that died for good (restarts used up)
 
     def start(self, spec, resources) -> None:
         self.workers[spec.worker_id] = spec.role
@@ -28,6 +29,9 @@ class FakeBackend:
 
     def alive(self) -> dict[str, str]:
         return dict(self.workers)
+
+    def dead(self, worker_ids: list[str]) -> list[str]:
+        return [w for w in worker_ids if w in self.gone]
 
     def shutdown(self) -> None:
         self.workers.clear()
@@ -91,3 +95,16 @@ def test_heartbeat_records_expire(redis_url) -> None:
     assert [r.worker_id for r in registry.workers()] == ["w1"]
     time.sleep(0.5)
     assert registry.workers() == []
+
+
+def test_a_worker_whose_restarts_are_used_up_is_replaced(setup) -> None:
+    controller, backend, registry = setup
+    controller.reconcile()
+    first, second = by_role(backend, "decode")
+    for wid in (first, second):  # both stop beating: one is restarting, one is gone for good
+        registry.forget(wid)
+    backend.gone.add(first)
+    controller.reconcile()
+    assert first in backend.stopped and second not in backend.stopped
+    decode = by_role(backend, "decode")
+    assert len(decode) == 2 and first not in decode and second in decode

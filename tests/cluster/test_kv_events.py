@@ -142,7 +142,7 @@ def test_events_lost_while_redis_restarts_are_recovered(server) -> None:
     lost = w.cache_prompt(list(range(30, 38)))
     w.pub.publish()  # fails: a new epoch, whose first batch resets the readers' view
     assert w.pub.seq == 0
-    server.__init__(port=port)  # same address, empty data
+    server.__init__(port=port, password=server.password)  # same address and password, empty data
     w.pub.publish()
     reader.poll()
     reader.poll()

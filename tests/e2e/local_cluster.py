@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -20,16 +19,12 @@ import yaml
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.proto import worker_pb2
 from splitserve.proto.client import Client
-from tests.e2e.procs import Proc, launch
+from tests.e2e.procs import (
+    Proc,
+    launch,
+    wait_until,  # noqa: F401 - tests import it from here too
+)
 from tests.e2e.workers import WorkerStub
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
-        time.sleep(0.05)
 
 
 def post(base: str, body: dict, timeout: float = 60.0) -> tuple[int, dict, dict]:
@@ -103,8 +98,9 @@ class LocalCluster:
 
     def _launch_worker(self, role: str, flags: list[str]):
         beat, ttl = str(self.config["heartbeat_seconds"]), str(self.config["heartbeat_ttl_seconds"])
+        token = ["--token", self.config["cluster_token"]] if self.config.get("cluster_token") else []
         return launch(f"splitserve.{role}_worker", "--model", str(self.model), "--dtype", "float32", "--redis-url", self.redis.url,
-                      "--cluster", self.name, "--heartbeat-seconds", beat, "--heartbeat-ttl-seconds", ttl, *flags)
+                      "--cluster", self.name, "--heartbeat-seconds", beat, "--heartbeat-ttl-seconds", ttl, *token, *flags)
 
     def add_worker(self, role: str, *flags: str) -> Proc:
         proc = self._launch_worker(role, list(flags)).wait()
@@ -136,7 +132,7 @@ class LocalCluster:
 
     def stats(self, worker: Proc) -> worker_pb2.WorkerStats:
         """A worker's counters, read from the worker itself (not its last heartbeat)."""
-        stub = WorkerStub(worker.address)
+        stub = WorkerStub(worker.address, self.config.get("cluster_token"))
         try:
             return stub.stats(worker.ready["role"])
         finally:

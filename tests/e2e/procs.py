@@ -9,10 +9,25 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, ignore: tuple[type[BaseException], ...] = (), poll: float = 0.05) -> None:
+    """Poll `cond` until it holds; `ignore`: errors that mean "not yet" (a cluster restarting)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if cond():
+                return
+        except ignore:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
+        time.sleep(poll)
 
 
 @dataclass

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import yaml
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.proto.client import Client as _Client
 from splitserve.proto.client import SplitserveError, UnauthenticatedError
+from tests.e2e.procs import wait_until
 from tests.e2e.serve_proc import start_serve
 
 KEY = "test-key-1"
@@ -24,19 +24,6 @@ KEY = "test-key-1"
 
 def Client(address: str, **kw) -> _Client:  # noqa: N802 - every client of this module carries the key
     return _Client(address, api_key=KEY, **kw)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            if cond():
-                return
-        except SplitserveError:
-            pass
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +84,13 @@ def test_scale_up_then_drain_under_traffic_loses_no_request(cluster) -> None:
     with Client(serve.grpc) as admin, Traffic(serve.grpc) as traffic:
         time.sleep(1)
         admin.scale(decode=2)
-        wait_until(lambda: sum(w.state == "ready" for w in decode_workers(admin)) == 2, 120, "a second decode worker")
-        wait_until(lambda: len(traffic.decode_workers) == 2, 60, "traffic on both decode workers")
+        wait_until(lambda: sum(w.state == "ready" for w in decode_workers(admin)) == 2, 120, "a second decode worker", ignore=(SplitserveError,), poll=0.2)
+        wait_until(lambda: len(traffic.decode_workers) == 2, 60, "traffic on both decode workers", ignore=(SplitserveError,), poll=0.2)
         victim = decode_workers(admin)[0].worker_id
         admin.drain(victim)
-        wait_until(lambda: victim not in {w.worker_id for w in decode_workers(admin)}, 120, f"{victim} drained and gone")
+        wait_until(lambda: victim not in {w.worker_id for w in decode_workers(admin)}, 120, f"{victim} drained and gone", ignore=(SplitserveError,), poll=0.2)
         served_after = traffic.ok
-        wait_until(lambda: traffic.ok > served_after + 5, 60, "traffic continuing on the remaining worker")
+        wait_until(lambda: traffic.ok > served_after + 5, 60, "traffic continuing on the remaining worker", ignore=(SplitserveError,), poll=0.2)
     assert traffic.errors == [], traffic.errors[:5]
     assert len(traffic.decode_workers) == 2 and min(traffic.decode_workers.values()) > 0
     assert admin_targets(serve) == {"prefill": 1, "decode": 1}
@@ -128,15 +115,15 @@ def test_killed_decode_worker_is_restarted_and_nothing_is_stranded(cluster) -> N
 
         t = threading.Thread(target=long_request)
         t.start()
-        wait_until(lambda: decode_workers(c)[0].running >= 1, 30, "the long request decoding")
+        wait_until(lambda: decode_workers(c)[0].running >= 1, 30, "the long request decoding", ignore=(SplitserveError,), poll=0.2)
         os.kill(victim.pid, signal.SIGKILL)
         t.join(60)
         assert not t.is_alive(), "the in-flight request hung after its decode worker died"
         assert len(errors) == 1 and errors[0].status == "UNAVAILABLE" and victim.worker_id in str(errors[0]), errors
         wait_until(lambda: any(w.worker_id == victim.worker_id and w.restarts >= 1 and w.state == "ready" and w.pid != victim.pid
                                for w in decode_workers(c)), 120, "Ray to restart the decode worker and it to re-register")
-        wait_until(lambda: c.generate("after the restart", max_tokens=4, temperature=0).finish_reason is not None, 60, "serving to resume")
-        wait_until(lambda: all(w.reserved_blocks == 0 and w.running == 0 for w in c.status().workers), 30, "no blocks held anywhere")
+        wait_until(lambda: c.generate("after the restart", max_tokens=4, temperature=0).finish_reason is not None, 60, "serving to resume", ignore=(SplitserveError,), poll=0.2)
+        wait_until(lambda: all(w.reserved_blocks == 0 and w.running == 0 for w in c.status().workers), 30, "no blocks held anywhere", ignore=(SplitserveError,), poll=0.2)
         prefill = [w for w in c.status().workers if w.role == "prefill"]
         assert prefill and all(w.used_blocks == 0 for w in prefill)
 
@@ -148,9 +135,9 @@ def test_redis_restart_workers_reregister_and_routing_resumes(cluster) -> None:
         port = redis.port
         redis.stop()
         time.sleep(2)
-        redis.__init__(port=port)  # same address, empty data
-        wait_until(lambda: {w.worker_id for w in c.status().workers} == before, 30, "workers re-registered")
-        wait_until(lambda: dict(c.status().targets) == {"prefill": 1, "decode": 1}, 10, "the controller to restore its targets")
+        redis.__init__(port=port, password=redis.password)  # same address and password, empty data
+        wait_until(lambda: {w.worker_id for w in c.status().workers} == before, 30, "workers re-registered", ignore=(SplitserveError,), poll=0.2)
+        wait_until(lambda: dict(c.status().targets) == {"prefill": 1, "decode": 1}, 10, "the controller to restore its targets", ignore=(SplitserveError,), poll=0.2)
         assert {w.worker_id for w in c.status().workers} == before  # and it drained nobody meanwhile
         assert c.generate("after redis", max_tokens=4, temperature=0).finish_reason == "length"
 

@@ -16,7 +16,8 @@ from splitserve.proto.status import StatusError
 from splitserve.router.legs import run_disaggregated
 from tests.e2e.workers import WorkerStub
 
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+# greedy, with processors that read the whole prompt (the first token is sampled by rank 0)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.2, presence_penalty=0.5, top_logprobs=3)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def prompt() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def expected(long_model: Path, prompt: list[int]) -> list[int]:
-    return LLM(str(long_model), dtype="float32").generate([prompt], GREEDY)[0].token_ids
+def expected(long_model: Path, prompt: list[int]):
+    return LLM(str(long_model), dtype="float32").generate([prompt], GREEDY)[0]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,8 @@ def reserved(d: WorkerStub) -> int:
 def test_cp_prefill_then_decode_equals_single_engine(spawn, long_model, prompt, expected, decode, cp: int, transport: str) -> None:
     group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", str(cp))
     r = run_disaggregated(group.address, decode.address, f"cp{cp}", prompt, GREEDY, transport=transport, timeout=300)
-    assert r.token_ids == expected
+    assert r.token_ids == expected.token_ids
+    assert [[t for t, _ in top] for top in r.top_logprobs] == [[t for t, _ in top] for top in expected.top_logprobs]
     assert reserved(decode) == 0
     group.stop()
 
@@ -103,7 +105,8 @@ def test_serve_with_a_cp_prefill_group(long_model: Path) -> None:
     serve = start_serve("--model", str(long_model), "--dtype", "float32", "--prefill-cp", "2", "--transport", "torch")
     try:
         with Client(serve.grpc) as c:
-            assert c.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == expected
+            got = c.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.2, presence_penalty=0.5)
+            assert got.token_ids == expected
     finally:
         serve.stop()
 

@@ -80,6 +80,32 @@ def test_parity_across_processes(workers, expected, transport: str) -> None:
     assert_no_blocks_held(d1)
 
 
+# Every logit processor at once: penalties over prompt and output, a bias, min_tokens, seeded
+# sampling and top logprobs. The prefill worker samples the first token, the decode worker
+# the rest: what each reads (prompt, output so far, position) must be the same as in one engine.
+PROCESSED = {
+    "seeded": SamplingParams(temperature=0.8, seed=21, max_tokens=16, min_tokens=16, repetition_penalty=1.3, frequency_penalty=0.6,
+                             presence_penalty=0.4, logit_bias={7: 3.0, 9: -100.0}, top_logprobs=4),
+    "greedy": SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=-0.3, top_logprobs=2),
+}
+
+
+@pytest.mark.parametrize("transport", ["torch", "grpc"])
+def test_logit_processors_and_top_logprobs_are_lossless_across_processes(workers, e2e_model: Path, transport: str) -> None:
+    llm = LLM(str(e2e_model), dtype="float32")
+    ps = prompts(6, seed=3)
+    p1, d1 = workers["p2"].address, workers["d2"].address
+    for name, params in PROCESSED.items():
+        reference = llm.generate(ps, params)
+        for prompt, ref in zip(ps, reference):
+            r = run_disaggregated(p1, d1, f"proc-{uuid.uuid4().hex[:8]}", prompt, params, transport=transport, timeout=120)
+            assert r.token_ids == ref.token_ids, f"{name}: a prompt of {len(prompt)} tokens diverged from the single engine"
+            assert [[t for t, _ in top] for top in r.top_logprobs] == [[t for t, _ in top] for top in ref.top_logprobs]
+            assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+            assert all(len(top) == params.top_logprobs for top in r.top_logprobs)
+    assert_no_blocks_held(d1)
+
+
 def test_fan_in_two_prefill_workers_one_decode_worker(workers, expected) -> None:
     d1 = workers["d1"].address
     pairs = [(workers["p1"].address, d1), (workers["p2"].address, d1)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ from splitserve.proto import kv_pb2, worker_pb2
 from splitserve.proto.convert import params_to_proto
 from splitserve.proto.status import StatusError
 from splitserve.router.legs import WorkerClient, run_disaggregated, stream_disaggregated
+from tests.e2e.procs import wait_until
 from tests.e2e.workers import WorkerStub
 
 LONG = [3 + (i * 37) % 490 for i in range(3000)]
@@ -24,14 +24,6 @@ LONG = [3 + (i * 37) % 490 for i in range(3000)]
 
 def stats(d: WorkerStub) -> worker_pb2.WorkerStats:
     return d.stats()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
-        time.sleep(0.05)
 
 
 def assert_drained(d: WorkerStub, timeout: float = 10.0) -> None:
@@ -148,7 +140,8 @@ def test_truncated_payload_fails_the_transfer_and_frees_the_blocks(decode: Worke
     d = reserve(decode, "trunc", [1] * 20)
     shape = [len(d.block_ids), 2, d.layout.block_size, d.layout.num_kv_heads, d.layout.head_dim]
     nbytes = 4 * shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
-    payload = kv_pb2.KVPayload(request_id="trunc", layer=0, block_ids=d.block_ids, dtype="float32", shape=shape, byte_length=nbytes, data=b"\0" * (nbytes // 2))
+    payload = kv_pb2.KVPayload(request_id="trunc", secret=d.transfer_secret, layer=0, block_ids=d.block_ids, dtype="float32", shape=shape,
+                               byte_length=nbytes, data=b"\0" * (nbytes // 2))
     with pytest.raises(grpc.RpcError) as e:
         decode.kv.Push(iter([kv_pb2.KVMessage(payload=payload)]), timeout=10)
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "truncated" in e.value.details()

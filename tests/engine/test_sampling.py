@@ -42,14 +42,13 @@ def test_sampler_respects_top_k_support() -> None:
     allowed = set(logits[0].topk(5).indices.tolist())
     seen = set()
     for i in range(200):
-        tokens, _ = sample(logits, [SampleRow(SamplingParams(temperature=5.0, top_k=5, seed=i), 0)])
-        seen.add(tokens[0])
+        seen.add(sample(logits, [SampleRow(SamplingParams(temperature=5.0, top_k=5, seed=i), 0)]).tokens[0])
     assert seen <= allowed and len(seen) > 1
 
 
 def test_sampler_respects_top_p_mass() -> None:
     logits = torch.tensor([[3.0, 2.9, 0.0, -1.0, -2.0]])  # p ~ [.50, .45, .02, .01, .003]
-    seen = {sample(logits, [SampleRow(SamplingParams(top_p=0.9, seed=i), 0)])[0][0] for i in range(200)}
+    seen = {sample(logits, [SampleRow(SamplingParams(top_p=0.9, seed=i), 0)]).tokens[0] for i in range(200)}
     assert seen == {0, 1}
 
 
@@ -87,3 +86,21 @@ def test_stop_strings_cut_the_text(llm: LLM) -> None:
 def test_incremental_text_equals_full_decode(llm: LLM) -> None:
     out = llm.generate(["Les modèles 日本語 🙂"], SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True))[0]
     assert out.text == llm.tokenizer.decode(out.token_ids)
+
+
+def test_incremental_text_is_the_whole_decode(llama_dir) -> None:
+    """Streamed deltas add up to decoding the ids at once, except for a last character whose
+    bytes have not all arrived: held back rather than emitted broken. (Random ids also make
+    invalid byte sequences, which both decode to replacement characters in the middle.)"""
+    import random
+
+    from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+    tok = Tokenizer(llama_dir)
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(2, tok.vocab_size) for _ in range(rng.randint(1, 120))]
+        det = IncrementalDetokenizer(tok, skip_special_tokens=False)
+        streamed = "".join(det.push(i) for i in ids)
+        whole = tok.decode(ids, skip_special_tokens=False)
+        assert whole.startswith(streamed) and set(whole[len(streamed):]) <= {"\ufffd"}

@@ -19,9 +19,10 @@ from splitserve.kv_transfer.errors import (
     HandshakeRefusedError,
     PayloadError,
     TransferError,
+    WrongSecretError,
 )
 from splitserve.kv_transfer.grpc_transport import CHANNEL_OPTIONS, RAW_PUSH, GrpcSender, KVTransferServicer, add_kv_transfer_service
-from splitserve.kv_transfer.layout import KVLayout
+from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.receiver import KVReceiver, TensorKVStore
 from splitserve.kv_transfer.sender import KVPusher
@@ -32,6 +33,8 @@ from splitserve.proto import kv_pb2, kv_pb2_grpc
 
 LAYERS, BLOCKS, BS, KH, D = 3, 32, 4, 2, 8
 LAYOUT = KVLayout("fp-1", "float32", BS, "L,NB,2,BS,KH,D", LAYERS, KH, D)
+SECRET = "0f" * 16
+FIRST = FirstToken(11, -1.5, ((11, -1.5), (3, -2.25)))  # the top logprobs travel with the commit
 
 
 @dataclasses.dataclass
@@ -73,9 +76,9 @@ def transport(request) -> Iterator[tuple[str, Receiving, LocalHub]]:
 def send_request(pusher: KVPusher, rid: str, dst: list[int], kv: torch.Tensor, num_tokens: int, split: int = 2) -> None:
     """Push layer by layer in two chunks (the second re-sends the shared block, as chunked prefill does)."""
     for layer in range(LAYERS):
-        pusher.push(rid, layer, dst[:split], kv[layer, :split].clone())
-        pusher.push(rid, layer, dst[split - 1 :], kv[layer, split - 1 :].clone())
-    pusher.commit(rid, first_token=11, first_logprob=-1.5, num_tokens=num_tokens).result(timeout=30)
+        pusher.push(rid, SECRET, layer, dst[:split], kv[layer, :split].clone())
+        pusher.push(rid, SECRET, layer, dst[split - 1 :], kv[layer, split - 1 :].clone())
+    pusher.commit(rid, SECRET, FIRST, num_tokens=num_tokens).result(timeout=30)
 
 
 def test_kv_lands_in_the_reserved_blocks(transport) -> None:
@@ -85,13 +88,13 @@ def test_kv_lands_in_the_reserved_blocks(transport) -> None:
     cases = {"contiguous": [3, 4, 5, 6], "scattered": [20, 9, 17, 1]}
     sent = {}
     for rid, blocks in cases.items():
-        rx.table.reserve(rid, blocks, num_tokens=15, lease_seconds=30)
+        rx.table.reserve(rid, blocks, num_tokens=15, lease_seconds=30, secret=SECRET)
         sent[rid] = torch.randn(LAYERS, len(blocks), 2, BS, KH, D)
         send_request(pusher, rid, blocks, sent[rid], 15)
     for rid, blocks in cases.items():
         t = rx.table.wait(rid, timeout=10)
         assert t.state is TransferState.COMPLETE, t.reason
-        assert (t.first_token, t.first_logprob) == (11, -1.5)
+        assert t.first == FIRST
         assert torch.equal(rx.cache[:, blocks], sent[rid])
     untouched = [b for b in range(BLOCKS) if b not in cases["contiguous"] + cases["scattered"]]
     assert rx.cache[:, untouched].abs().sum() == 0
@@ -112,9 +115,9 @@ def test_handshake_refuses_a_different_layout_naming_the_field(transport, field,
 def test_abort_fails_the_transfer_on_the_receiver(transport) -> None:
     kind, rx, hub = transport
     pusher = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
-    rx.table.reserve("r", [1, 2], 8, 30)
-    pusher.push("r", 0, [1, 2], torch.ones(2, 2, BS, KH, D))
-    pusher.abort("r", "prefill failed")
+    rx.table.reserve("r", [1, 2], 8, 30, SECRET)
+    pusher.push("r", SECRET, 0, [1, 2], torch.ones(2, 2, BS, KH, D))
+    pusher.abort("r", SECRET, "prefill failed")
     t = rx.table.wait("r", timeout=10)
     assert t.state is TransferState.FAILED and "prefill failed" in t.reason
     assert len(rx.done) == 1
@@ -124,16 +127,16 @@ def test_abort_fails_the_transfer_on_the_receiver(transport) -> None:
 def test_payload_for_unreserved_blocks_fails_the_request_not_the_connection(transport) -> None:
     kind, rx, hub = transport
     pusher = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
-    rx.table.reserve("bad", [1, 2], 8, 30)
-    rx.table.reserve("good", [5], 4, 30)
-    pusher.push("bad", 0, [1, 7], torch.ones(2, 2, BS, KH, D))
+    rx.table.reserve("bad", [1, 2], 8, 30, SECRET)
+    rx.table.reserve("good", [5], 4, 30, SECRET)
+    pusher.push("bad", SECRET, 0, [1, 7], torch.ones(2, 2, BS, KH, D))
     with pytest.raises(TransferError):
-        pusher.commit("bad", 1, 0.0, 8).result(timeout=10)
+        pusher.commit("bad", SECRET, FirstToken(1), 8).result(timeout=10)
     assert rx.table.get("bad").state is TransferState.FAILED and "not reserved" in rx.table.get("bad").reason
     kv = torch.randn(LAYERS, 1, 2, BS, KH, D)
     for layer in range(LAYERS):
-        pusher.push("good", layer, [5], kv[layer].clone())
-    pusher.commit("good", 2, 0.0, 4).result(timeout=10)
+        pusher.push("good", SECRET, layer, [5], kv[layer].clone())
+    pusher.commit("good", SECRET, FirstToken(2), 4).result(timeout=10)
     assert rx.table.wait("good", 10).state is TransferState.COMPLETE
     pusher.close()
 
@@ -141,9 +144,9 @@ def test_payload_for_unreserved_blocks_fails_the_request_not_the_connection(tran
 @pytest.mark.parametrize("transport", ["grpc"], indirect=True)  # hand-crafted wire messages
 def test_truncated_grpc_payload_is_refused(transport) -> None:
     kind, rx, _ = transport
-    rx.table.reserve("r", [1], 4, 30)
-    header = PayloadHeader.for_tensor("r", 0, [1], torch.ones(1, 2, BS, KH, D))
-    payload = kv_pb2.KVPayload(request_id="r", layer=0, block_ids=[1], dtype="float32", shape=header.shape,
+    rx.table.reserve("r", [1], 4, 30, SECRET)
+    header = PayloadHeader.for_tensor("r", SECRET, 0, [1], torch.ones(1, 2, BS, KH, D))
+    payload = kv_pb2.KVPayload(request_id="r", secret=SECRET, layer=0, block_ids=[1], dtype="float32", shape=header.shape,
                                byte_length=header.byte_length, data=b"\0" * (header.byte_length - 10))
     with grpc.insecure_channel(rx.endpoint) as ch:
         with pytest.raises(grpc.RpcError) as e:
@@ -165,21 +168,26 @@ def test_grpc_sender_uses_raw_bytes_where_the_receiver_serves_them(transport, re
 @pytest.mark.parametrize("transport", ["grpc"], indirect=True)  # hand-crafted wire messages
 def test_raw_stream_payload_must_be_whole_and_follow_its_header(transport) -> None:
     _, rx, _ = transport
-    header = PayloadHeader.for_tensor("r", 0, [1], torch.ones(1, 2, BS, KH, D))
+    header = PayloadHeader.for_tensor("r", SECRET, 0, [1], torch.ones(1, 2, BS, KH, D))
 
-    def control(rid: str) -> bytes:
-        payload = kv_pb2.KVPayload(request_id=rid, layer=0, block_ids=[1], dtype="float32", shape=header.shape, byte_length=header.byte_length)
+    def control(rid: str, secret: str = SECRET) -> bytes:
+        payload = kv_pb2.KVPayload(request_id=rid, secret=secret, layer=0, block_ids=[1], dtype="float32", shape=header.shape,
+                                   byte_length=header.byte_length)
         return kv_pb2.KVMessage(payload=payload).SerializeToString()
 
-    cases = (("r1", [control("r1"), b"\0" * (header.byte_length - 10)], "truncated"), ("r2", [control("r2")], "ended between"),
-             ("r3", [b"\xff\xff not a message"], "malformed"))
-    for rid, frames, why in cases:
-        rx.table.reserve(rid, [1], 4, 30)
+    short = b"\0" * (header.byte_length - 10)
+    cases = (("r1", [control("r1"), short], "INVALID_ARGUMENT", "truncated", TransferState.FAILED),
+             ("r2", [control("r2")], "INVALID_ARGUMENT", "ended between", TransferState.FAILED),
+             ("r3", [b"\xff\xff not a message"], "INVALID_ARGUMENT", "malformed", TransferState.RESERVED),
+             # a stranger's broken stream is refused for its secret and leaves the reservation alone
+             ("r4", [control("r4", "00" * 16)], "PERMISSION_DENIED", "secret", TransferState.RESERVED),
+             ("r5", [control("r5", "00" * 16), short], "PERMISSION_DENIED", "secret", TransferState.RESERVED))
+    for rid, frames, code, why, state in cases:
+        rx.table.reserve(rid, [1], 4, 30, SECRET)
         with grpc.insecure_channel(rx.endpoint) as ch, pytest.raises(grpc.RpcError) as e:
             ch.stream_unary(RAW_PUSH)(iter(frames), timeout=10)
-        assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details()
-        if rid != "r3":  # a message that names no request fails none
-            assert rx.table.get(rid).state is TransferState.FAILED
+        assert e.value.code() is getattr(grpc.StatusCode, code) and why in e.value.details(), (rid, e.value.details())
+        assert rx.table.get(rid).state is state, rid
 
 
 def test_header_size_mismatch_is_refused_before_any_write() -> None:
@@ -190,3 +198,42 @@ def test_header_size_mismatch_is_refused_before_any_write() -> None:
     with pytest.raises(PayloadError, match="declares 12 bytes"):
         receiver.receive(bad, lambda dest: pytest.fail("must not write"))
     assert table.get("r").state is TransferState.FAILED
+
+
+def test_a_sender_without_the_secret_is_refused_and_the_reservation_stays_intact(transport) -> None:
+    """A peer with the cluster token but not this reservation's secret (another request's
+    prefill, a stale retry, a confused client) can neither write, commit nor abort it; the
+    rightful sender then completes it."""
+    kind, rx, hub = transport
+    intruder = KVPusher(connect(kind, rx.endpoint, "p1", LAYOUT, hub=hub), "d0")
+    rx.table.reserve("r", [3, 4], 8, 30, SECRET)
+    for layer in range(LAYERS):
+        intruder.push("r", "f0" * 16, layer, [3, 4], torch.full((2, 2, BS, KH, D), 7.0))
+    refused = intruder.commit("r", "f0" * 16, FirstToken(1), 8)
+    with pytest.raises(TransferError) as e:
+        refused.result(timeout=10)
+    assert e.value.status == "PERMISSION_DENIED" and "secret" in str(e.value)
+    intruder.abort("r", "", "spoil it")
+    intruder.close()
+    t = rx.table.get("r")
+    assert t.state is TransferState.RESERVED and t.bytes_received == 0 and rx.done == []
+    assert rx.cache.abs().sum() == 0
+    rightful = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
+    kv = torch.randn(LAYERS, 2, 2, BS, KH, D)
+    send_request(rightful, "r", [3, 4], kv, 8, split=1)
+    assert rx.table.wait("r", 10).state is TransferState.COMPLETE
+    assert torch.equal(rx.cache[:, [3, 4]], kv)
+    rightful.close()
+
+
+def test_a_wrong_secret_refused_on_the_wire_directly() -> None:
+    table = TransferTable(LAYERS, lambda t: None)
+    receiver = KVReceiver("x", LAYOUT, table, TensorKVStore(torch.zeros(LAYERS, BLOCKS, 2, BS, KH, D)))
+    table.reserve("r", [1], 4, 30, SECRET)
+    header = PayloadHeader.for_tensor("r", "nope", 0, [1], torch.ones(1, 2, BS, KH, D))
+    with pytest.raises(WrongSecretError):
+        receiver.receive(header, lambda dest: pytest.fail("must not write"))
+    with pytest.raises(WrongSecretError):
+        receiver.abort("r", "nope", "x")
+    receiver.abort("unknown", "nope", "x")  # nothing to abort: not an error
+    assert table.get("r").state is TransferState.RESERVED

@@ -1,0 +1,60 @@
+"""router/http_api.py's error answers, without a server: what a chat template cannot render,
+bodies that are not JSON, and fields named as the client sent them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+
+from splitserve.engine.errors import ContextLengthExceededError, InvalidRequestError
+from splitserve.router.http_api import _renamed, _unparsable, render_chat, validation_error
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("template", [
+    "{{ messages[0].content + 1 }}",  # TypeError on the request's content
+    "{{ messages[5].content.upper() }}",  # UndefinedError: fewer messages than the template wants
+    "{% for m in messages %}{{ range(m.content) }}{% endfor %}",  # a call that fails on them
+    "{{ messages.append(1) }}",  # the sandbox refuses
+])
+def test_a_template_that_fails_on_the_messages_is_their_fault(template: str) -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        render_chat(template, MESSAGES)
+    assert e.value.field == "messages" and "cannot render" in str(e.value)
+
+
+def test_the_templates_own_refusal_passes_through() -> None:
+    with pytest.raises(InvalidRequestError, match="messages: roles must alternate"):
+        render_chat("{{ raise_exception('roles must alternate') }}", MESSAGES)
+
+
+def test_undecodable_bodies_say_why() -> None:
+    try:
+        json.loads("[" * 100_000 + "]" * 100_000)
+    except RecursionError as e:
+        assert _unparsable(e) == "malformed JSON body: nested too deeply"
+    assert "not valid UTF-8" in _unparsable(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
+    try:
+        json.loads("9" * 5000)
+    except ValueError as e:
+        assert _unparsable(e) == "malformed JSON body: an integer has too many digits"
+
+
+def test_an_unknown_field_named_by_the_empty_string_is_still_named() -> None:
+    err = RequestValidationError([{"type": "extra_forbidden", "loc": ("body", ""), "msg": "Extra inputs are not permitted"}])
+    body = json.loads(validation_error(err).body)["error"]
+    assert body["param"] == "" and "is not a field" in body["message"]
+    whole = RequestValidationError([{"type": "dict_type", "loc": ("body",), "msg": "Input should be a valid dictionary"}])
+    assert json.loads(validation_error(whole).body)["error"]["param"] is None
+
+
+def test_engine_fields_are_renamed_to_the_chat_requests() -> None:
+    with pytest.raises(ContextLengthExceededError) as e, _renamed({"prompt": "messages"}):
+        raise ContextLengthExceededError("prompt", "has 5000 tokens; the model's context is 4096")
+    assert e.value.field == "messages" and str(e.value) == "messages: has 5000 tokens; the model's context is 4096"
+    with pytest.raises(InvalidRequestError) as e, _renamed({"prompt": "messages"}):
+        raise InvalidRequestError("seed", "must be an integer")
+    assert e.value.field == "seed"
