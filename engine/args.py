@@ -26,6 +26,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="auto: FlashInfer, then flash-attn, on CUDA when installed; SDPA otherwise")
     g.add_argument("--linear-kernel", default="torch", choices=LINEAR_KERNELS,
                    help="onednn: weights packed for oneDNN on CPU (faster; float32 no longer bitwise equal to transformers)")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA (default: captured graphs where possible)")
     g.add_argument("--num-threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's choice)")
 
 
@@ -42,6 +43,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         linear_kernel=args.linear_kernel,
         num_threads=args.num_threads,
+        cuda_graphs=not args.no_cuda_graphs,
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

@@ -143,6 +143,13 @@ class AttentionBackend(abc.ABC):
     ) -> torch.Tensor:  # [T, H, D]
         ...
 
+    # ---- CUDA graphs (engine/cuda_graphs.py), for backends with supports_cuda_graphs ---------
+    def make_graph_state(self, max_batch: int, max_pages: int) -> object:
+        raise NotImplementedError(f"attention backend {self.name!r} cannot be captured in CUDA graphs")
+
+    def plan_graph_step(self, meta: AttentionMetadata, state: object, size: int, config, kv_dtype: torch.dtype) -> None:
+        raise NotImplementedError(f"attention backend {self.name!r} cannot be captured in CUDA graphs")
+
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
     """Store the new tokens' K/V ([T, KH, D]) in their slots of one layer's cache."""

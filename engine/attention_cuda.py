@@ -74,6 +74,7 @@ class FlashInferBackend(AttentionBackend):
     read a cached prefix from the same pages."""
 
     name = "flashinfer"
+    supports_cuda_graphs = True  # decode plans on the host (`plan_graph_step`), the kernels read fixed buffers
 
     def __init__(self, device: torch.device) -> None:
         import flashinfer
@@ -103,12 +104,9 @@ class FlashInferBackend(AttentionBackend):
         if key in meta._cache:
             return meta._cache[key]
         bs = meta.block_size
-        pages = [t[: -(-c // bs)] for t, c in zip(meta.block_tables, meta.context_lens)]
-        indptr = torch.tensor([0, *_cumsum(len(p) for p in pages)], dtype=torch.int32, device=q.device)
-        indices = torch.tensor([b for p in pages for b in p], dtype=torch.int32, device=q.device)
-        last = torch.tensor([c - (len(p) - 1) * bs for p, c in zip(pages, meta.context_lens)], dtype=torch.int32, device=q.device)
+        indptr, indices, last = (torch.tensor(x, dtype=torch.int32, device=q.device) for x in _paged_kv(meta))
         _, _, _, kh, d = kv_cache.shape
-        window = -1 if sliding_window is None else sliding_window - 1  # FlashInfer counts the query's own key apart
+        window = _window_left(sliding_window)
         if not meta.prefill_seqs:
             self._decode.plan(indptr, indices, last, q.shape[1], kh, d, bs, window_left=window, q_data_type=q.dtype, kv_data_type=kv_cache.dtype)
             wrapper = self._decode
@@ -119,6 +117,44 @@ class FlashInferBackend(AttentionBackend):
             wrapper = self._prefill
         meta._cache[key] = wrapper
         return wrapper
+
+
+    # ---- CUDA graphs (engine/cuda_graphs.py) -------------------------------------------------
+    def make_graph_state(self, max_batch: int, max_pages: int) -> dict:
+        """Fixed page-table buffers that captured decode kernels read, and a wrapper per
+        (batch size, sliding window), made on first plan."""
+        dev = self._workspace.device
+        return {"indptr": torch.zeros(max_batch + 1, dtype=torch.int32, device=dev),
+                "indices": torch.zeros(max_pages, dtype=torch.int32, device=dev),
+                "last": torch.zeros(max_batch, dtype=torch.int32, device=dev), "wrappers": {}}
+
+    def plan_graph_step(self, meta: AttentionMetadata, state: dict, size: int, config, kv_dtype: torch.dtype) -> None:
+        """Plan an all-decode step of `size` rows for replay: the plan lands in the fixed
+        buffers, and `forward` finds the wrapper already planned in `meta`."""
+        indptr, indices, last = _paged_kv(meta)
+        for window in set(config.sliding_windows):
+            key = (size, window)
+            wrapper = state["wrappers"].get(key)
+            if wrapper is None:
+                wrapper = state["wrappers"][key] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                    self._workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=state["indptr"][: size + 1],
+                    paged_kv_indices_buffer=state["indices"], paged_kv_last_page_len_buffer=state["last"][:size])
+            wrapper.plan(torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32), torch.tensor(last, dtype=torch.int32),
+                         config.num_heads, config.num_kv_heads, config.head_dim, meta.block_size, window_left=_window_left(window),
+                         q_data_type=kv_dtype, kv_data_type=kv_dtype)
+            meta._cache[("flashinfer", window)] = wrapper
+
+
+def _paged_kv(meta: AttentionMetadata) -> tuple[list[int], list[int], list[int]]:
+    """FlashInfer's page table of a step: indptr [S + 1], page ids, tokens in each last page [S]."""
+    bs = meta.block_size
+    pages = [t[: -(-c // bs)] for t, c in zip(meta.block_tables, meta.context_lens)]
+    indptr = [0, *_cumsum(len(p) for p in pages)]
+    return indptr, [b for p in pages for b in p], [c - (len(p) - 1) * bs for p, c in zip(pages, meta.context_lens)]
+
+
+def _window_left(sliding_window: int | None) -> int:
+    return -1 if sliding_window is None else sliding_window - 1  # FlashInfer counts the query's own key apart
 
 
 class FlashAttnBackend(AttentionBackend):

@@ -162,6 +162,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # ATTENTION_BACKENDS; "auto": the fastest usable on the device
     linear_kernel: str = "torch"  # LINEAR_KERNELS: "onednn" trades bitwise parity with transformers for speed on CPU
     num_threads: int | None = None  # torch.set_num_threads for this process; None leaves PyTorch's choice
+    cuda_graphs: bool = True  # capture decode steps where the device and attention backend can (engine/cuda_graphs.py)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     record_kv_events: bool = False  # workers publish prefix-cache events (BlockPool.drain_events)
 

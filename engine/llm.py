@@ -41,6 +41,7 @@ class LLM:
         attention_backend: str = "auto",
         linear_kernel: str = "torch",
         num_threads: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         scheduler = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -60,6 +61,7 @@ class LLM:
             attention_backend=attention_backend,
             linear_kernel=linear_kernel,
             num_threads=num_threads,
+            cuda_graphs=cuda_graphs,
             scheduler=scheduler,
         )
         self.engine = LLMEngine(config)

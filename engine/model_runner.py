@@ -7,12 +7,13 @@ block ids (`read_blocks` / `write_blocks`), never by assuming a memory layout of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from splitserve.engine.attention import AttentionMetadata, get_backend
 from splitserve.engine.config import ModelConfig
+from splitserve.engine.cuda_graphs import DecodeGraphs, DecodeStep, capture_unavailable_reason
 from splitserve.engine.model import LlamaForCausalLM
 from splitserve.engine.request import Request
 from splitserve.engine.sampler import Sampled, SampleRow, sample
@@ -32,7 +33,11 @@ class ModelRunner:
         attention_backend: str = "auto",
         seed: int = 0,
         mlp_chunk: int | None = None,
+        cuda_graph_sizes: Sequence[int] = (),
+        max_blocks_per_seq: int = 0,
     ) -> None:
+        """`cuda_graph_sizes`: decode batch sizes to capture where the device and backend can
+        (engine/cuda_graphs.py); `max_blocks_per_seq` bounds their page tables."""
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -49,6 +54,11 @@ class ModelRunner:
         self.backend = get_backend(attention_backend, self.device, self.dtype)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.graphs: DecodeGraphs | None = None
+        why_not = capture_unavailable_reason(bool(cuda_graph_sizes), self.device.type, self.backend)
+        if why_not is None:
+            self.graphs = DecodeGraphs(model, self.kv_cache, self.backend, block_size, cuda_graph_sizes, max_blocks_per_seq)
+            self.graphs.capture()
 
     @staticmethod
     def block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -60,15 +70,33 @@ class ModelRunner:
     ) -> tuple[Sampled, list[int]]:
         """Run the step; returns the sampled tokens (with their logprobs) and the indices (into
         `out.scheduled`) of the requests they belong to."""
-        input_ids, positions, meta, logits_idx, sampling = self._prepare(out)
-        logits = self.model(
-            input_ids, positions, self.kv_cache, meta, logits_idx, self.backend, on_layer_done, self.mlp_chunk
-        )
+        if on_layer_done is None and self.graphs is not None and self._graph_step(out):
+            step, sampling = self._decode_step(out)
+            logits = self.graphs.run(step)
+        else:
+            input_ids, positions, meta, logits_idx, sampling = self._prepare(out)
+            logits = self.model(input_ids, positions, self.kv_cache, meta, logits_idx, self.backend, on_layer_done, self.mlp_chunk)
         if not sampling:
             return Sampled([], []), []
         eos = self.config.eos_token_ids
         rows = [SampleRow.of(r.params, r.prompt_token_ids, r.output_token_ids, eos) for r in (out.scheduled[i].request for i in sampling)]
         return sample(logits, rows, self.generator), sampling
+
+    def _graph_step(self, out: SchedulerOutput) -> bool:
+        """An all-decode step in which every request samples, of a captured size."""
+        return self.graphs.accepts(len(out.scheduled)) and all(s.num_new_tokens == 1 and s.will_sample for s in out.scheduled)
+
+    def _decode_step(self, out: SchedulerOutput) -> tuple[DecodeStep, list[int]]:
+        bs = self.block_size
+        step = DecodeStep([], [], [], [], [])
+        for s in out.scheduled:
+            r, p = s.request, s.start
+            step.input_ids.append(r.prompt_token_ids[p] if p < len(r.prompt_token_ids) else r.output_token_ids[p - len(r.prompt_token_ids)])
+            step.positions.append(p)
+            step.slots.append(r.block_ids[p // bs] * bs + p % bs)
+            step.context_lens.append(p + 1)
+            step.block_tables.append(r.block_ids)
+        return step, list(range(len(out.scheduled)))
 
     def score(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
         """Logits [T, vocab] at every position of one sequence written into `block_ids`."""
