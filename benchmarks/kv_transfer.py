@@ -68,7 +68,7 @@ logger = logging.getLogger("benchmarks.kv_transfer")
 HOST, TRANSPORTS = "127.0.0.1", ("local", "torch", "grpc")
 BASELINE = {"local": "tensor copy", "torch": "gloo send/recv", "grpc": "gloo send/recv"}
 CUDA_BASELINE = {**BASELINE, "torch": "NCCL send/recv"}
-GOALS = {"torch": 0.80, "grpc": 0.40}  # fraction of raw gloo
+GOALS = {"torch": 0.80, "grpc": 0.50}  # fraction of raw gloo (issue 14 asks 50 % of the gRPC path)
 SECRET = "b3" * 16  # the reservation's one-time secret, as a decode worker issues it
 OVERLAP_OK = 2.0  # a gap within this many layers' transfer time counts as overlapped
 
