@@ -82,8 +82,9 @@ class FlashInferBackend(AttentionBackend):
         self._fi = flashinfer
         # the kernels' scratch space (FlashInfer's examples use 128 MiB)
         self._workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD")
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+        # one wrapper per (kind, sliding window): a wrapper holds one plan, and layers with
+        # different windows in one step need theirs side by side
+        self._wrappers: dict[tuple[str, int | None], object] = {}
 
     def forward(
         self,
@@ -108,16 +109,22 @@ class FlashInferBackend(AttentionBackend):
         _, _, _, kh, d = kv_cache.shape
         window = _window_left(sliding_window)
         if not meta.prefill_seqs:
-            self._decode.plan(indptr, indices, last, q.shape[1], kh, d, bs, window_left=window, q_data_type=q.dtype, kv_data_type=kv_cache.dtype)
-            wrapper = self._decode
+            wrapper = self._wrapper("decode", sliding_window)
+            wrapper.plan(indptr, indices, last, q.shape[1], kh, d, bs, window_left=window, q_data_type=q.dtype, kv_data_type=kv_cache.dtype)
         else:
             qo = torch.tensor(meta.query_start, dtype=torch.int32, device=q.device)
-            self._prefill.plan(qo, indptr, indices, last, q.shape[1], kh, d, bs, causal=True, window_left=window,
-                               q_data_type=q.dtype, kv_data_type=kv_cache.dtype)
-            wrapper = self._prefill
+            wrapper = self._wrapper("prefill", sliding_window)
+            wrapper.plan(qo, indptr, indices, last, q.shape[1], kh, d, bs, causal=True, window_left=window,
+                         q_data_type=q.dtype, kv_data_type=kv_cache.dtype)
         meta._cache[key] = wrapper
         return wrapper
 
+    def _wrapper(self, kind: str, sliding_window: int | None):
+        key = (kind, sliding_window)
+        if key not in self._wrappers:
+            make = self._fi.BatchDecodeWithPagedKVCacheWrapper if kind == "decode" else self._fi.BatchPrefillWithPagedKVCacheWrapper
+            self._wrappers[key] = make(self._workspace, "NHD")
+        return self._wrappers[key]
 
     # ---- CUDA graphs (engine/cuda_graphs.py) -------------------------------------------------
     def make_graph_state(self, max_batch: int, max_pages: int) -> dict:

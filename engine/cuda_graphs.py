@@ -93,6 +93,9 @@ class DecodeGraphs:
             with torch.cuda.stream(stream):
                 self._forward(meta, size)  # warm-up: lazy initialisation happens outside the capture
             torch.cuda.current_stream().wait_stream(stream)
+            # the warm-up memoized the K/V rows of the slots in `meta`: drop them, so that the
+            # graph computes them from the slot buffer on every replay
+            meta._cache.pop("kv_rows", None)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[size] = self._forward(meta, size)
