@@ -14,7 +14,12 @@ draws its prompts with seed r.
 
 vLLM runs in its own process (`benchmarks/vllm_runner.py` under the given Python: it pins its
 own torch, so it lives in its own virtual environment) and is driven repeat by repeat between
-the other two, so a slow spell of the machine hits all three.
+the other two, so a slow spell of the machine hits all three. vLLM-CPU (0.32) reserves one core
+for its front end and runs the model on one OpenMP thread bound to the rest (on 2 cores: 1
+thread); this engine and transformers use torch's threads (`--threads`; default: every core).
+`--threads 1` compares at vLLM's thread count. With 2 threads on 2 cores, any other process on
+the machine stalls every parallel region (each waits for its slowest thread), so runs while the
+machine is busy vary several-fold: compare repeats, and the load averages printed.
 
 Throughput is *useful* output tokens per second of wall time (prefill included): only the
 tokens each request asked for count, for both systems, so the rows Hugging Face keeps decoding
