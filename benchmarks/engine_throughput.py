@@ -250,8 +250,9 @@ class VllmProcess:
         # cwd outside the repository: its folders must not shadow installed packages
         self.proc = subprocess.Popen([str(python), str(runner)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
         spec = {"model": str(model_dir), "dtype": args.dtype, "max_model_len": max_len, "seed": args.seed, "enforce_eager": True}
-        if args.device == "cpu":
-            spec["gpu_memory_utilization"] = 0.3  # as ../shared/peers does: sizes vLLM-CPU's KV cache
+        # as ../shared/peers does: sizes vLLM-CPU's KV cache; on a GPU it leaves room for this
+        # engine and transformers, which hold the same device
+        spec["gpu_memory_utilization"] = 0.3
         self.version = self._ask(spec)["version"]
 
     def _ask(self, obj: dict[str, Any]) -> dict[str, Any]:
