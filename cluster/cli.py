@@ -115,7 +115,7 @@ def _up(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from splitserve.proto.client import Client
 
-    return Client(args.router, api_key=args.api_key)
+    return Client(args.router, api_key=args.api_key, tls=args.tls_ca or False)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--router", default="127.0.0.1:50051", help="the router's gRPC address")
         p.add_argument("--api-key", default=None)
+        p.add_argument("--tls-ca", default=None, help="PEM CA file of a router serving TLS (cluster.yaml tls.ca)")
         p.set_defaults(func=func)
         return p
 

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+from splitserve.proto.tls import TLSFiles
+
 
 class ConfigError(ValueError):
     status = "INVALID_ARGUMENT"
@@ -143,6 +145,7 @@ class ClusterConfig:
     routing: RoutingSection = field(default_factory=RoutingSection)
     api_keys: list[str] = field(default_factory=list)
     cluster_token: str | None = None
+    tls: TLSFiles | None = None  # cert, key, ca (and server_name): TLS on the public endpoints and every gRPC port of the cluster
     heartbeat_seconds: float = 1.0
     heartbeat_ttl_seconds: float = 5.0
     max_restarts: int = 5  # per worker, by Ray, before the controller replaces it
@@ -179,6 +182,7 @@ class ClusterConfig:
             ("slo.slack", self.slo.slack > 0, "> 0"),
             ("decode.replicas", not self.colocated or self.decode.replicas >= 1, ">= 1 when colocated (the colocated workers)"),
             ("name", bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
+            *((f"tls.{name}", False, f"a readable PEM file, got {getattr(self.tls, name)!r}") for name in (self.tls.missing() if self.tls else ())),
         ]
         for key, ok, allowed in checks:
             if not ok:

@@ -35,7 +35,7 @@ def worker_spec(config: ClusterConfig, role: str, worker_id: str, redis_url: str
         # preempted request's recompute) so that running decodes keep stepping
         max_prefill_chunk=config.prefill.max_prefill_chunk,
         transport=config.kv_transfer.transport, lease_seconds=config.kv_transfer.lease_seconds,
-        host=config.router.host if config.router.host in ("127.0.0.1", "localhost", "::1") else "", token=config.cluster_token,
+        host=config.router.host if config.router.host in ("127.0.0.1", "localhost", "::1") else "", token=config.cluster_token, tls=config.tls,
         heartbeat_seconds=config.heartbeat_seconds, heartbeat_ttl_seconds=config.heartbeat_ttl_seconds,
         cp_degree=config.prefill.cp_degree if role == "prefill" else 1,
         port=pool.port, kv_port=config.decode.kv_port if role == "decode" else None,

@@ -27,6 +27,9 @@ import grpc
 
 from splitserve.cluster.kv_events import KVEventPublisher
 from splitserve.cluster.registry import Heartbeat, Registry, WorkerRecord
+from splitserve.proto.tls import TLSFiles
+from splitserve.proto.tls import add_flags as add_tls_flags
+from splitserve.proto.tls import from_flags as tls_from_flags
 
 logger = logging.getLogger(__name__)
 ROLES = ("prefill", "decode")
@@ -63,6 +66,11 @@ class WorkerSpec:
     heartbeat_ttl_seconds: float = 5.0
     cp_degree: int = 1  # prefill: >1 makes this worker rank 0 of a context-parallel group
     cp_followers: str = "processes"  # "processes": rank 0 starts ranks 1..N-1; "placed": the backend does
+    tls: TLSFiles | None = None  # the cluster's TLS: its gRPC ports serve it, its KV pushes use it
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tls, dict):  # from to_json
+            object.__setattr__(self, "tls", TLSFiles(**self.tls))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -93,13 +101,14 @@ class WorkerRuntime:
             spec = dataclasses.replace(spec, host=node_address())
         self.spec = spec
         self.worker, add_services, names = self._build()
-        self.server, port, _ = start_server(spec.host, spec.port, add_services, names, spec.token)
+        self.server, port, _ = start_server(spec.host, spec.port, add_services, names, spec.token, tls=spec.tls)
         self.address = f"{spec.host}:{port}"
         self.kv_server: grpc.Server | None = None
         self.kv_address = self.address if spec.role == "decode" else None
         if spec.role == "decode":
             if spec.kv_port is not None:  # a port of its own, so a network policy can let only workers reach KV
-                self.kv_server, kv_port, _ = start_server(spec.host, spec.kv_port, self._add_kv, ["splitserve.kv.KVTransfer"], spec.token)
+                self.kv_server, kv_port, _ = start_server(spec.host, spec.kv_port, self._add_kv, ["splitserve.kv.KVTransfer"], spec.token,
+                                                          tls=spec.tls)
                 self.kv_address = f"{spec.host}:{kv_port}"
             self.worker.set_rpc_endpoint(self.kv_address)
         self.record = WorkerRecord(spec.worker_id, spec.role, self.address, "ready", self.worker.layout.model_fingerprint,
@@ -153,11 +162,11 @@ class WorkerRuntime:
                 registry = Registry(s.redis_url, s.cluster, s.heartbeat_ttl_seconds)
                 publish = lambda address: registry.publish_cp_store(s.worker_id, address)  # noqa: E731
             return start_group(s.model, world=s.cp_degree, block_size=s.block_size, worker_id=s.worker_id, dtype=s.dtype,
-                               device=s.device, token=s.token, host=s.host, publish_store=publish)
+                               device=s.device, token=s.token, host=s.host, publish_store=publish, tls=s.tls)
         from splitserve.engine.engine import LLMEngine
         from splitserve.prefill_worker.worker import PrefillWorker
 
-        return PrefillWorker(LLMEngine(s.engine_config()), s.worker_id, token=s.token)
+        return PrefillWorker(LLMEngine(s.engine_config()), s.worker_id, token=s.token, tls=s.tls)
 
     def _load(self) -> dict:
         stats = self.worker.stats()
@@ -240,6 +249,7 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         g.add_argument("--kv-port", type=int, default=None, help="serve KV transfer on a port of its own (0 = any free; default: on --port)")
     else:
         g.add_argument("--cp-degree", type=int, default=1, help="context-parallel ranks (>1: this process is rank 0 and starts the others)")
+    add_tls_flags(parser)
     return parser
 
 
@@ -249,7 +259,7 @@ def spec_from_args(role: str, args: argparse.Namespace, parser: argparse.Argumen
         dtype=args.dtype, device=args.device, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_prefill_chunk=args.max_prefill_chunk, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-        host=args.host, port=args.port, token=args.token, heartbeat_seconds=args.heartbeat_seconds, heartbeat_ttl_seconds=args.heartbeat_ttl_seconds,
+        host=args.host, port=args.port, token=args.token, tls=tls_from_flags(parser, args), heartbeat_seconds=args.heartbeat_seconds, heartbeat_ttl_seconds=args.heartbeat_ttl_seconds,
     )
     if role == "decode":
         transports = [t for t in args.transports.split(",") if t]

@@ -45,6 +45,7 @@ from splitserve.proto.convert import layout_from_proto, layout_to_proto
 from splitserve.proto.server import OPTIONS as CHANNEL_OPTIONS
 from splitserve.proto.server import token_metadata
 from splitserve.proto.status import grpc_code
+from splitserve.proto.tls import TLSFiles, channel
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +211,10 @@ class GrpcSender(KVSender):
     streams = 2
 
     def __init__(
-        self, endpoint: str, sender_id: str, layout: KVLayout, timeout: float = 600.0, handshake_timeout: float = 10.0, token: str | None = None
+        self, endpoint: str, sender_id: str, layout: KVLayout, timeout: float = 600.0, handshake_timeout: float = 10.0, token: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
-        self.channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self.channel = channel(endpoint, tls, CHANNEL_OPTIONS)
         self.timeout = timeout
         self.metadata = token_metadata(token)
         handshake(self.channel, sender_id, layout, "grpc", handshake_timeout, token)

@@ -17,7 +17,6 @@ import logging
 import secrets
 import threading
 
-import grpc
 import torch
 import torch.distributed as dist
 
@@ -27,6 +26,7 @@ from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.receiver import KVReceiver
 from splitserve.kv_transfer.sender import KVSender
 from splitserve.kv_transfer.wire import PayloadHeader
+from splitserve.proto.tls import TLSFiles, channel
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +162,11 @@ class TorchSender(KVSender):
     # gloo/NCCL have no message limit; the cap keeps the header's block list within HEADER_BYTES
     max_payload_bytes = 1 << 30
     def __init__(
-        self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0, token: str | None = None
+        self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0, token: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
-        with grpc.insecure_channel(endpoint) as channel:
-            reply = handshake(channel, sender_id, layout, "torch", handshake_timeout, token)
+        with channel(endpoint, tls) as ch:  # the handshake (and the pair's secret) over the worker's gRPC port, TLS included
+            reply = handshake(ch, sender_id, layout, "torch", handshake_timeout, token)
         host, port = reply.store_address.rsplit(":", 1)
         try:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=handshake_timeout))

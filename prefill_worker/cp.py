@@ -45,6 +45,7 @@ from splitserve.prefill_worker.ring_attention import (
     shard_ranges,
 )
 from splitserve.proto.status import StatusError
+from splitserve.proto.tls import TLSFiles, add_flags, from_flags, to_flags
 
 logger = logging.getLogger(__name__)
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
@@ -81,7 +82,8 @@ class CPRank:
     """One rank of a CP group: a model replica, the group's ring, pushers to decode workers."""
 
     def __init__(self, model: str, *, rank: int, world: int, store: str, block_size: int, sender_id: str, dtype: str = "auto",
-                 device: str = "cpu", token: str | None = None, mlp_chunk: int = 2048, link: LinkModel = LinkModel()) -> None:
+                 device: str = "cpu", token: str | None = None, mlp_chunk: int = 2048, link: LinkModel = LinkModel(),
+                 tls: TLSFiles | None = None) -> None:
         self.model, config = load_model(model, dtype, device)
         if any(w is not None for w in config.sliding_windows):
             raise ValueError("context parallelism does not support sliding-window attention (this model uses it)")
@@ -100,7 +102,7 @@ class CPRank:
             pg = dist.ProcessGroupGloo(prefix, rank, world, GROUP_TIMEOUT)
         self.ring = Ring(pg, rank, world, self.device)
         self._store = tcp
-        self.pushers = PusherPool(f"{sender_id}-r{rank}", self.layout, device=device, token=token)
+        self.pushers = PusherPool(f"{sender_id}-r{rank}", self.layout, device=device, token=token, tls=tls)
         self.abort_flag = False
         self.deadline = float("inf")
         self.generator = torch.Generator(device=self.device).manual_seed(0)
@@ -300,7 +302,7 @@ class CPPrefillWorker:
 
 
 def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtype: str = "auto", device: str = "cpu",
-                token: str | None = None, host: str = "127.0.0.1", publish_store=None) -> CPPrefillWorker:
+                token: str | None = None, host: str = "127.0.0.1", publish_store=None, tls: TLSFiles | None = None) -> CPPrefillWorker:
     """Become rank 0 of a group and return its prefill worker once all ranks have joined.
     Ranks 1..N-1 are started here as child processes, unless `publish_store(address)` is
     given: then they are started elsewhere (Ray actors in the group's placement group) and
@@ -312,14 +314,15 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
 
     store = f"{host}:{free_port(host)}"
     common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size),
-              "--dtype", dtype, "--device", device, "--sender-id", worker_id] + (["--token", token] if token else [])
+              "--dtype", dtype, "--device", device, "--sender-id", worker_id] + (["--token", token] if token else []) + to_flags(tls)
     followers = []
     if publish_store is not None:
         publish_store(store)
     else:
         followers = [subprocess.Popen([sys.executable, "-m", "splitserve.prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
     try:
-        rank0 = CPRank(model, rank=0, world=world, store=store, block_size=block_size, sender_id=worker_id, dtype=dtype, device=device, token=token)
+        rank0 = CPRank(model, rank=0, world=world, store=store, block_size=block_size, sender_id=worker_id, dtype=dtype, device=device, token=token,
+                       tls=tls)
     except BaseException:
         for p in followers:
             p.kill()
@@ -338,10 +341,11 @@ def follower_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--token", default=None)
+    add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s cp-rank{args.rank} %(levelname)s %(name)s: %(message)s")
     rank = CPRank(args.model, rank=args.rank, world=args.world, store=args.store, block_size=args.block_size,
-                  sender_id=args.sender_id, dtype=args.dtype, device=args.device, token=args.token)
+                  sender_id=args.sender_id, dtype=args.dtype, device=args.device, token=args.token, tls=from_flags(parser, args))
     try:
         rank.follow()
     finally:

@@ -11,6 +11,7 @@ from splitserve.kv_transfer.layout import KVLayout, TransferDescriptor
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.sender import KVPusher
 from splitserve.proto.status import StatusError
+from splitserve.proto.tls import TLSFiles
 
 
 class PushError(StatusError):
@@ -18,12 +19,14 @@ class PushError(StatusError):
 
 
 class PusherPool:
-    def __init__(self, sender_id: str, layout: KVLayout, *, hub: LocalHub | None = None, device: str = "cpu", token: str | None = None) -> None:
+    def __init__(self, sender_id: str, layout: KVLayout, *, hub: LocalHub | None = None, device: str = "cpu", token: str | None = None,
+                 tls: TLSFiles | None = None) -> None:
         self.sender_id = sender_id
         self.layout = layout
         self.hub = hub
         self.device = device
         self.token = token
+        self.tls = tls
         self._pushers: dict[tuple[str, str], KVPusher] = {}
         self._connecting: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
@@ -38,7 +41,8 @@ class PusherPool:
             if pusher is not None and pusher.broken is None:
                 return pusher
             try:
-                sender = connect(d.transport, d.endpoint, self.sender_id, self.layout, hub=self.hub, device=self.device, token=self.token)
+                sender = connect(d.transport, d.endpoint, self.sender_id, self.layout, hub=self.hub, device=self.device, token=self.token,
+                                 tls=self.tls)
             except TransferError as e:
                 raise PushError(e.status, f"cannot reach decode worker {d.decode_worker_id} at {d.endpoint} over {d.transport}: {e}") from e
             fresh = KVPusher(sender, f"{d.decode_worker_id}/{d.transport}")

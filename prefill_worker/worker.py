@@ -30,6 +30,7 @@ from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.sender import KVPusher
 from splitserve.prefill_worker.pushers import PusherPool, PushError
 from splitserve.proto.status import StatusError
+from splitserve.proto.tls import TLSFiles
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +60,15 @@ class _Job:
 
 
 class PrefillWorker:
-    def __init__(self, engine: LLMEngine, worker_id: str, *, hub: LocalHub | None = None, token: str | None = None) -> None:
+    def __init__(self, engine: LLMEngine, worker_id: str, *, hub: LocalHub | None = None, token: str | None = None,
+                 tls: TLSFiles | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.layout = KVLayout.from_dict(engine.kv_layout)
         self.block_size = engine.pool.block_size
         self.num_layers = engine.model_config.num_layers
         self._jobs: dict[str, _Job] = {}
-        self.pushers = PusherPool(worker_id, self.layout, hub=hub, device=engine.config.device, token=token)
+        self.pushers = PusherPool(worker_id, self.layout, hub=hub, device=engine.config.device, token=token, tls=tls)
         self.accepting = True  # False once draining: queued prefills finish, no new ones
         self._lock = threading.Lock()
         engine.on_layer_done = self._on_layer_done

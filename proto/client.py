@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -160,9 +161,19 @@ def _add(done: Completion, msg: public_pb2.GenerateResponse) -> None:
         done.timings = _fields(msg.timings)
 
 
+def _credentials(tls: bool | str | Path) -> grpc.ChannelCredentials | None:
+    """`tls`: False for plaintext, True for TLS checked against the system's CAs, or the path
+    of a PEM CA bundle (a cluster's own CA)."""
+    if tls is False or tls is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=None if tls is True else Path(tls).read_bytes())
+
+
 class Client:
-    def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0, tls: bool | str | Path = False) -> None:
+        """`tls`: False (plaintext), True (the system's CAs) or a PEM CA file for a router serving TLS."""
+        creds = _credentials(tls)
+        self.channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
         self.stub = public_pb2_grpc.GenerationStub(self.channel)
         self.admin = public_pb2_grpc.AdminStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -235,8 +246,9 @@ class Client:
 class AsyncClient:
     """The asyncio twin of `Client` for generation."""
 
-    def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0, tls: bool | str | Path = False) -> None:
+        creds = _credentials(tls)
+        self.channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
         self.stub = public_pb2_grpc.GenerationStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout

@@ -1,5 +1,5 @@
 """Boilerplate shared by every gRPC server of splitserve: thread pool (or asyncio), message
-limits, grpc.health.v1, binding a port (0 = any free one), the cluster-token check, and (for
+limits, grpc.health.v1, binding a port (0 = any free one; TLS when configured), the cluster-token check, and (for
 public asyncio servers) services that answer undecodable requests INVALID_ARGUMENT."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from splitserve.proto.tls import TLSFiles, add_port
 
 TOKEN_HEADER = "x-splitserve-token"
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -52,13 +54,14 @@ def start_server(
     service_names: list[str],
     token: str | None = None,
     max_workers: int = MAX_THREADS,
+    tls: TLSFiles | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     interceptors = [TokenInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers), options=OPTIONS, interceptors=interceptors)
     add_services(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     server.start()
@@ -69,7 +72,7 @@ def start_server(
 
 async def start_aio_server(
     host: str, port: int, add_services: Callable[[grpc.aio.Server], None], service_names: list[str], *,
-    max_message_bytes: int | None = None, max_concurrent_rpcs: int | None = None,
+    max_message_bytes: int | None = None, max_concurrent_rpcs: int | None = None, tls: TLSFiles | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """The asyncio twin of `start_server` (no thread per call), on the running event loop.
     `max_message_bytes` lowers the largest request accepted; beyond `max_concurrent_rpcs`
@@ -83,7 +86,7 @@ async def start_aio_server(
     add_services(server)
     health_servicer = HealthServicer()
     add_checked_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()

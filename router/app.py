@@ -84,7 +84,7 @@ class Router:
             self.registry.publish_inflight(self.router_id, mine)
             return self.registry.others_inflight(self.router_id)
 
-        self.view = ClusterView(self.registry.workers, token=config.cluster_token, model_fingerprint=fingerprint, share=share)
+        self.view = ClusterView(self.registry.workers, token=config.cluster_token, tls=config.tls, model_fingerprint=fingerprint, share=share)
         self.metrics = RouterMetrics(self.view.records)
         r = config.routing
         self.index = PrefixIndex(r.index_capacity_blocks)
@@ -133,10 +133,11 @@ class Router:
                                     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
 
             self.grpc, self.grpc_port = await start_aio_server(rc.host, self._grpc_port, add, names, max_message_bytes=rc.max_request_bytes,
-                                                               max_concurrent_rpcs=backstop)
+                                                               max_concurrent_rpcs=backstop, tls=self.config.tls)
             limits = HTTPLimits(rc.max_request_bytes, rc.max_header_bytes, rc.header_timeout_s, rc.body_timeout_s, rc.send_timeout_s)
             config = uvicorn.Config(BodyLimits(self.app, limits), http=http_protocol(limits), ws="none", limit_concurrency=backstop,
-                                    log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+                                    log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                                    **({"ssl_certfile": self.config.tls.cert, "ssl_keyfile": self.config.tls.key} if self.config.tls else {}))
             self.http = uvicorn.Server(config)
             http_task = asyncio.ensure_future(self.http.serve(sockets=[self._sock]))
         except BaseException as e:
@@ -151,7 +152,7 @@ class Router:
 
     @property
     def http_address(self) -> str:
-        return f"http://{self.config.router.host}:{self.http_port}"
+        return f"{'https' if self.config.tls else 'http'}://{self.config.router.host}:{self.http_port}"
 
     @property
     def grpc_address(self) -> str:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from splitserve.cluster.registry import WorkerRecord
+from splitserve.proto.tls import TLSFiles
 from splitserve.router.legs import WorkerClient
 from splitserve.router.policy import Inflight, Snapshot, WorkerLoad, add_inflight
 
@@ -33,6 +34,7 @@ class ClusterView:
         source: Callable[[], list[WorkerRecord]],
         *,
         token: str | None = None,
+        tls: TLSFiles | None = None,
         model_fingerprint: str | None = None,
         poll_seconds: float = 0.1,
         stale_seconds: float = 30.0,
@@ -41,6 +43,7 @@ class ClusterView:
         self._source = source
         self._share = share
         self._token = token
+        self._tls = tls
         self._fingerprint = model_fingerprint
         self._poll = poll_seconds
         self._stale = stale_seconds
@@ -132,7 +135,7 @@ class ClusterView:
             key = (worker.worker_id, worker.address)
             c = self._clients.get(key)
             if c is None:
-                c = self._clients[key] = WorkerClient(worker.address, self._token, worker.worker_id)
+                c = self._clients[key] = WorkerClient(worker.address, self._token, worker.worker_id, self._tls)
             return c
 
     # ---- the router's own accounting -----------------------------------------------------

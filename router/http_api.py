@@ -14,12 +14,15 @@ aborts its request's two legs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
@@ -30,8 +33,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from splitserve.engine.errors import InvalidRequestError
-from splitserve.proto.status import STATUSES, http_status, status_of
+from splitserve.engine.errors import EngineError, InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
+from splitserve.proto.status import STATUSES, StatusError, http_status, status_of
 from splitserve.router.openai_protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -39,12 +43,16 @@ from splitserve.router.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     Model,
     ModelList,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator
@@ -145,6 +153,50 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     return error_response("INVALID_ARGUMENT", f"{param}: {message}", param)
 
 
+@dataclass
+class _Plan:
+    """One API request as the cluster serves it: one request per choice, choice i of prompt p
+    at index p * n + i."""
+
+    kind: str  # "completion" | "chat"
+    request_id: str
+    inputs: list[GenerateInput]
+    n: int
+    logprobs: bool  # return them in the endpoint's OpenAI shape
+    echo: list[str]  # per prompt: the text its choices start with (completions' echo)
+    fields: dict[str, str]  # engine field -> the request's name for it, for errors
+    include_usage: bool = False
+
+
+@dataclass
+class _Choice:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[TopLogprobs] = field(default_factory=list)
+    started: bool = False
+    offset: int = 0  # where its next token starts in its text (completions' logprobs)
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    timings: dict | None = None
+
+    def add(self, c: Chunk) -> None:
+        self.text.append(c.text)
+        self.tokens += c.token_ids
+        self.logprobs += c.logprobs
+        self.top += _tops(c)
+        if c.finished:
+            self.finish_reason, self.usage = c.finish_reason, c.usage
+            self.timings = c.timings.to_dict() if c.timings else None
+
+
+def _tops(c: Chunk) -> list[TopLogprobs]:
+    """The chunk's most likely alternatives per token (empty when none were asked for)."""
+    return c.top_logprobs if len(c.top_logprobs) == len(c.token_ids) else [[] for _ in c.token_ids]
+
+
 class OpenAIFrontend:
     """Turns OpenAI request bodies into orchestrator calls and chunks into OpenAI responses."""
 
@@ -153,73 +205,195 @@ class OpenAIFrontend:
         self.chat_template = chat_template
         self.special = special_tokens
         self.started = int(time.time())
+        self._token_text: dict[int, str] = {}  # at most the vocabulary
 
-    def completion_input(self, body: CompletionRequest) -> GenerateInput:
+    # ---- requests ------------------------------------------------------------------------
+    def completion_plan(self, body: CompletionRequest) -> _Plan:
         body.check_supported()
-        return GenerateInput(body.single_prompt(), body.sampling_params(body.max_tokens), model=body.model or "",
-                             slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms)
+        fields = {"top_logprobs": "logprobs"}
+        with _renamed(fields):
+            params = body.sampling_params(body.max_tokens, body.logprobs or 0)
+        prompts = body.prompts()
+        tok = self.orch.tokenizer
+        echo = [p if isinstance(p, str) else tok.decode(list(p), body.skip_special_tokens) for p in prompts] if body.echo else [""] * len(prompts)
+        return self._plan("completion", body, prompts, params, body.logprobs is not None, echo, fields)
 
-    def chat_input(self, body: ChatCompletionRequest) -> GenerateInput:
+    def chat_plan(self, body: ChatCompletionRequest) -> _Plan:
         body.check_supported()
         if not self.chat_template:
             raise InvalidRequestError("messages", "this model has no chat template (tokenizer_config.json has none); use /v1/completions")
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
         ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **self.special), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        with _renamed(chat_fields(body)):
-            params = body.sampling_params(max_tokens)
-        return GenerateInput(ids, params, model=body.model or "", kind="chat", slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms)
+        fields = chat_fields(body)
+        with _renamed(fields):
+            params = body.sampling_params(max_tokens, body.top_logprobs or 0)
+        return self._plan("chat", body, [ids], params, body.logprobs, [""], fields)
 
-    async def respond(self, kind: str, inp: GenerateInput, stream: bool, include_usage: bool, fields: dict[str, str] | None = None) -> Response:
-        with _renamed(fields or {}):
-            chunks = self.orch.generate(inp)  # validation errors raise here, before any byte is sent
+    def _plan(self, kind: str, body: CompletionRequest | ChatCompletionRequest, prompts: list, params: SamplingParams, logprobs: bool,
+              echo: list[str], fields: dict[str, str]) -> _Plan:
+        rid, n = f"req-{uuid.uuid4().hex}", body.n
+        many = len(prompts) * n > 1
+        inputs = []
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                with _renamed(fields):  # choice i samples with seed + i: n choices, not n copies of one
+                    choice = params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
+                inputs.append(GenerateInput(prompt, choice, request_id=f"{rid}-{p * n + i}" if many else rid, model=body.model or "", kind=kind,
+                                            slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms))
+        options = body.stream_options
+        return _Plan(kind, rid, inputs, n, logprobs, echo, fields, bool(options and options.include_usage))
+
+    # ---- responses -----------------------------------------------------------------------
+    async def respond(self, plan: _Plan, stream: bool) -> Response:
+        with _renamed(plan.fields):
+            streams = self.orch.generate_many(plan.inputs)  # validation errors raise here, before any byte is sent
+        merged = _merged(streams, [inp.request_id for inp in plan.inputs], self.orch.discard)
         created = int(time.time())
         if not stream:
-            return JSONResponse((await self._collect(kind, chunks, created)).model_dump(exclude_none=False), headers=None)
-        events = self._events(kind, chunks, created, include_usage)
+            return JSONResponse((await self._collect(plan, merged, created)).model_dump(exclude_none=False))
+        events = self._events(plan, merged, created)
         try:
-            first = await anext(events)  # a failure before the first token still gets its status
+            first = await anext(events)  # a failure before the first tokens still gets its status
         except BaseException:
             await events.aclose()
             raise
         return StreamingResponse(_sse(first, events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "x-request-id": json.loads(first)["id"]})
+                                 headers={"Cache-Control": "no-cache", "x-request-id": plan.request_id})
 
-    async def _collect(self, kind: str, chunks: AsyncIterator[Chunk], created: int):
-        text, last = [], None
+    async def _collect(self, plan: _Plan, merged: AsyncIterator[tuple[int, Chunk]], created: int):
+        choices = [_Choice() for _ in plan.inputs]
         try:
-            async for c in chunks:
-                text.append(c.text)
-                last = c
+            async for k, c in merged:
+                choices[k].add(c)
         finally:
-            await chunks.aclose()
-        body, model = "".join(text), self.orch.model_name
-        timings = last.timings.to_dict() if last.timings else None
-        if kind == "chat":
-            return ChatCompletionResponse(id=last.request_id, created=created, model=model, usage=Usage.of(last.usage), timings=timings,
-                                          choices=[ChatChoice(message=ChatDelta(role="assistant", content=body), finish_reason=last.finish_reason)])
-        return CompletionResponse(id=last.request_id, created=created, model=model, usage=Usage.of(last.usage), timings=timings,
-                                  choices=[CompletionChoice(text=body, finish_reason=last.finish_reason)])
+            await merged.aclose()
+        model, usage = self.orch.model_name, _usage(plan, [ch.usage for ch in choices])
+        timings = [ch.timings for ch in choices]
+        timings = timings[0] if len(timings) == 1 else timings
+        if plan.kind == "chat":
+            return ChatCompletionResponse(id=plan.request_id, created=created, model=model, usage=usage, timings=timings, choices=[
+                ChatChoice(index=k, message=ChatDelta(role="assistant", content="".join(ch.text)), finish_reason=ch.finish_reason,
+                           logprobs=self._chat_logprobs(ch.tokens, ch.logprobs, ch.top) if plan.logprobs else None)
+                for k, ch in enumerate(choices)])
+        out = []
+        for k, ch in enumerate(choices):
+            echo = plan.echo[k // plan.n]
+            logprobs = self._completion_logprobs(ch.tokens, ch.logprobs, ch.top, len(echo))[0] if plan.logprobs else None
+            out.append(CompletionChoice(index=k, text=echo + "".join(ch.text), finish_reason=ch.finish_reason, logprobs=logprobs))
+        return CompletionResponse(id=plan.request_id, created=created, model=model, usage=usage, timings=timings, choices=out)
 
-    async def _events(self, kind: str, chunks: AsyncIterator[Chunk], created: int, include_usage: bool) -> AsyncIterator[str]:
-        model, first = self.orch.model_name, True
+    async def _events(self, plan: _Plan, merged: AsyncIterator[tuple[int, Chunk]], created: int) -> AsyncIterator[str]:
+        model, chat = self.orch.model_name, plan.kind == "chat"
+        choices = [_Choice() for _ in plan.inputs]
         try:
-            async for c in chunks:
-                usage = Usage.of(c.usage) if c.finished and not include_usage else None
-                if kind == "chat":
+            async for k, c in merged:
+                ch = choices[k]
+                first, ch.started = not ch.started, True
+                usage = Usage.of(c.usage) if c.finished and not plan.include_usage else None
+                if chat:
+                    logprobs = self._chat_logprobs(c.token_ids, c.logprobs, _tops(c)) if plan.logprobs else None
                     delta = ChatDelta(role="assistant" if first else None, content=c.text)
-                    event = ChatCompletionChunk(id=c.request_id, created=created, model=model, usage=usage,
-                                                choices=[ChatChunkChoice(delta=delta, finish_reason=c.finish_reason)])
+                    event = ChatCompletionChunk(id=plan.request_id, created=created, model=model, usage=usage,
+                                                choices=[ChatChunkChoice(index=k, delta=delta, finish_reason=c.finish_reason, logprobs=logprobs)])
                 else:
-                    event = CompletionResponse(id=c.request_id, created=created, model=model, usage=usage,
-                                               choices=[CompletionChoice(text=c.text, finish_reason=c.finish_reason)])
-                first = False
-                yield event.model_dump_json(exclude_none=kind == "chat")
-                if c.finished and include_usage:
-                    cls = ChatCompletionChunk if kind == "chat" else CompletionResponse
-                    yield cls(id=c.request_id, created=created, model=model, choices=[], usage=Usage.of(c.usage)).model_dump_json()
+                    echo = plan.echo[k // plan.n] if first else ""
+                    ch.offset += len(echo)
+                    logprobs = None
+                    if plan.logprobs:
+                        logprobs, ch.offset = self._completion_logprobs(c.token_ids, c.logprobs, _tops(c), ch.offset)
+                    event = CompletionResponse(id=plan.request_id, created=created, model=model, usage=usage,
+                                               choices=[CompletionChoice(index=k, text=echo + c.text, finish_reason=c.finish_reason, logprobs=logprobs)])
+                if c.finished:
+                    ch.usage = c.usage
+                yield event.model_dump_json(exclude_none=chat)
+            if plan.include_usage:
+                cls = ChatCompletionChunk if chat else CompletionResponse
+                yield cls(id=plan.request_id, created=created, model=model, choices=[], usage=_usage(plan, [ch.usage for ch in choices])).model_dump_json()
         finally:
-            await chunks.aclose()
+            await merged.aclose()
+
+    # ---- logprobs in OpenAI's shapes -----------------------------------------------------
+    def _token(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.orch.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _chat_logprobs(self, tokens: list[int], logprobs: list[float], tops: list[TopLogprobs]) -> ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self._token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return ChatLogprobs(content=[TokenLogprob(**entry(t, lp), top_logprobs=[TopLogprob(**entry(*alt)) for alt in alts])
+                                     for t, lp, alts in zip(tokens, logprobs, tops)])
+
+    def _completion_logprobs(self, tokens: list[int], logprobs: list[float], tops: list[TopLogprobs], offset: int) -> tuple[CompletionLogprobs, int]:
+        """The tokens' logprobs, and the text offset after them. Each position's dict holds the
+        most likely tokens and the chosen one (OpenAI: up to logprobs + 1 entries)."""
+        texts = [self._token(t) for t in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        top = [{**{self._token(a): b for a, b in alts}, text: lp} for text, lp, alts in zip(texts, logprobs, tops)]
+        return CompletionLogprobs(tokens=texts, token_logprobs=list(logprobs), top_logprobs=top, text_offset=offsets), offset
+
+
+def _usage(plan: _Plan, usages: list[dict[str, int] | None]) -> Usage:
+    """The request's usage over its choices: each prompt counted once, every choice's output."""
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    for k, u in enumerate(usages):
+        u = u or {}
+        total["completion_tokens"] += u.get("completion_tokens", 0)
+        if k % plan.n == 0:
+            total["prompt_tokens"] += u.get("prompt_tokens", 0)
+            total["cached_tokens"] += u.get("cached_tokens", 0)
+    return Usage.of(total)
+
+
+async def _pull(stream: AsyncIterator[Chunk]) -> Chunk | None:
+    return await anext(stream, None)
+
+
+async def _merged(streams: list[AsyncIterator[Chunk]], request_ids: list[str], discard: Callable[[str], None]) -> AsyncIterator[tuple[int, Chunk]]:
+    """(choice index, chunk) from the choices' streams as chunks come. Every choice's first chunk
+    is in before any is yielded, so a choice that fails before its first token fails the whole
+    request with its own status, before a response starts; one that fails later fails the rest.
+    Closing this closes (aborts) every stream."""
+    pending: dict[asyncio.Task, int] = {}
+    try:
+        if len(streams) == 1:  # the common case: no task per chunk
+            async for c in streams[0]:
+                yield 0, c
+            return
+        for k, s in enumerate(streams):
+            pending[asyncio.ensure_future(_pull(s))] = k
+        await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in pending if t.done() and t.exception() is not None), None)
+        if failed is not None:
+            raise failed.exception()
+        firsts, pending = sorted(pending.items(), key=lambda item: item[1]), {}
+        ready = [(k, task.result()) for task, k in firsts]
+        while True:
+            for k, c in ready:
+                if c is None:
+                    continue
+                yield k, c
+                if not c.finished:
+                    pending[asyncio.ensure_future(_pull(streams[k]))] = k
+            if not pending:
+                return
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            ready = [(pending.pop(task), task.result()) for task in sorted(done, key=pending.get)]
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+        for rid in request_ids:
+            discard(rid)
 
 
 def chat_fields(body: ChatCompletionRequest) -> dict[str, str]:
@@ -279,21 +453,31 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         return error_response(status, message, code=405 if e.status_code == 405 else None)
 
-    @app.exception_handler(Exception)
     async def on_error(request: Request, e: Exception) -> JSONResponse:
         if status_of(e) == "INTERNAL":
             logger.exception("internal error on %s", request.url.path)
         return error_response(status_of(e), str(e), getattr(e, "field", None), getattr(e, "retry_after", None))
 
+    # The errors with a status are answered where the connection lives on. Starlette answers a
+    # handler of Exception itself and then re-raises, and uvicorn closes the connection: a
+    # client reusing it (every pooled client) saw its next request reset. An unexpected error
+    # still goes that way, so its answer says the connection closes.
+    app.add_exception_handler(EngineError, on_error)
+    app.add_exception_handler(StatusError, on_error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, e: Exception) -> JSONResponse:
+        response = await on_error(request, e)
+        response.headers["Connection"] = "close"
+        return response
+
     @app.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest) -> Response:
-        options = body.stream_options
-        return await frontend.respond("completion", frontend.completion_input(body), body.stream, bool(options and options.include_usage))
+        return await frontend.respond(frontend.completion_plan(body), body.stream)
 
     @app.post("/v1/chat/completions", dependencies=keyed, response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest) -> Response:
-        options = body.stream_options
-        return await frontend.respond("chat", frontend.chat_input(body), body.stream, bool(options and options.include_usage), chat_fields(body))
+        return await frontend.respond(frontend.chat_plan(body), body.stream)
 
     @app.get("/v1/models", dependencies=keyed, response_model=ModelList)
     async def models() -> ModelList:

@@ -26,6 +26,7 @@ from splitserve.proto import worker_pb2, worker_pb2_grpc
 from splitserve.proto.convert import params_to_proto, top_from_proto
 from splitserve.proto.server import OPTIONS, token_metadata
 from splitserve.proto.status import StatusError
+from splitserve.proto.tls import TLSFiles, aio_channel
 
 logger = logging.getLogger(__name__)
 ABORT_TIMEOUT = 5.0
@@ -45,14 +46,14 @@ class LegError(StatusError):
 
 
 class WorkerClient:
-    """An asyncio channel to one worker with its stubs and the cluster token. Create it on the
-    event loop that will use it."""
+    """An asyncio channel to one worker (over TLS when the cluster has it) with its stubs and the
+    cluster token. Create it on the event loop that will use it."""
 
-    def __init__(self, address: str, token: str | None = None, worker_id: str = "") -> None:
+    def __init__(self, address: str, token: str | None = None, worker_id: str = "", tls: TLSFiles | None = None) -> None:
         self.address = address
         self.worker_id = worker_id or address
         self.label = f"{worker_id} ({address})" if worker_id else address
-        self.channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        self.channel = aio_channel(address, tls, OPTIONS)
         self.metadata = token_metadata(token)
         self.prefill = worker_pb2_grpc.PrefillWorkerStub(self.channel)
         self.decode = worker_pb2_grpc.DecodeWorkerStub(self.channel)
@@ -243,11 +244,11 @@ async def stream_disaggregated(
 
 
 def run_disaggregated(prefill: str, decode: str, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                      token: str | None = None, **kw) -> RequestResult:
+                      token: str | None = None, tls: TLSFiles | None = None, **kw) -> RequestResult:
     """Blocking: run one request on the workers at these addresses to completion."""
 
     async def run() -> RequestResult:
-        p, d = WorkerClient(prefill, token), WorkerClient(decode, token)
+        p, d = WorkerClient(prefill, token, tls=tls), WorkerClient(decode, token, tls=tls)
         result = RequestResult(request_id)
         try:
             async for chunk in stream_disaggregated(p, d, request_id, prompt_token_ids, params, timings=result.timings, **kw):

@@ -5,7 +5,8 @@ Requests are strict: a wrong type is refused (no "10" for 10, no true for 1), nu
 surrogate escape such as "\\ud800" would reach the tokenizer and the wire, which refuse it), and
 a field this server does not know is refused by name rather than ignored. The validation errors
 become 400s naming the field (router/http_api.py). Extensions beyond OpenAI's fields follow
-vLLM's names (`top_k`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`).
+vLLM's names (`top_k`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`,
+`skip_special_tokens`); `slo_ttft_ms` / `slo_tpot_ms` are this server's.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
+MAX_CHOICES = 64  # prompts x n of one request: each choice is a request of its own in the cluster
+
+
 class _Sampling(_Body):
     """Fields both endpoints share."""
 
@@ -75,22 +79,20 @@ class _Sampling(_Body):
     seed: StrictInt | None = None
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
+    logit_bias: dict[Text, Number] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
     user: Text | None = None
     # extensions
     top_k: StrictInt | None = None
+    min_tokens: StrictInt = 0
+    repetition_penalty: Number | None = None
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: StrictBool = True
     slo_ttft_ms: Number | None = None  # this request's SLOs, instead of the cluster's
     slo_tpot_ms: Number | None = None
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, top_logprobs: int = 0) -> SamplingParams:
         """Raises InvalidRequestError naming the field for values the engine cannot serve."""
-        if self.n != 1:
-            raise InvalidRequestError("n", f"only n=1 is supported, got {self.n}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidRequestError(name, "is not supported by this server (only 0)")
         stop = self.stop
         return SamplingParams(
             max_tokens=16 if max_tokens is None else max_tokens,
@@ -102,34 +104,54 @@ class _Sampling(_Body):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
+            min_tokens=self.min_tokens,
+            logit_bias=self._logit_bias(),
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            top_logprobs=top_logprobs,
         )
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 10:
+                raise InvalidRequestError("logit_bias", f"keys must be token ids, got {key[:40]!r}")
+            pairs.append((int(key), float(bias)))
+        return tuple(pairs)
+
+    def check_choices(self, num_prompts: int) -> None:
+        if self.n < 1:
+            raise InvalidRequestError("n", f"must be >= 1, got {self.n}")
+        if num_prompts > MAX_CHOICES:
+            raise InvalidRequestError("prompt", f"at most {MAX_CHOICES} prompts per request, got {num_prompts}")
+        if self.n * num_prompts > MAX_CHOICES:
+            raise InvalidRequestError("n", f"{num_prompts} prompt(s) x n={self.n} choices exceeds the {MAX_CHOICES} choices one request may ask for")
 
 
 class CompletionRequest(_Sampling):
     prompt: Prompt
     max_tokens: StrictInt | None = 16
     echo: StrictBool = False
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = None  # the most likely tokens to return per position, besides the chosen one
     best_of: StrictInt | None = None
     suffix: Text | None = None
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one or several (a list of strings or of token-id lists)."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise InvalidRequestError("prompt", f"only one prompt per request is supported, got {len(p)}")
-            return p[0]
-        return p
+            return list(p)
+        return [p]
 
     def check_supported(self) -> None:
-        if self.echo:
-            raise InvalidRequestError("echo", "is not supported by this server")
-        if self.logprobs is not None:
-            raise InvalidRequestError("logprobs", "is not supported by this server")
-        if self.best_of not in (None, 1):
-            raise InvalidRequestError("best_of", "is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo", "echo with logprobs asks for the prompt's logprobs, which this server does not compute")
+        if self.best_of not in (None, self.n):
+            raise InvalidRequestError("best_of", f"only best_of equal to n ({self.n}) is supported, got {self.best_of}")
         if self.suffix:
             raise InvalidRequestError("suffix", "is not supported by this server")
+        self.check_choices(len(self.prompts()))
 
 
 class TextPart(_Body):
@@ -156,10 +178,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: StrictInt | None = None
 
     def check_supported(self) -> None:
-        if self.logprobs:
-            raise InvalidRequestError("logprobs", "is not supported by this server")
-        if self.top_logprobs is not None:
-            raise InvalidRequestError("top_logprobs", "is not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+        self.check_choices(1)
 
 
 # ---- responses -----------------------------------------------------------------------------
@@ -180,11 +201,21 @@ class Usage(BaseModel):
         return cls(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=PromptTokensDetails(cached_tokens=u.get("cached_tokens", 0)))
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' shape: per token its text, logprob, the most likely tokens (and
+    the chosen one) with theirs, and where the token starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class ChatDelta(BaseModel):
@@ -192,18 +223,32 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatDelta
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -213,7 +258,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    timings: dict[str, Any] | None = None  # extension: where the request's time went
+    timings: dict[str, Any] | list[dict[str, Any]] | None = None  # extension: where the time went (a list: one per choice)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -223,7 +268,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    timings: dict[str, Any] | None = None
+    timings: dict[str, Any] | list[dict[str, Any]] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

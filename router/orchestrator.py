@@ -165,6 +165,7 @@ class _Legs:
     decode: WorkerClient | None = None
     leg_id: str = ""
     aborted: bool = False
+    started: bool = False  # its stream was read: from then on the stream cleans up after it
 
 
 class Orchestrator:
@@ -224,15 +225,29 @@ class Orchestrator:
         """Validate at once (raises before the first chunk), then stream. Closing the stream
         early (the client left) aborts both legs. Beyond `max_concurrent` requests in flight, over
         both APIs, the answer is UNAVAILABLE at once (before any work for it)."""
-        if self.max_concurrent is not None and len(self._legs) >= self.max_concurrent:
+        return self.generate_many([inp])[0]
+
+    def generate_many(self, inputs: list[GenerateInput]) -> list[AsyncIterator[Chunk]]:
+        """`generate` for several requests that stand or fall together (the choices of one API
+        request): all are validated and admitted, or none is."""
+        if self.max_concurrent is not None and len(self._legs) + len(inputs) > self.max_concurrent:
             self.metrics.refused.labels("overloaded").inc()
             raise OverloadedError(self.max_concurrent)
-        prompt = self.validate(inp)
-        rid = inp.request_id or f"req-{uuid.uuid4().hex}"
-        if rid in self._legs:
-            raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
-        self._legs[rid] = _Legs()
-        return self._run(rid, prompt, inp)
+        prompts = [self.validate(inp) for inp in inputs]
+        rids = [inp.request_id or f"req-{uuid.uuid4().hex}" for inp in inputs]
+        for i, rid in enumerate(rids):
+            if rid in self._legs or rid in rids[:i]:
+                raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
+        for rid in rids:
+            self._legs[rid] = _Legs()
+        return [self._run(rid, prompt, inp) for rid, prompt, inp in zip(rids, prompts, inputs)]
+
+    def discard(self, request_id: str) -> None:
+        """Forget a request of `generate_many` whose stream was never read (a sibling failed
+        first): it holds its admission and nothing else."""
+        legs = self._legs.get(request_id)
+        if legs is not None and not legs.started:
+            del self._legs[request_id]
 
     async def _run(self, rid: str, prompt: list[int], inp: GenerateInput) -> AsyncIterator[Chunk]:
         t = Timings(rid)
@@ -240,6 +255,7 @@ class Orchestrator:
         deadline = arrival + self.timeout
         left = lambda: max(0.001, deadline - time.monotonic())  # noqa: E731
         legs = self._legs[rid]
+        legs.started = True
         held: list[tuple[str, str, tuple[int, int, int, int]]] = []  # (worker, role, in-flight counts) to give back
         s = _Stream(rid, prompt, inp, t, arrival, _Text(self.tokenizer, inp.params.stop, inp.params.skip_special_tokens))
         attempts = _Attempts(self.max_retries)

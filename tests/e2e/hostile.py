@@ -24,7 +24,7 @@ from splitserve.proto.client import _request
 COMPLETION = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
 SAMPLING = ["model", "stream", "stream_options", "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "user",
-            "top_k", "ignore_eos", "stop_token_ids", "skip_special_tokens", "slo_ttft_ms", "slo_tpot_ms", "max_tokens"]
+            "logit_bias", "min_tokens", "repetition_penalty", "top_k", "ignore_eos", "stop_token_ids", "skip_special_tokens", "slo_ttft_ms", "slo_tpot_ms", "max_tokens"]
 FIELDS = {
     "/v1/completions": (COMPLETION, [*SAMPLING, "prompt", "echo", "logprobs", "best_of", "suffix"]),
     "/v1/chat/completions": (CHAT, [*SAMPLING, "messages", "max_completion_tokens", "logprobs", "top_logprobs"]),

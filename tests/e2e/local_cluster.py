@@ -19,6 +19,7 @@ import yaml
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.proto import worker_pb2
 from splitserve.proto.client import Client
+from splitserve.proto.tls import TLSFiles, to_flags
 from tests.e2e.procs import (
     Proc,
     launch,
@@ -100,7 +101,7 @@ class LocalCluster:
         beat, ttl = str(self.config["heartbeat_seconds"]), str(self.config["heartbeat_ttl_seconds"])
         token = ["--token", self.config["cluster_token"]] if self.config.get("cluster_token") else []
         return launch(f"splitserve.{role}_worker", "--model", str(self.model), "--dtype", "float32", "--redis-url", self.redis.url,
-                      "--cluster", self.name, "--heartbeat-seconds", beat, "--heartbeat-ttl-seconds", ttl, *token, *flags)
+                      "--cluster", self.name, "--heartbeat-seconds", beat, "--heartbeat-ttl-seconds", ttl, *token, *to_flags(self.tls), *flags)
 
     def add_worker(self, role: str, *flags: str) -> Proc:
         proc = self._launch_worker(role, list(flags)).wait()
@@ -127,12 +128,18 @@ class LocalCluster:
     def http(self) -> str:
         return self.routers[0].ready["http"]
 
+    @property
+    def tls(self) -> TLSFiles | None:
+        return TLSFiles(**self.config["tls"]) if self.config.get("tls") else None
+
     def client(self, router: int = 0, **kw) -> Client:
+        if self.tls is not None:
+            kw.setdefault("tls", self.tls.ca)
         return Client(self.routers[router].ready["grpc"], **kw)
 
     def stats(self, worker: Proc) -> worker_pb2.WorkerStats:
         """A worker's counters, read from the worker itself (not its last heartbeat)."""
-        stub = WorkerStub(worker.address, self.config.get("cluster_token"))
+        stub = WorkerStub(worker.address, self.config.get("cluster_token"), self.tls)
         try:
             return stub.stats(worker.ready["role"])
         finally:

@@ -6,12 +6,13 @@ import grpc
 
 from splitserve.proto import kv_pb2_grpc, worker_pb2, worker_pb2_grpc
 from splitserve.proto.server import token_metadata
+from splitserve.proto.tls import TLSFiles, channel
 
 
 class WorkerStub:
-    def __init__(self, address: str, token: str | None = None) -> None:
+    def __init__(self, address: str, token: str | None = None, tls: TLSFiles | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = channel(address, tls)
         if token:
             self.channel = grpc.intercept_channel(self.channel, _Token(token))
         self.prefill = worker_pb2_grpc.PrefillWorkerStub(self.channel)
