@@ -1,11 +1,25 @@
 """Offline generation throughput: this engine's `LLM.generate` against Hugging Face
-`transformers` `generate`, on the same random-weight Llama-shaped model and the same prompts.
+`transformers` `generate` and, given a Python that has it (`--vllm-python`), vLLM's
+`LLM.generate`, on the same random-weight Llama-shaped model and the same prompts, in one run.
 
 Scenarios (greedy, EOS ignored, random prompt token ids from a fixed seed):
   * 1 request:   one prompt, one output length;
   * N requests:  N prompts of mixed lengths with mixed output lengths, all submitted at once.
     The engine batches them continuously; Hugging Face gets one left-padded batch (attention
     mask, pad token set) and generates the longest `max_new_tokens` for every row.
+`--workload peers` is instead the workload of ../shared/peers/vllm_cpu_bench.py: 32 prompts of
+16-512 tokens (Python's `random`, seed 0) x 64 output tokens after a warm-up on the first two,
+then the first prompt alone (which both engines then find in their prefix caches); repeat r > 0
+draws its prompts with seed r.
+
+vLLM runs in its own process (`benchmarks/vllm_runner.py` under the given Python: it pins its
+own torch, so it lives in its own virtual environment) and is driven repeat by repeat between
+the other two, so a slow spell of the machine hits all three. vLLM-CPU (0.32) reserves one core
+for its front end and runs the model on one OpenMP thread bound to the rest (on 2 cores: 1
+thread); this engine and transformers use torch's threads (`--threads`; default: every core).
+`--threads 1` compares at vLLM's thread count. With 2 threads on 2 cores, any other process on
+the machine stalls every parallel region (each waits for its slowest thread), so runs while the
+machine is busy vary several-fold: compare repeats, and the load averages printed.
 
 Throughput is *useful* output tokens per second of wall time (prefill included): only the
 tokens each request asked for count, for both systems, so the rows Hugging Face keeps decoding
@@ -14,6 +28,8 @@ past their own length are work it does but gets no credit for.
     python -m benchmarks.engine_throughput --preset small          # 19M parameters: ~30 s on 2 CPU cores
     python -m benchmarks.engine_throughput                         # 125M (75M without embeddings): ~3 min
     python -m benchmarks.engine_throughput --device cuda --dtype bfloat16 --preset 1b --json out.json
+    python -m benchmarks.engine_throughput --model-dir /tmp/bench-model --workload peers --linear-kernel onednn \
+        --vllm-python /tmp/vllm-cpu-venv/bin/python --repeats 3
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import random
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +65,7 @@ PRESETS: dict[str, TinySpec] = {
 }
 SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
 PAD_ID = 0  # any id: padded positions are masked out
+PEERS_OUTPUT = 64  # ../shared/peers: every request generates 64 tokens
 
 
 @dataclass(frozen=True)
@@ -78,24 +96,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--model-dir", help="checkpoint folder: reused if it has a config.json, else written there; kept")
+    p.add_argument("--workload", choices=("mixed", "peers"), default="mixed", help="peers: ../shared/peers' workload (see above)")
     p.add_argument("--num-requests", type=int, default=32, help="requests in the batched scenario")
     p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"), help="batched prompt lengths")
-    p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"), help="batched output lengths")
-    p.add_argument("--single-prompt-len", type=int, default=128, help="prompt length of the 1-request scenario")
-    p.add_argument("--single-output-len", type=int, default=128, help="output length of the 1-request scenario")
+    p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"), help="batched output lengths (peers: 64 64)")
+    p.add_argument("--single-prompt-len", type=int, default=128, help="prompt length of the 1-request scenario (mixed)")
+    p.add_argument("--single-output-len", type=int, default=128, help="output length of the 1-request scenario (mixed)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--block-size", type=int, default=16, help="engine KV block size")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--linear-kernel", choices=("torch", "onednn"), default="torch", help="the engine's CPU GEMMs (engine/cpu_linear.py)")
+    p.add_argument("--attention-backend", default="auto", help="the engine's attention backend (engine/attention_cuda.py)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU), for the engine and transformers")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per scenario and system (new prompts each); best counts")
     p.add_argument("--seed", type=int, default=0, help="weights and prompts")
+    p.add_argument("--vllm-python", type=Path, help="a Python with vLLM installed (e.g. /tmp/vllm-cpu-venv/bin/python): compare with it too")
+    p.add_argument("--vllm-timeout", type=float, default=900, help="seconds vLLM may take to start or to answer one batch")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.repeats < 1 or args.num_requests < 1:
         p.error("--repeats and --num-requests must be >= 1")
+    if args.workload == "peers":
+        args.output_len = (PEERS_OUTPUT, PEERS_OUTPUT)
     for lo, hi, flag in (*args.prompt_len, "--prompt-len"), (*args.output_len, "--output-len"):
         if not 0 < lo <= hi:
             p.error(f"{flag}: need 0 < MIN <= MAX, got {lo} {hi}")
+    if args.vllm_python is not None and not args.vllm_python.is_file():
+        p.error(f"--vllm-python: no such file {args.vllm_python}")
     return args
 
 
@@ -120,6 +147,8 @@ def prepare_checkpoint(args: argparse.Namespace, max_len: int) -> tuple[Path, bo
 def make_workloads(args: argparse.Namespace, vocab_size: int) -> tuple[Workload, list[list[Workload]]]:
     """(warm-up, for each scenario one workload per repeat). Repeats keep the lengths and draw
     new token ids: every prompt is distinct, so nothing hits the prefix cache another left."""
+    if args.workload == "peers":
+        return peers_workloads(args, vocab_size)
     rng = random.Random(args.seed)
 
     def draw(name: str, prompt_lens: list[int], max_tokens: list[int]) -> Workload:
@@ -133,6 +162,23 @@ def make_workloads(args: argparse.Namespace, vocab_size: int) -> tuple[Workload,
     return warm, [[draw(*shape) for _ in range(args.repeats)] for shape in shapes]
 
 
+def peers_workloads(args: argparse.Namespace, vocab_size: int) -> tuple[Workload, list[list[Workload]]]:
+    """../shared/peers/vllm_cpu_bench.py's prompts (seed r for repeat r): the batch first,
+    then its first prompt alone, after a warm-up on the first two prompts of repeat 0."""
+    n, top = args.num_requests, min(8000, vocab_size)
+    lo, hi = args.prompt_len
+
+    def prompts(seed: int) -> list[list[int]]:
+        rng = random.Random(seed)  # the same draws as random.seed(seed) and the module functions
+        return [[rng.randrange(3, top) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+    batches = [prompts(r) for r in range(args.repeats)]
+    warm = Workload("warm-up", batches[0][:2], [PEERS_OUTPUT] * 2)
+    many = [Workload(f"{n} requests", b, [PEERS_OUTPUT] * n) for b in batches]
+    one = [Workload("1 request", b[:1], [PEERS_OUTPUT]) for b in batches]
+    return warm, [many, one]
+
+
 def max_sequence_len(args: argparse.Namespace) -> int:
     return max(args.single_prompt_len + args.single_output_len, args.prompt_len[1] + args.output_len[1], 96)
 
@@ -143,7 +189,7 @@ def kv_blocks_needed(workloads: list[Workload], block_size: int) -> int:
     return max(sum(-(-(len(p) + m) // block_size) for p, m in zip(w.prompts, w.max_tokens)) for w in workloads)
 
 
-# ---- the two systems ---------------------------------------------------------------------
+# ---- the systems ---------------------------------------------------------------------------
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -195,21 +241,71 @@ def run_hf(model: torch.nn.Module, w: Workload, device: str) -> Run:
     return Run(seconds, [g[:m] for g, m in zip(generated, w.max_tokens)], len(w.prompts) * new)
 
 
+class VllmProcess:
+    """vLLM's `LLM` in `benchmarks/vllm_runner.py` under another Python (see that file)."""
+
+    def __init__(self, python: Path, model_dir: Path, args: argparse.Namespace, max_len: int) -> None:
+        runner = Path(__file__).with_name("vllm_runner.py")
+        self.timeout = args.vllm_timeout
+        # cwd outside the repository: its folders must not shadow installed packages
+        self.proc = subprocess.Popen([str(python), str(runner)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+        spec = {"model": str(model_dir), "dtype": args.dtype, "max_model_len": max_len, "seed": args.seed, "enforce_eager": True}
+        # as ../shared/peers does: sizes vLLM-CPU's KV cache; on a GPU it leaves room for this
+        # engine and transformers, which hold the same device
+        spec["gpu_memory_utilization"] = 0.3
+        self.version = self._ask(spec)["version"]
+
+    def _ask(self, obj: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+        ready = select_readable(self.proc.stdout, self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"vLLM runner gave no answer (exit status {self.proc.poll()}; its log is on stderr above)")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise RuntimeError(f"vLLM runner: {reply.get('error')}")
+        return reply
+
+    def run(self, w: Workload) -> Run:
+        reply = self._ask({"cmd": "generate", "prompts": w.prompts, "max_tokens": w.max_tokens})
+        tokens = reply["outputs"]
+        return Run(reply["seconds"], tokens, sum(len(t) for t in tokens))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def select_readable(stream: Any, timeout: float) -> bool:
+    import select
+
+    return bool(select.select([stream], [], [], timeout)[0])
+
+
 # ---- report ------------------------------------------------------------------------------
-def scenario_result(w: Workload, runs: list[tuple[Run, Run]]) -> dict[str, Any]:
+def scenario_result(w: Workload, runs: list[dict[str, Run]]) -> dict[str, Any]:
     """Best time of each system over the repeats (the machine only ever adds noise)."""
     lens = [len(p) for p in w.prompts]
 
-    def side(k: int) -> dict[str, Any]:
-        seconds = [r[k].seconds for r in runs]
+    def side(name: str) -> dict[str, Any]:
+        seconds = [r[name].seconds for r in runs]
         out = {"seconds": min(seconds), "tokens_per_s": w.useful_tokens / min(seconds), "all_seconds": seconds,
-               "computed_tokens": runs[0][k].computed_tokens}
-        if k == 0:
-            out["cached_prompt_tokens"] = sum(r[0].cached_prompt_tokens for r in runs)
+               "computed_tokens": runs[0][name].computed_tokens}
+        if name == "ours":
+            out["cached_prompt_tokens"] = sum(r["ours"].cached_prompt_tokens for r in runs)
         return out
 
-    ours, hf = side(0), side(1)
-    return {
+    ours, hf = side("ours"), side("hf")
+    result = {
         "scenario": w.name,
         "requests": len(w.prompts),
         "prompt_tokens": sum(lens),
@@ -219,29 +315,41 @@ def scenario_result(w: Workload, runs: list[tuple[Run, Run]]) -> dict[str, Any]:
         "ours": ours,
         "hf": hf,
         "ratio_ours_over_hf": ours["tokens_per_s"] / hf["tokens_per_s"],
-        "identical_requests": sum(a == b for o, h in runs for a, b in zip(o.outputs, h.outputs)),
+        "identical_requests": sum(a == b for r in runs for a, b in zip(r["ours"].outputs, r["hf"].outputs)),
         "compared_requests": len(runs) * len(w.prompts),
     }
+    if "vllm" in runs[0]:
+        result["vllm"] = side("vllm")
+        result["ratio_ours_over_vllm"] = ours["tokens_per_s"] / result["vllm"]["tokens_per_s"]
+        result["identical_requests_vllm"] = sum(a == b for r in runs for a, b in zip(r["ours"].outputs, r["vllm"].outputs))
+    return result
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
+    vllm = "vllm" in results[0]
     head = (
         f"{'scenario':<13} {'prompt len':>10} {'output len':>10} {'useful tok':>10} "
         f"{'ours s':>8} {'ours tok/s':>10} {'HF s':>8} {'HF tok/s':>9} {'ours/HF':>8} {'same tokens':>11}"
     )
+    if vllm:
+        head += f" {'vLLM s':>8} {'vLLM tok/s':>10} {'ours/vLLM':>9} {'same as vLLM':>12}"
     print(head)
     print("-" * len(head))
     for r in results:
         pl, ol = "{}..{}".format(*r["prompt_len_range"]), "{}..{}".format(*r["output_len_range"])
         same = f"{r['identical_requests']}/{r['compared_requests']}"
-        print(f"{r['scenario']:<13} {pl:>10} {ol:>10} {r['useful_output_tokens']:>10} "
-              f"{r['ours']['seconds']:>8.2f} {r['ours']['tokens_per_s']:>10.1f} {r['hf']['seconds']:>8.2f} "
-              f"{r['hf']['tokens_per_s']:>9.1f} {r['ratio_ours_over_hf']:>7.2f}x {same:>11}")
+        line = (f"{r['scenario']:<13} {pl:>10} {ol:>10} {r['useful_output_tokens']:>10} "
+                f"{r['ours']['seconds']:>8.2f} {r['ours']['tokens_per_s']:>10.1f} {r['hf']['seconds']:>8.2f} "
+                f"{r['hf']['tokens_per_s']:>9.1f} {r['ratio_ours_over_hf']:>7.2f}x {same:>11}")
+        if vllm:
+            same_v = f"{r['identical_requests_vllm']}/{r['compared_requests']}"
+            line += f" {r['vllm']['seconds']:>8.2f} {r['vllm']['tokens_per_s']:>10.1f} {r['ratio_ours_over_vllm']:>8.2f}x {same_v:>12}"
+        print(line)
     print("tok/s: useful output tokens (only those each request asked for, for both systems) per wall second")
     print("of the whole generate call, prefill included; best of --repeats. HF decodes every row of its padded")
     print("batch to the longest max_tokens, so it computed " +
           ", ".join(f"{r['hf']['computed_tokens']} ({r['scenario']})" for r in results) + " output tokens.")
-    print("same tokens: requests whose greedy outputs are identical in both systems.")
+    print("same tokens: requests whose greedy outputs are identical in both systems" + (" (ours vs HF; ours vs vLLM)." if vllm else "."))
 
 
 def check_first_request(ours: Run, hf: Run, dtype: str) -> bool:
@@ -256,7 +364,7 @@ def check_first_request(ours: Run, hf: Run, dtype: str) -> bool:
     return False
 
 
-def environment(args: argparse.Namespace, params: int, load_at_start: float) -> dict[str, Any]:
+def environment(args: argparse.Namespace, params: int, load_at_start: float, vllm_version: str | None) -> dict[str, Any]:
     import transformers
 
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
@@ -264,7 +372,7 @@ def environment(args: argparse.Namespace, params: int, load_at_start: float) -> 
     return {
         "device": args.device, "device_name": device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "parameters": params,
+        "vllm": vllm_version, "parameters": params,
         # other work on the machine skews both systems' times, and not equally
         "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
     }
@@ -273,28 +381,43 @@ def environment(args: argparse.Namespace, params: int, load_at_start: float) -> 
 # ---- main --------------------------------------------------------------------------------
 def benchmark(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     load_at_start = os.getloadavg()[0]
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    warm, scenarios = make_workloads(args, vocab)
+    config = json.loads((model_dir / "config.json").read_text())
+    warm, scenarios = make_workloads(args, config["vocab_size"])
     blocks = kv_blocks_needed([warm, *(s[0] for s in scenarios)], args.block_size) + args.num_requests
+    max_len = min(config.get("max_position_embeddings", 4096), 4096)
     llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, block_size=args.block_size, num_kv_blocks=blocks,
-              max_num_seqs=max(args.num_requests, 4), max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=max(args.num_requests, 4), max_num_batched_tokens=args.max_num_batched_tokens,
+              linear_kernel=args.linear_kernel, attention_backend=args.attention_backend)
     hf = load_hf(model_dir, args.dtype, args.device)
-    params = sum(p.numel() for p in hf.parameters())
-    logger.info("model: %.1fM parameters, %s on %s; warming up both", params / 1e6, args.dtype, args.device)
-    run_ours(llm, warm, args.device)
-    run_hf(hf, warm, args.device)
-    results, first_ok = [], True
-    for k, repeats in enumerate(scenarios):
-        runs = []
-        for i, w in enumerate(repeats):  # interleaved, so a slow spell of the machine hits both
-            logger.info("%s (%d/%d): engine", w.name, i + 1, len(repeats))
-            ours = run_ours(llm, w, args.device)
-            logger.info("%s (%d/%d): transformers", w.name, i + 1, len(repeats))
-            runs.append((ours, run_hf(hf, w, args.device)))
-        if k == 0:  # the single request
-            first_ok = check_first_request(runs[0][0], runs[0][1], args.dtype)
-        results.append(scenario_result(repeats[0], runs))
-    return {"environment": environment(args, params, load_at_start), "first_request_matches": first_ok, "scenarios": results}
+    vllm = VllmProcess(args.vllm_python, model_dir, args, max_len) if args.vllm_python else None
+    try:
+        params = sum(p.numel() for p in hf.parameters())
+        logger.info("model: %.1fM parameters, %s on %s; warming up", params / 1e6, args.dtype, args.device)
+        systems: dict[str, Any] = {"ours": lambda w: run_ours(llm, w, args.device), "hf": lambda w: run_hf(hf, w, args.device)}
+        if vllm is not None:
+            systems["vllm"] = vllm.run
+        for run in systems.values():
+            run(warm)
+        results, first_ok = [], True
+        # repeat by repeat, each system in turn, so a slow spell of the machine hits them all
+        per_scenario: list[list[dict[str, Run]]] = [[] for _ in scenarios]
+        for i in range(args.repeats):
+            for k, repeats in enumerate(scenarios):
+                w = repeats[i]
+                runs = {}
+                for name, run in systems.items():
+                    logger.info("%s (%d/%d): %s", w.name, i + 1, args.repeats, name)
+                    runs[name] = run(w)
+                per_scenario[k].append(runs)
+        for k, repeats in enumerate(scenarios):
+            if repeats[0].name == "1 request":
+                first_ok = check_first_request(per_scenario[k][0]["ours"], per_scenario[k][0]["hf"], args.dtype)
+            results.append(scenario_result(repeats[0], per_scenario[k]))
+        version = vllm.version if vllm is not None else None
+    finally:
+        if vllm is not None:
+            vllm.close()
+    return {"environment": environment(args, params, load_at_start, version), "first_request_matches": first_ok, "scenarios": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n$ {command}")
     print(f"model: {env['parameters'] / 1e6:.1f}M parameters (Llama-shaped, random weights), {env['dtype']}, "
           f"{env['device']} ({env['device_name']}, {env['threads']} threads), torch {env['torch']}, "
-          f"transformers {env['transformers']}; load average {env['load_average_1min']['start']:.1f} at start, "
+          f"transformers {env['transformers']}" + (f", vLLM {env['vllm']}" if env["vllm"] else "") +
+          f"; engine linear kernel {args.linear_kernel}; load average {env['load_average_1min']['start']:.1f} at start, "
           f"{env['load_average_1min']['end']:.1f} at end")
     print_table(report["scenarios"])
     if args.json:

@@ -205,10 +205,9 @@ class WorkerRuntime:
 
 def add_kv_service(worker, srv: grpc.Server) -> None:
     """A decode worker's KV receiving side: the gRPC transport and the torch transport's handshake."""
-    from splitserve.kv_transfer.grpc_transport import KVTransferServicer
-    from splitserve.proto import kv_pb2_grpc
+    from splitserve.kv_transfer.grpc_transport import KVTransferServicer, add_kv_transfer_service
 
-    kv_pb2_grpc.add_KVTransferServicer_to_server(KVTransferServicer(worker.receiver, worker.torch_server.accept if worker.torch_server else None), srv)
+    add_kv_transfer_service(KVTransferServicer(worker.receiver, worker.torch_server.accept if worker.torch_server else None), srv)
 
 
 def node_address() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitserve.engine.config import DTYPES, EngineConfig
+from splitserve.engine.config import ATTENTION_BACKENDS, DTYPES, LINEAR_KERNELS, EngineConfig
 from splitserve.engine.scheduler import SchedulerConfig
 
 
@@ -22,6 +22,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-chunk", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="auto: FlashInfer, then flash-attn, on CUDA when installed; SDPA otherwise")
+    g.add_argument("--linear-kernel", default="torch", choices=LINEAR_KERNELS,
+                   help="onednn: weights packed for oneDNN on CPU (faster; float32 no longer bitwise equal to transformers)")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA (default: captured graphs where possible)")
+    g.add_argument("--num-threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's choice)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -34,6 +40,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        attention_backend=args.attention_backend,
+        linear_kernel=args.linear_kernel,
+        num_threads=args.num_threads,
+        cuda_graphs=not args.no_cuda_graphs,
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

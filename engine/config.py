@@ -19,6 +19,8 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LINEAR_KERNELS = ("torch", "onednn")  # cpu_linear.py says what each is
+ATTENTION_BACKENDS = ("auto", "torch", "flash_attn", "flashinfer")  # attention_cuda.py says which "auto" picks
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,10 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 1 << 30
     max_model_len: int | None = None
     seed: int = 0
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # ATTENTION_BACKENDS; "auto": the fastest usable on the device
+    linear_kernel: str = "torch"  # LINEAR_KERNELS: "onednn" trades bitwise parity with transformers for speed on CPU
+    num_threads: int | None = None  # torch.set_num_threads for this process; None leaves PyTorch's choice
+    cuda_graphs: bool = True  # capture decode steps where the device and attention backend can (engine/cuda_graphs.py)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     record_kv_events: bool = False  # workers publish prefix-cache events (BlockPool.drain_events)
 
@@ -170,3 +175,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
         if self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {self.linear_kernel!r}")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ValueError(f"num_threads must be > 0, got {self.num_threads}")

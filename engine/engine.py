@@ -24,6 +24,8 @@ import torch
 
 from splitserve.engine.block_pool import BlockPool, block_hashes
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.cpu_linear import use_linear_kernel
+from splitserve.engine.cuda_graphs import graph_batch_sizes
 from splitserve.engine.errors import (
     ContextLengthExceededError,
     DuplicateRequestError,
@@ -95,12 +97,17 @@ class _Tracked:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         self.model, self.model_config = load_model(config.model, config.dtype, config.device)
+        use_linear_kernel(self.model, config.linear_kernel, batch_hint=config.scheduler.max_num_seqs)
         self.tokenizer = Tokenizer(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model_config)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings)
         num_blocks = config.num_kv_blocks or self._blocks_for_budget()
-        self.runner = ModelRunner(self.model, self.model_config, num_blocks, config.block_size, config.attention_backend, config.seed)
+        graph_sizes = graph_batch_sizes(config.scheduler.max_num_seqs) if config.cuda_graphs else []
+        self.runner = ModelRunner(self.model, self.model_config, num_blocks, config.block_size, config.attention_backend, config.seed,
+                                  cuda_graph_sizes=graph_sizes, max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.pool = BlockPool(num_blocks, config.block_size, record_events=config.record_kv_events)
         self.scheduler = Scheduler(config.scheduler, self.pool)
         self.eos_ids = set(self.model_config.eos_token_ids)

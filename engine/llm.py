@@ -38,6 +38,10 @@ class LLM:
         max_prefill_chunk: int | None = None,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        attention_backend: str = "auto",
+        linear_kernel: str = "torch",
+        num_threads: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         scheduler = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -54,6 +58,10 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len,
             seed=seed,
+            attention_backend=attention_backend,
+            linear_kernel=linear_kernel,
+            num_threads=num_threads,
+            cuda_graphs=cuda_graphs,
             scheduler=scheduler,
         )
         self.engine = LLMEngine(config)

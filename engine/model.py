@@ -100,11 +100,13 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of `x` ([T, hidden]) with RoPE (cos, sin) applied:
         [T, H, D], [T, KH, D], [T, KH, D]. Shared by the paged path and context parallelism."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        cos, sin = rope
-        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KH) * D]
+        qk_size = self.q_size + self.kv_size
+        # RoPE on the query and key heads together: one pass of elementwise ops instead of two,
+        # each element computed exactly as before
+        qk = apply_rope(qkv[:, :qk_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # [T, H + KH, D]
+        v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
+        return qk[:, : self.num_heads], qk[:, self.num_heads :], v
 
 
 class MLP(nn.Module):

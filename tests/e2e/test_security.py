@@ -15,6 +15,7 @@ import redis
 
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.cluster.registry import Registry, WorkerRecord
+from splitserve.kv_transfer.grpc_transport import RAW_PUSH
 from splitserve.proto import kv_pb2, worker_pb2
 from splitserve.proto.client import Client, UnavailableError
 from splitserve.proto.tls import TLSFiles
@@ -39,6 +40,7 @@ def test_worker_rpcs_and_kv_ports_need_the_cluster_token(make_cluster) -> None:
         if role == "decode":
             for call in (lambda: anonymous.kv.Handshake(kv_pb2.HandshakeRequest(sender_id="intruder", transport="torch"), timeout=10),
                          lambda: anonymous.kv.Push(iter([kv_pb2.KVMessage(abort=kv_pb2.KVAbort(request_id="x"))]), timeout=10),
+                         lambda: anonymous.channel.stream_unary(RAW_PUSH)(iter([b""]), timeout=10),
                          lambda: anonymous.decode.Reserve(worker_pb2.ReserveRequest(request_id="x", prompt_token_ids=[1]), timeout=10)):
                 with pytest.raises(grpc.RpcError) as e:
                     call()

@@ -21,7 +21,7 @@ from splitserve.kv_transfer.errors import (
     TransferError,
     WrongSecretError,
 )
-from splitserve.kv_transfer.grpc_transport import CHANNEL_OPTIONS, KVTransferServicer
+from splitserve.kv_transfer.grpc_transport import CHANNEL_OPTIONS, RAW_PUSH, GrpcSender, KVTransferServicer, add_kv_transfer_service
 from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.receiver import KVReceiver, TensorKVStore
@@ -45,8 +45,11 @@ class Receiving:
     done: list
 
 
-@pytest.fixture(params=["local", "grpc", "torch"])
+@pytest.fixture(params=["local", "grpc", "grpc-protobuf", "torch"])
 def transport(request) -> Iterator[tuple[str, Receiving, LocalHub]]:
+    """(transport name, the receiving end, hub). "grpc" is a receiver with the raw-bytes Push
+    method, "grpc-protobuf" one with only the .proto's Push (payload bytes inside protobuf
+    messages), which gRPC senders fall back to."""
     cache = torch.zeros(LAYERS, BLOCKS, 2, BS, KH, D)
     done: list = []
     table = TransferTable(LAYERS, done.append, commit_grace=0.5)
@@ -58,12 +61,14 @@ def transport(request) -> Iterator[tuple[str, Receiving, LocalHub]]:
     else:
         torch_server = TorchKVServer(receiver, "127.0.0.1") if request.param == "torch" else None
         server = grpc.server(futures.ThreadPoolExecutor(8), options=CHANNEL_OPTIONS)
-        kv_pb2_grpc.add_KVTransferServicer_to_server(
-            KVTransferServicer(receiver, torch_server.accept if torch_server else None), server
-        )
+        servicer = KVTransferServicer(receiver, torch_server.accept if torch_server else None)
+        if request.param == "grpc-protobuf":
+            kv_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
+        else:
+            add_kv_transfer_service(servicer, server)
         endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         server.start()
-    yield request.param, Receiving(endpoint, cache, table, done), hub
+    yield request.param.removesuffix("-protobuf"), Receiving(endpoint, cache, table, done), hub
     if server is not None:
         server.stop(0)
 
@@ -149,6 +154,40 @@ def test_truncated_grpc_payload_is_refused(transport) -> None:
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "truncated" in e.value.details()
     t = rx.table.get("r")
     assert t.state is TransferState.FAILED and "truncated" in t.reason and rx.done == [t]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "grpc-protobuf"], indirect=True)
+def test_grpc_sender_uses_raw_bytes_where_the_receiver_serves_them(transport, request) -> None:
+    _, rx, _ = transport
+    sender = connect("grpc", rx.endpoint, "p0", LAYOUT)
+    assert isinstance(sender, GrpcSender)
+    assert sender.raw is (request.node.callspec.params["transport"] == "grpc")
+    sender.close()
+
+
+@pytest.mark.parametrize("transport", ["grpc"], indirect=True)  # hand-crafted wire messages
+def test_raw_stream_payload_must_be_whole_and_follow_its_header(transport) -> None:
+    _, rx, _ = transport
+    header = PayloadHeader.for_tensor("r", SECRET, 0, [1], torch.ones(1, 2, BS, KH, D))
+
+    def control(rid: str, secret: str = SECRET) -> bytes:
+        payload = kv_pb2.KVPayload(request_id=rid, secret=secret, layer=0, block_ids=[1], dtype="float32", shape=header.shape,
+                                   byte_length=header.byte_length)
+        return kv_pb2.KVMessage(payload=payload).SerializeToString()
+
+    short = b"\0" * (header.byte_length - 10)
+    cases = (("r1", [control("r1"), short], "INVALID_ARGUMENT", "truncated", TransferState.FAILED),
+             ("r2", [control("r2")], "INVALID_ARGUMENT", "ended between", TransferState.FAILED),
+             ("r3", [b"\xff\xff not a message"], "INVALID_ARGUMENT", "malformed", TransferState.RESERVED),
+             # a stranger's broken stream is refused for its secret and leaves the reservation alone
+             ("r4", [control("r4", "00" * 16)], "PERMISSION_DENIED", "secret", TransferState.RESERVED),
+             ("r5", [control("r5", "00" * 16), short], "PERMISSION_DENIED", "secret", TransferState.RESERVED))
+    for rid, frames, code, why, state in cases:
+        rx.table.reserve(rid, [1], 4, 30, SECRET)
+        with grpc.insecure_channel(rx.endpoint) as ch, pytest.raises(grpc.RpcError) as e:
+            ch.stream_unary(RAW_PUSH)(iter(frames), timeout=10)
+        assert e.value.code() is getattr(grpc.StatusCode, code) and why in e.value.details(), (rid, e.value.details())
+        assert rx.table.get(rid).state is state, rid
 
 
 def test_header_size_mismatch_is_refused_before_any_write() -> None:
