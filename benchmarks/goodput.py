@@ -4,7 +4,9 @@ under each routing policy, on the same trace and the same CPU cores.
 
 Setup, on 127.0.0.1, stopped at exit: an embedded redis-server, a random-weight Llama (hidden
 256, 4 layers, 16k context), and per configuration a fresh cluster on the same cores:
-    colocated                 2N workers that each prefill and decode, N on each half of the CPUs
+    colocated                 2N workers that each prefill and decode, N on each half of the CPUs,
+                              least loaded first (+workload_aware: by cached prefix and load too,
+                              so the comparison with disaggregation is not one of cache awareness)
     disaggregated x policy    N prefill workers on the first half of the CPUs, N decode workers on
                               the second; round_robin, least_loaded, workload_aware
     workload_aware+admission  the same, refusing at once what its prediction says would miss
@@ -42,7 +44,7 @@ import numpy as np
 
 from benchmarks.procs import BenchCluster
 
-CONFIGS = ("colocated", "round_robin", "least_loaded", "workload_aware", "workload_aware+admission")
+CONFIGS = ("colocated", "colocated+workload_aware", "round_robin", "least_loaded", "workload_aware", "workload_aware+admission")
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,8 @@ async def replay(address: str, trace: list[Request]) -> list[dict[str, Any]]:
 
 
 def cluster_for(config: str, model: Path, redis_url: str, tmp: Path, cpus: tuple[str, str], slo: dict, per_pool: int) -> BenchCluster:
-    colocated = config == "colocated"
-    policy = "workload_aware" if config.startswith("workload_aware") else "least_loaded" if colocated else config
+    colocated = config.startswith("colocated")
+    policy = "workload_aware" if "workload_aware" in config else "least_loaded" if colocated else config
     c = BenchCluster(model, redis_url, tmp, {"colocated": colocated, "router": {"policy": policy, "request_timeout_s": 900},
                                             "slo": {**slo, "admission": config.endswith("+admission")}})
     chunk = ["--max-prefill-chunk", "512"]
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{s['tpot_p50'] * 1000:>9.1f} {s['tpot_p99'] * 1000:>7.1f} {s['refused']:>8} {s['failed']:>7}", flush=True)
                 report["curves"][config] = {str(r): s for r, s in rows.items()}
                 report["goodput"][config] = goodput(rows)
-                if config.startswith("workload_aware"):
+                if "workload_aware" in config:
                     report["predictor"][config] = predictor_accuracy(everything)
         finally:
             redis.stop()
