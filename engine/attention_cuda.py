@@ -8,13 +8,15 @@ size), else the SDPA reference backend. On CPU, and for float32 anywhere, always
 fused kernels do not take float32, and on CPU there are none. A backend asked for by name on
 a device that cannot run it is an error naming what is missing, never a silent fallback.
 
-Neither package is a dependency: this module imports them only inside the backends, which
-are built only where they were chosen. The choice itself (`choose_backend`) is plain Python
+Neither package is a dependency (both are in the `cuda` extra): a backend loads its kernel
+package by name (`KERNELS`, which also says the distribution that provides it) when it is built,
+and it is built only where it was chosen. The choice itself (`choose_backend`) is plain Python
 and tested on CPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable
 
@@ -25,13 +27,19 @@ from splitserve.engine.config import ATTENTION_BACKENDS as BACKENDS
 
 # "auto" tries these in order; the first usable one wins
 PREFERENCE = ("flashinfer", "flash_attn", "torch")
-MODULES = {"flashinfer": "flashinfer", "flash_attn": "flash_attn"}
+# backend -> (its kernel module, the distribution that provides it: pyproject.toml's `cuda` extra)
+KERNELS = {"flashinfer": ("flashinfer", "flashinfer-python"), "flash_attn": ("flash_attn", "flash-attn")}
 # flash-attn's paged kernels take page (block) sizes that are multiples of this
 FLASH_ATTN_PAGE_MULTIPLE = 256
 
 
 def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def kernels(backend: str):
+    """The kernel package of an optional backend, imported where the backend is built."""
+    return importlib.import_module(KERNELS[backend][0])
 
 
 def unusable_reason(name: str, device_type: str, dtype: torch.dtype, is_importable: Callable[[str], bool] = importable) -> str | None:
@@ -42,8 +50,9 @@ def unusable_reason(name: str, device_type: str, dtype: torch.dtype, is_importab
         return f"{name} runs on CUDA only (device is {device_type})"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"{name} takes float16 or bfloat16 (dtype is {str(dtype).removeprefix('torch.')})"
-    if not is_importable(MODULES[name]):
-        return f"{name} is not installed (no module {MODULES[name]!r})"
+    module, distribution = KERNELS[name]
+    if not is_importable(module):
+        return f"{name} is not installed (no module {module!r}; pip install {distribution}, or splitserve[cuda])"
     return None
 
 
@@ -77,9 +86,7 @@ class FlashInferBackend(AttentionBackend):
     supports_cuda_graphs = True  # decode plans on the host (`plan_graph_step`), the kernels read fixed buffers
 
     def __init__(self, device: torch.device) -> None:
-        import flashinfer
-
-        self._fi = flashinfer
+        self._fi = kernels(self.name)
         # the kernels' scratch space (FlashInfer's examples use 128 MiB)
         self._workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)
         # one wrapper per (kind, sliding window): a wrapper holds one plan, and layers with
@@ -173,8 +180,7 @@ class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
 
     def __init__(self) -> None:
-        import flash_attn
-
+        flash_attn = kernels(self.name)
         self._varlen = flash_attn.flash_attn_varlen_func
         self._with_kvcache = flash_attn.flash_attn_with_kvcache
         self._fallback = TorchAttentionBackend()
