@@ -3,6 +3,7 @@ bodies that are not JSON, and fields named as the client sent them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -58,3 +59,68 @@ def test_engine_fields_are_renamed_to_the_chat_requests() -> None:
     with pytest.raises(InvalidRequestError) as e, _renamed({"prompt": "messages"}):
         raise InvalidRequestError("seed", "must be an integer")
     assert e.value.field == "seed"
+
+
+# ---- the choices of one request (n > 1), merged ---------------------------------------------
+class Choice:
+    """A choice's stream: `plan` is what it does, one step per chunk ("tok", "end", an
+    exception to raise, or "hang" to wait until cancelled); records whether it was closed."""
+
+    def __init__(self, rid: str, *plan) -> None:
+        self.rid, self.plan, self.closed = rid, plan, False
+
+    async def stream(self):
+        from splitserve.router.orchestrator import Chunk
+
+        try:
+            for step in self.plan:
+                await asyncio.sleep(0.01)
+                if step == "hang":
+                    await asyncio.Event().wait()
+                if isinstance(step, BaseException):
+                    raise step
+                yield Chunk(self.rid, [1], [0.0], "x", finished=step == "end")
+        finally:
+            self.closed = True
+
+
+def merge(*choices: Choice):
+    from splitserve.router.http_api import _merged
+
+    discarded: list[str] = []
+    streams = [c.stream() for c in choices]
+    return _merged(streams, [c.rid for c in choices], discarded.append), discarded
+
+
+def test_merged_choices_interleave_and_close_when_all_finished() -> None:
+    a, b = Choice("a", "tok", "tok", "end"), Choice("b", "end")
+
+    async def run():
+        merged, discarded = merge(a, b)
+        got = [(k, c.finished) async for k, c in merged]
+        return got, discarded
+
+    got, discarded = asyncio.run(run())
+    assert sorted(got) == [(0, False), (0, False), (0, True), (1, True)] and got[:2] == [(0, False), (1, True)]  # first chunks first, in order
+    assert a.closed and b.closed and discarded == ["a", "b"]
+
+
+@pytest.mark.parametrize("when", ["before the first token", "after it"])
+def test_one_failing_choice_fails_the_request_and_closes_the_others(when: str) -> None:
+    from splitserve.proto.status import StatusError
+
+    boom = StatusError("UNAVAILABLE", "decode worker lost")
+    failing = Choice("a", boom) if when == "before the first token" else Choice("a", "tok", boom)
+    other = Choice("b", "tok", "hang")
+
+    async def run():
+        merged, _ = merge(failing, other)
+        seen = []
+        with pytest.raises(StatusError) as e:
+            async for k, _c in merged:
+                seen.append(k)
+        return seen, e.value
+
+    seen, err = asyncio.run(run())
+    assert err is boom and other.closed and failing.closed
+    assert seen == ([] if when == "before the first token" else [0, 1])  # before: nothing reached the client
