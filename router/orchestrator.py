@@ -397,7 +397,11 @@ class Orchestrator:
             t.prefill_worker, t.decode_worker = route.prefill.worker_id if route.prefill else "", route.decode.worker_id
             legs.leg_id = lid = rid if attempts.n == 0 else f"{rid}.retry{attempts.n}"
             try:
-                return await self._start(route, request, lid, prompt, prefix, p_params, t, legs, held, left)
+                started = await self._start(route, request, lid, prompt, prefix, p_params, t, legs, held, left)
+                if legs.aborted:  # the client's abort came while these legs were being set up, before they could hear it
+                    self._abort_legs(rid, legs, "aborted by client")
+                    raise StatusError("ABORTED", f"request {rid} aborted")
+                return started
             except LegError as e:
                 self._abort_legs(rid, legs, f"{e.leg} leg failed")
                 self._give_back(held)
