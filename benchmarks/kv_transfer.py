@@ -353,7 +353,7 @@ def print_report(a: argparse.Namespace, nbytes: int, rows: list[dict[str, Any]],
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3, help="timed requests per transport and baseline (median; default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed requests per transport and baseline (median; default 5)")
     for flag, default in (("--tokens", 4096), ("--layers", 32), ("--kv-heads", 8), ("--head-dim", 128), ("--block-size", 16)):
         p.add_argument(flag, type=int, default=default, help=f"default {default}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")

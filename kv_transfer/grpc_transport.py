@@ -16,11 +16,17 @@ the raw method is UNIMPLEMENTED. `add_kv_transfer_service` registers both.
 What limits the raw stream: gRPC Python moves every message through its own buffers (the
 bytes object is copied into a gRPC slice on send; a received message is assembled from
 HTTP/2 frames and copied into a new bytes object), and both processes' gRPC threads and the
-GIL share the cores with the copies into and out of the tensors.
+GIL share the cores with the copies into and out of the tensors. Each of those buffers is a
+fresh multi-MiB allocation: with glibc's defaults it is mmapped or trimmed back to the OS
+when freed, so the next one page-faults in zeroed memory (measured: ~30 % of the receiver's
+CPU, 90,000 faults per 512 MiB). `keep_freed_buffers` makes such buffers reusable.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import queue
 from collections.abc import Callable, Iterator
@@ -49,6 +55,25 @@ from splitserve.proto.tls import TLSFiles, channel
 
 logger = logging.getLogger(__name__)
 
+
+
+# glibc mallopt parameters: freed buffers up to the largest mmap threshold glibc allows stay in
+# the heap, and up to 512 MiB of free heap is kept rather than trimmed.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 << 20, 512 << 20
+
+
+@functools.cache
+def keep_freed_buffers() -> bool:
+    """Let this process reuse the heap memory of freed KV messages instead of faulting in new
+    pages for each (glibc only; elsewhere a no-op). Returns whether the setting took."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    logger.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB: %s", _MMAP_THRESHOLD >> 20, _TRIM_THRESHOLD >> 20, "set" if ok else "refused")
+    return ok
 
 
 RAW_SERVICE = "splitserve.kv.KVBytes"
@@ -153,6 +178,7 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
 
 def add_kv_transfer_service(servicer: KVTransferServicer, server: grpc.Server) -> None:
     """Register the KVTransfer service (.proto) and the raw-bytes Push next to it."""
+    keep_freed_buffers()
     kv_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
     raw = grpc.stream_unary_rpc_method_handler(servicer.PushBytes, response_serializer=kv_pb2.PushResult.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, {"Push": raw}),))
@@ -214,6 +240,7 @@ class GrpcSender(KVSender):
         self, endpoint: str, sender_id: str, layout: KVLayout, timeout: float = 600.0, handshake_timeout: float = 10.0, token: str | None = None,
         tls: TLSFiles | None = None,
     ) -> None:
+        keep_freed_buffers()
         self.channel = channel(endpoint, tls, CHANNEL_OPTIONS)
         self.timeout = timeout
         self.metadata = token_metadata(token)

@@ -29,6 +29,7 @@ class KVSender(abc.ABC):
     """Delivers payloads, commits and aborts to one receiver, in order. Called from one thread."""
 
     max_payload_bytes: int = MAX_MESSAGE_BYTES  # larger layers are split by blocks
+    max_payload_blocks: int | None = None  # and so are layers of more blocks than this
 
     @abc.abstractmethod
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None: ...
@@ -77,6 +78,7 @@ class KVPusher:
         `secret` is the reservation's (TransferDescriptor.secret), as for commit and abort."""
         per_block = max(1, kv[0].numel() * kv.element_size())
         step = max(1, self.sender.max_payload_bytes // per_block)
+        step = min(step, self.sender.max_payload_blocks or step)
         for i in range(0, len(dst_blocks), step):
             part = kv[i : i + step]
             header = PayloadHeader.for_tensor(request_id, secret, layer, dst_blocks[i : i + step], part)

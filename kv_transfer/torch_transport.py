@@ -46,12 +46,15 @@ HEADER_BYTES = 64 << 10  # one fixed-size header message per payload: no length 
 
 class _Pair:
     """One end of a pair's ordered message channel. Each message is a fixed-size JSON header,
-    then (for a payload) the KV bytes. Sends are posted without waiting, up to one payload
+    then (for a payload) the KV bytes. Sends are posted without waiting, up to two payloads
     ahead, so gloo's per-message handshake overlaps the previous payload's bytes."""
+
+    IN_FLIGHT = 4  # sends (a header and its payload are two)
 
     def __init__(self, pg: dist.ProcessGroup, peer: int, device: torch.device) -> None:
         self.pg, self.peer, self.device = pg, peer, device
         self._in_flight: list[tuple[object, torch.Tensor]] = []  # (work, tensor kept alive)
+        self._next_header: tuple[object, torch.Tensor] | None = None  # a header receive already posted
 
     def send_header(self, header: dict) -> None:
         data = json.dumps(header).encode()
@@ -62,17 +65,22 @@ class _Pair:
         self.post(buf)
 
     def recv_header(self) -> dict:
-        buf = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.device)
-        self.recv_bytes(buf)
+        work, buf = self._next_header or self._post_header_recv()
+        self._next_header = None
+        work.wait()
         raw = bytes(buf.cpu().numpy())
         return json.loads(raw[: raw.index(0) if 0 in raw else len(raw)].decode())
 
+    def _post_header_recv(self) -> tuple[object, torch.Tensor]:
+        buf = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.device)
+        return self.pg.recv([buf], self.peer, 0), buf
+
     def post(self, t: torch.Tensor) -> None:
-        """Queue a send; returns once all but the newest two earlier sends are done."""
+        """Queue a send; returns once all but the newest IN_FLIGHT sends are done."""
         t = t.contiguous().to(self.device)
         work = self.pg.send([t.view(torch.uint8).view(-1)], self.peer, 0)
         self._in_flight.append((work, t))
-        while len(self._in_flight) > 2:
+        while len(self._in_flight) > self.IN_FLIGHT:
             self._in_flight.pop(0)[0].wait()
 
     def flush(self) -> None:
@@ -80,9 +88,13 @@ class _Pair:
             self._in_flight.pop(0)[0].wait()
 
     def recv_bytes(self, t: torch.Tensor) -> None:
+        """Receive a payload into `t`; the next header's receive is posted behind it, so that
+        header lands while the payload's bytes stream (every payload is followed by one)."""
         if not t.is_contiguous():
             raise ValueError("receive buffer must be contiguous")
-        self.pg.recv([t.view(torch.uint8).view(-1)], self.peer, 0).wait()
+        work = self.pg.recv([t.view(torch.uint8).view(-1)], self.peer, 0)
+        self._next_header = self._post_header_recv()
+        work.wait()
 
 
 class TorchKVServer:
@@ -159,8 +171,10 @@ class TorchKVServer:
 
 
 class TorchSender(KVSender):
-    # gloo/NCCL have no message limit; the cap keeps the header's block list within HEADER_BYTES
+    # gloo/NCCL have no message limit; the caps keep the header's block list within HEADER_BYTES
+    # (4,096 ids of up to 10 digits in JSON: under 50 KB; a million-token prompt is 65,536 blocks)
     max_payload_bytes = 1 << 30
+    max_payload_blocks = 4096
     def __init__(
         self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0, token: str | None = None,
         tls: TLSFiles | None = None,

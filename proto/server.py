@@ -19,7 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from splitserve.proto.tls import TLSFiles, add_port
 
 TOKEN_HEADER = "x-splitserve-token"
-OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+# HTTP/2 frames up to 16 MiB instead of 16 KiB: a KV message of 8 MiB crosses as one frame, not 512
+OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.max_frame_size", (1 << 24) - 1)]
 # A synchronous gRPC server runs each call on a thread of its pool, and a decode worker holds a
 # call open per request twice (its token stream, and its KV stream on the gRPC transport): a
 # small pool lets waiting token streams starve the KV streams they wait for. Threads are made

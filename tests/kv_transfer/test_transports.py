@@ -5,6 +5,7 @@ Both ends run in this process (threads); the worker-process tests live in tests/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from concurrent import futures
@@ -45,32 +46,40 @@ class Receiving:
     done: list
 
 
-@pytest.fixture(params=["local", "grpc", "grpc-protobuf", "torch"])
-def transport(request) -> Iterator[tuple[str, Receiving, LocalHub]]:
-    """(transport name, the receiving end, hub). "grpc" is a receiver with the raw-bytes Push
-    method, "grpc-protobuf" one with only the .proto's Push (payload bytes inside protobuf
-    messages), which gRPC senders fall back to."""
-    cache = torch.zeros(LAYERS, BLOCKS, 2, BS, KH, D)
+@contextlib.contextmanager
+def receiving(kind: str, layout: KVLayout = LAYOUT, blocks: int = BLOCKS) -> Iterator[tuple[str, Receiving, LocalHub]]:
+    """(transport name, the receiving end, hub) for a cache of `blocks` blocks. "grpc" is a
+    receiver with the raw-bytes Push method, "grpc-protobuf" one with only the .proto's Push
+    (payload bytes inside protobuf messages), which gRPC senders fall back to."""
+    cache = torch.zeros(layout.num_layers, blocks, *layout.block_shape)
     done: list = []
-    table = TransferTable(LAYERS, done.append, commit_grace=0.5)
-    receiver = KVReceiver("d0", LAYOUT, table, TensorKVStore(cache))
+    table = TransferTable(layout.num_layers, done.append, commit_grace=0.5)
+    receiver = KVReceiver("d0", layout, table, TensorKVStore(cache))
     hub = LocalHub()
     server = None
-    if request.param == "local":
+    if kind == "local":
         endpoint = hub.register(receiver)
     else:
-        torch_server = TorchKVServer(receiver, "127.0.0.1") if request.param == "torch" else None
+        torch_server = TorchKVServer(receiver, "127.0.0.1") if kind == "torch" else None
         server = grpc.server(futures.ThreadPoolExecutor(8), options=CHANNEL_OPTIONS)
         servicer = KVTransferServicer(receiver, torch_server.accept if torch_server else None)
-        if request.param == "grpc-protobuf":
+        if kind == "grpc-protobuf":
             kv_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
         else:
             add_kv_transfer_service(servicer, server)
         endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         server.start()
-    yield request.param.removesuffix("-protobuf"), Receiving(endpoint, cache, table, done), hub
-    if server is not None:
-        server.stop(0)
+    try:
+        yield kind.removesuffix("-protobuf"), Receiving(endpoint, cache, table, done), hub
+    finally:
+        if server is not None:
+            server.stop(0)
+
+
+@pytest.fixture(params=["local", "grpc", "grpc-protobuf", "torch"])
+def transport(request) -> Iterator[tuple[str, Receiving, LocalHub]]:
+    with receiving(request.param) as t:
+        yield t
 
 
 def send_request(pusher: KVPusher, rid: str, dst: list[int], kv: torch.Tensor, num_tokens: int, split: int = 2) -> None:
@@ -99,6 +108,24 @@ def test_kv_lands_in_the_reserved_blocks(transport) -> None:
     untouched = [b for b in range(BLOCKS) if b not in cases["contiguous"] + cases["scattered"]]
     assert rx.cache[:, untouched].abs().sum() == 0
     pusher.close()
+
+
+@pytest.mark.parametrize("kind", ["grpc", "grpc-protobuf", "torch"])
+def test_a_layer_of_many_blocks_lands_whole(kind) -> None:
+    """A million-token prompt is 65,536 blocks a layer: however a transport splits such a layer
+    (the torch transport's header holds at most 4,096 block ids), every block lands."""
+    layout = dataclasses.replace(LAYOUT, num_layers=1, block_size=1, num_kv_heads=1, head_dim=1)
+    blocks = 20_000
+    with receiving(kind, layout, blocks) as (name, rx, hub):
+        pusher = KVPusher(connect(name, rx.endpoint, "p0", layout, hub=hub), "d0")
+        dst = list(range(blocks - 1, -1, -1))  # scattered: every payload goes through staging
+        rx.table.reserve("long", dst, num_tokens=blocks, lease_seconds=30, secret=SECRET)
+        kv = torch.randn(1, blocks, *layout.block_shape)
+        pusher.push("long", SECRET, 0, dst, kv[0].clone())
+        pusher.commit("long", SECRET, FIRST, num_tokens=blocks).result(timeout=30)
+        assert rx.table.wait("long", timeout=10).state is TransferState.COMPLETE
+        assert torch.equal(rx.cache[0, dst], kv[0])
+        pusher.close()
 
 
 @pytest.mark.parametrize("field, value", [
