@@ -13,13 +13,15 @@ into or out of a protobuf. `KVTransfer/Push` (the .proto's method, with the byte
 `KVPayload.data`) stays for peers that lack the raw method; a sender falls back to it when
 the raw method is UNIMPLEMENTED. `add_kv_transfer_service` registers both.
 
-What limits the raw stream: gRPC Python moves every message through its own buffers (the
-bytes object is copied into a gRPC slice on send; a received message is assembled from
-HTTP/2 frames and copied into a new bytes object), and both processes' gRPC threads and the
-GIL share the cores with the copies into and out of the tensors. Each of those buffers is a
-fresh multi-MiB allocation: with glibc's defaults it is mmapped or trimmed back to the OS
-when freed, so the next one page-faults in zeroed memory (measured: ~30 % of the receiver's
-CPU, 90,000 faults per 512 MiB). `keep_freed_buffers` makes such buffers reusable.
+What limits the raw stream (measured, 512 MiB on 2 cores: ~2 GB/s, about half of one raw
+gloo send of the same bytes): gRPC Python copies every message twice on the way, once into
+a gRPC slice on send and once out of its receive buffer into a new bytes object (more when a
+message arrives in pieces: worker servers read up to 16 MiB at a time, see
+`proto.server.WORKER_OPTIONS`), and this transport copies the tensor into bytes before and
+the bytes into the cache after; gloo copies none of them. Each of those buffers is a fresh
+multi-MiB allocation: with glibc's defaults it is mmapped or trimmed back to the OS when
+freed, so the next one page-faults in zeroed memory (~30 % of the receiver's CPU, 90,000
+faults per 512 MiB); `keep_freed_buffers` makes such buffers reusable.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ logger = logging.getLogger(__name__)
 
 
 
-# glibc mallopt parameters: freed buffers up to the largest mmap threshold glibc allows stay in
-# the heap, and up to 512 MiB of free heap is kept rather than trimmed.
+# glibc mallopt parameters: freed buffers up to 32 MiB (4x the largest KV message) stay in the
+# heap, and up to 512 MiB of free heap is kept rather than trimmed.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 << 20, 512 << 20
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import platform
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -22,7 +23,14 @@ from splitserve.kv_transfer.errors import (
     TransferError,
     WrongSecretError,
 )
-from splitserve.kv_transfer.grpc_transport import CHANNEL_OPTIONS, RAW_PUSH, GrpcSender, KVTransferServicer, add_kv_transfer_service
+from splitserve.kv_transfer.grpc_transport import (
+    CHANNEL_OPTIONS,
+    RAW_PUSH,
+    GrpcSender,
+    KVTransferServicer,
+    add_kv_transfer_service,
+    keep_freed_buffers,
+)
 from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.receiver import KVReceiver, TensorKVStore
@@ -264,3 +272,11 @@ def test_a_wrong_secret_refused_on_the_wire_directly() -> None:
         receiver.abort("r", "nope", "x")
     receiver.abort("unknown", "nope", "x")  # nothing to abort: not an error
     assert table.get("r").state is TransferState.RESERVED
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_glibc_takes_the_kv_buffer_reuse_setting() -> None:
+    """On glibc the KV paths' allocator setting must take (mallopt refuses values it does not
+    support): refused, every KV message would fault in fresh pages again, silently. Its
+    effect is measured by benchmarks/kv_transfer.py, not here."""
+    assert keep_freed_buffers() is True
