@@ -68,7 +68,7 @@ class KVEventPublisher:
         self.stream, self.snapshot = stream_key(prefix, worker_id), snapshot_key(prefix, worker_id)
         self.period, self.snapshot_seconds = period, snapshot_seconds
         self.epoch, self.seq, self.entry = uuid.uuid4().hex[:12], 0, "0-0"
-        self._last_snapshot = 0.0
+        self._last_snapshot = float("-inf")  # none yet (the first batch carries the whole set anyway)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"kv-events-{worker_id}", daemon=True)
 

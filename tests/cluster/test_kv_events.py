@@ -74,7 +74,7 @@ def test_a_late_router_rebuilds_from_the_snapshot(server) -> None:
     for i in range(STREAM_LENGTH * 2):  # far more batches than the stream keeps
         w.cache_prompt([1000 + i, 7, 7, 7])
         w.pub.publish()
-    w.pub._last_snapshot = 0.0  # the next round writes a snapshot
+    w.pub._last_snapshot = float("-inf")  # the next round writes a snapshot
     w.pub.publish()
     assert client.xlen(stream_key(PREFIX, "w1")) < STREAM_LENGTH * 2  # trimmed: replay alone cannot work
     late = w.cache_prompt([5] * 40)
@@ -106,7 +106,7 @@ def test_a_gap_or_a_restarted_worker_reloads_the_snapshot(server) -> None:
     # a hole in the sequence (a batch that never arrived) sends the reader to the snapshot
     w2.pub.seq += 1
     w2.cache_prompt(list(range(70, 78)))
-    w2.pub._last_snapshot = 0.0
+    w2.pub._last_snapshot = float("-inf")
     w2.pub.publish()
     reader.poll()  # sees the hole: stale
     reader.poll()  # reloads the snapshot
