@@ -61,6 +61,10 @@ class ModelSection:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the engine's kernels (engine/config.py): onednn packs the linear layers for oneDNN on CPU,
+    # about 2x faster there, but float32 is then no longer bitwise equal to transformers
+    linear_kernel: Literal["torch", "onednn"] = "torch"
+    attention_backend: Literal["auto", "torch", "flash_attn", "flashinfer"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def worker_spec(config: ClusterConfig, role: str, worker_id: str, redis_url: str
     return WorkerSpec(
         role=role, worker_id=worker_id, cluster=config.name, redis_url=redis_url, model=config.model.path,
         dtype=config.model.dtype, device=device, block_size=config.block_size, kv_cache_memory=pool.kv_cache_memory,
-        max_model_len=config.model.max_model_len,
+        max_model_len=config.model.max_model_len, linear_kernel=config.model.linear_kernel, attention_backend=config.model.attention_backend,
         max_num_seqs=config.decode.max_running_requests if role == "decode" else 256,
         max_num_batched_tokens=config.prefill.max_num_batched_tokens,
         # decode workers chunk their own prefills too (a short tail, a colocated request, a

@@ -54,6 +54,10 @@ class WorkerSpec:
     max_prefill_chunk: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    linear_kernel: str = "torch"
+    attention_backend: str = "auto"
+    num_threads: int | None = None  # None: PyTorch's choice (under Ray: the worker's num_cpus)
+    cuda_graphs: bool = True
     # serving
     transport: str = "grpc"  # decode: the default KV transport; prefill: unused
     transports: str = ""  # decode: accepted transports, comma-separated; "" = grpc,torch (or `transport` alone)
@@ -90,6 +94,7 @@ class WorkerSpec:
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_prefill_chunk=self.max_prefill_chunk, enable_prefix_caching=self.enable_prefix_caching),
             record_kv_events=bool(self.redis_url),  # published for the routers' prefix index
+            linear_kernel=self.linear_kernel, attention_backend=self.attention_backend, num_threads=self.num_threads, cuda_graphs=self.cuda_graphs,
         )
 
 
@@ -259,6 +264,7 @@ def spec_from_args(role: str, args: argparse.Namespace, parser: argparse.Argumen
         dtype=args.dtype, device=args.device, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_prefill_chunk=args.max_prefill_chunk, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        linear_kernel=args.linear_kernel, attention_backend=args.attention_backend, num_threads=args.num_threads, cuda_graphs=not args.no_cuda_graphs,
         host=args.host, port=args.port, token=args.token, tls=tls_from_flags(parser, args), heartbeat_seconds=args.heartbeat_seconds, heartbeat_ttl_seconds=args.heartbeat_ttl_seconds,
     )
     if role == "decode":

@@ -4,6 +4,7 @@ on a port of its own, config-declared pool sizes, and a controller without a rou
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import grpc
@@ -12,12 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.cluster import ray_backend
 from splitserve.cluster.cli import build_parser
-from splitserve.cluster.config import ConfigError, parse_cluster_config
+from splitserve.cluster.config import ConfigError, ModelSection, parse_cluster_config
 from splitserve.cluster.controller import Controller, worker_spec
 from splitserve.cluster.ray_backend import bundle, ray_options
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.cluster.registry import Registry
-from splitserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
+from splitserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec, spec_from_args
+from splitserve.cluster.worker_runtime import build_parser as worker_build_parser
 from tests.cluster.test_controller import FakeBackend
 
 ENV = {"TOKEN": "t0k3n", "KEY_A": "ka", "PASS": "pw"}
@@ -92,6 +94,33 @@ def test_the_controller_passes_ports_and_pinning_to_each_worker(redis_url: str) 
     controller = Controller(c, FakeBackend(registry), registry, redis_url, device="cuda")
     assert controller.resources("decode").custom == {"splitserve_decode": 1.0} and controller.resources("decode").num_gpus == 1.0
     assert controller.resources("prefill").custom == {"splitserve_prefill": 1.0}
+
+
+# ---- engine kernels --------------------------------------------------------------------------
+def test_the_engine_kernels_reach_every_worker_from_cluster_yaml_and_from_worker_flags() -> None:
+    """A kernel named in cluster.yaml or on a worker's command line is the one its engine runs
+    (these flags were once accepted by the worker and silently dropped)."""
+    c = parse({"model": {"path": "m", "linear_kernel": "onednn", "attention_backend": "torch"}})
+    for role in ("prefill", "decode"):
+        cfg = worker_spec(c, role, role[0], "redis://r", "cpu").engine_config()
+        assert (cfg.linear_kernel, cfg.attention_backend) == ("onednn", "torch")
+    default = worker_spec(parse({}), "decode", "d", "redis://r", "cpu").engine_config()
+    assert (default.linear_kernel, default.attention_backend, default.cuda_graphs) == ("torch", "auto", True)
+    parser = worker_build_parser("decode")
+    args = parser.parse_args(["--model", "m", "--linear-kernel", "onednn", "--attention-backend", "flashinfer", "--num-threads", "3", "--no-cuda-graphs"])
+    cfg = spec_from_args("decode", args, parser).engine_config()
+    assert (cfg.linear_kernel, cfg.attention_backend, cfg.num_threads, cfg.cuda_graphs) == ("onednn", "flashinfer", 3, False)
+
+
+def test_cluster_yaml_names_the_engine_kernels_the_engine_has() -> None:
+    from splitserve.engine.config import ATTENTION_BACKENDS, LINEAR_KERNELS
+
+    hints = typing.get_type_hints(ModelSection)
+    assert typing.get_args(hints["linear_kernel"]) == LINEAR_KERNELS
+    assert typing.get_args(hints["attention_backend"]) == ATTENTION_BACKENDS
+    with pytest.raises(ConfigError) as e:
+        parse({"model": {"path": "m", "linear_kernel": "mkl"}})
+    assert e.value.key == "model.linear_kernel"
 
 
 # ---- declared pool sizes ---------------------------------------------------------------------
