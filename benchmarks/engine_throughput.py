@@ -112,6 +112,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vllm-python", type=Path, help="a Python with vLLM installed (e.g. /tmp/vllm-cpu-venv/bin/python): compare with it too")
     p.add_argument("--vllm-timeout", type=float, default=900, help="seconds vLLM may take to start or to answer one batch")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, one more run of each scenario of ours under torch.profiler: where its time goes")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.repeats < 1 or args.num_requests < 1:
@@ -205,6 +207,31 @@ def run_ours(llm: LLM, w: Workload, device: str) -> Run:
     tokens = [list(o.token_ids) for o in outs]
     cached = sum(o.num_cached_tokens for o in outs)
     return Run(seconds, tokens, sum(len(t) for t in tokens), cached)
+
+
+def profile_ours(llm: LLM, w: Workload, device: str, top: int = 10) -> dict[str, Any]:
+    """One run of `w` under torch.profiler: the ops that took the most time on the calling
+    thread (self time: an op's own, not its children's; a parallel op's wall time), and what
+    was left outside any op (Python: scheduling, step metadata, sampling glue)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        seconds = run_ours(llm, w, device).seconds
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()), key=lambda r: -r[1])
+    in_ops = sum(t for _, t, _ in ops)
+    rows = [{"op": name, "seconds": t, "calls": n, "share": t / seconds} for name, t, n in ops[:top]]
+    rows.append({"op": "(other ops)", "seconds": in_ops - sum(r["seconds"] for r in rows), "calls": sum(n for _, _, n in ops[top:]),
+                 "share": (in_ops - sum(r["seconds"] for r in rows)) / seconds})
+    rows.append({"op": "(outside any op: Python)", "seconds": seconds - in_ops, "calls": 0, "share": (seconds - in_ops) / seconds})
+    return {"scenario": w.name, "seconds": seconds, "rows": rows}
+
+
+def print_profile(p: dict[str, Any]) -> None:
+    print(f"\nprofile of ours, {p['scenario']}: {p['seconds']:.2f} s under the profiler (slower than unprofiled)")
+    print(f"{'op':<60} {'self s':>8} {'share':>7} {'calls':>7}")
+    for r in p["rows"]:
+        print(f"{r['op'][:60]:<60} {r['seconds']:>8.3f} {r['share']:>6.1%} {r['calls'] or '':>7}")
 
 
 def load_hf(model_dir: Path, dtype: str, device: str) -> torch.nn.Module:
@@ -417,7 +444,9 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     finally:
         if vllm is not None:
             vllm.close()
-    return {"environment": environment(args, params, load_at_start, version), "first_request_matches": first_ok, "scenarios": results}
+    profiles = [profile_ours(llm, repeats[0], args.device) for repeats in scenarios] if args.profile else []
+    return {"environment": environment(args, params, load_at_start, version), "first_request_matches": first_ok, "scenarios": results,
+            "profiles": profiles}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
           f"; engine linear kernel {args.linear_kernel}; load average {env['load_average_1min']['start']:.1f} at start, "
           f"{env['load_average_1min']['end']:.1f} at end")
     print_table(report["scenarios"])
+    for p in report["profiles"]:
+        print_profile(p)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"results written to {args.json}")
