@@ -60,9 +60,8 @@ class _Pair:
         data = json.dumps(header).encode()
         if len(data) > HEADER_BYTES:
             raise ValueError(f"KV header of {len(data)} bytes exceeds {HEADER_BYTES}")
-        buf = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
-        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        self.post(buf)
+        # padded in Python: torch.zeros of 64 KiB is an OpenMP region, waking (and spinning) its threads
+        self.post(torch.frombuffer(bytearray(data.ljust(HEADER_BYTES, b"\0")), dtype=torch.uint8))
 
     def recv_header(self) -> dict:
         work, buf = self._next_header or self._post_header_recv()
