@@ -219,6 +219,9 @@ def test_bench_ctrl_c_cancels_in_flight_and_still_reports(grpc_server: Callable,
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "quick", "max_tokens": 2}\n{"prompt": "slow", "max_tokens": 100}\n')
     out = tmp_path / "r.json"
+    # Python leaves SIGINT ignored when started with it ignored (a background job of a script):
+    # restore the handler that raises KeyboardInterrupt, as Ctrl-C in a terminal finds it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     t = time.monotonic()
@@ -226,6 +229,7 @@ def test_bench_ctrl_c_cancels_in_flight_and_still_reports(grpc_server: Callable,
         rc = main(["bench", "--address", address, "--dataset", str(data), "--num-prompts", "20", "--max-concurrency", "2", "--output", str(out)])
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert rc == 130 and time.monotonic() - t < 5
     result = json.loads(out.read_text())
     s = result["summary"]

@@ -93,7 +93,9 @@ def test_tls_on_the_public_endpoints_and_every_internal_grpc_port(make_cluster, 
 
     with pytest.raises(httpx.ConnectError):  # the CA is checked: a client that does not trust it is refused
         httpx.post(c.http + "/v1/completions", json=body, timeout=10)
-    with pytest.raises(httpx.RemoteProtocolError):  # plaintext HTTP to the HTTPS port
+    # plaintext HTTP to the HTTPS port: the server drops the connection unanswered (a close or,
+    # when the request's bytes are still unread there, a reset: which one is the kernel's timing)
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
         httpx.post(c.http.replace("https://", "http://") + "/v1/completions", json=body, timeout=10)
     with Client(c.grpc, timeout=10) as plain, pytest.raises(UnavailableError):
         plain.generate("hello", max_tokens=2)
