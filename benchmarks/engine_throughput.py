@@ -219,11 +219,10 @@ def profile_ours(llm: LLM, w: Workload, device: str, top: int = 10) -> dict[str,
     with profile(activities=activities) as prof:
         seconds = run_ours(llm, w, device).seconds
     ops = sorted(((e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()), key=lambda r: -r[1])
-    in_ops = sum(t for _, t, _ in ops)
-    rows = [{"op": name, "seconds": t, "calls": n, "share": t / seconds} for name, t, n in ops[:top]]
-    rows.append({"op": "(other ops)", "seconds": in_ops - sum(r["seconds"] for r in rows), "calls": sum(n for _, _, n in ops[top:]),
-                 "share": (in_ops - sum(r["seconds"] for r in rows)) / seconds})
-    rows.append({"op": "(outside any op: Python)", "seconds": seconds - in_ops, "calls": 0, "share": (seconds - in_ops) / seconds})
+    rest = ops[top:]
+    named = [*ops[:top], ("(other ops)", sum(t for _, t, _ in rest), sum(n for _, _, n in rest))]
+    named.append(("(outside any op: Python)", seconds - sum(t for _, t, _ in ops), 0))
+    rows = [{"op": name, "seconds": t, "calls": n, "share": t / seconds} for name, t, n in named]
     return {"scenario": w.name, "seconds": seconds, "rows": rows}
 
 

@@ -17,8 +17,8 @@ def test_the_profile_accounts_for_the_run_and_names_the_engine_ops(llama_dir: Pa
     ops = [r["op"] for r in p["rows"]]
     assert len(ops) == 10 and ops[-2:] == ["(other ops)", "(outside any op: Python)"]
     assert any("linear" in op or "addmm" in op or op == "aten::mm" for op in ops[:8])  # the model's GEMMs were seen
-    assert sum(r["seconds"] for r in p["rows"]) == pytest.approx(p["seconds"])
-    assert all(r["seconds"] >= 0 for r in p["rows"][:-1])
+    # the ops counted are this thread's: together they cannot take longer than the run did
+    assert 0 <= p["rows"][-1]["seconds"] < p["seconds"]
     print_profile(p)
     out = capsys.readouterr().out
     assert "profile of ours, 2 requests" in out and "(outside any op: Python)" in out
