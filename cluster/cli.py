@@ -92,7 +92,8 @@ def pools(config) -> str:
     return f"{config.prefill.replicas} prefill, {config.decode.replicas} decode, transport {config.kv_transfer.transport}"
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace):
+    """`splitserve serve`'s cluster.yaml: --config (or the defaults) with the flags given over it."""
     from splitserve.cluster.config import load_cluster_config, parse_cluster_config
 
     overrides = {
@@ -102,7 +103,11 @@ def _serve(args: argparse.Namespace) -> int:
         "routing.local_prefill_tokens": args.local_prefill_tokens, "colocated": True if args.colocated else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    config = load_cluster_config(args.config, overrides) if args.config else parse_cluster_config({}, overrides)
+    return load_cluster_config(args.config, overrides) if args.config else parse_cluster_config({}, overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = serve_config(args)
     return _run_cluster(config, embedded_redis=config.redis_url is None)
 
 

@@ -48,7 +48,7 @@ class ClusterView:
         self._poll = poll_seconds
         self._stale = stale_seconds
         self._records: list[WorkerRecord] = []
-        self._fresh_at = float("-inf")  # never read
+        self._fresh_at = float("-inf")  # not refreshed yet
         self._clients: dict[tuple[str, str], WorkerClient] = {}  # (worker id, address) -> channel
         self._inflight: dict[str, Inflight] = {}  # this router's (requests, prompt tokens, blocks, heavy) per worker
         self._base = Snapshot()  # loads as reported, rebuilt at each refresh

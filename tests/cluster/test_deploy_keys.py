@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.cluster import ray_backend
-from splitserve.cluster.cli import build_parser
+from splitserve.cluster.cli import build_parser, serve_config
 from splitserve.cluster.config import ConfigError, ModelSection, parse_cluster_config
 from splitserve.cluster.controller import Controller, worker_spec
 from splitserve.cluster.ray_backend import bundle, ray_options
@@ -98,14 +98,16 @@ def test_the_controller_passes_ports_and_pinning_to_each_worker(redis_url: str) 
 
 # ---- engine kernels --------------------------------------------------------------------------
 def test_the_engine_kernels_reach_every_worker_from_cluster_yaml_and_from_worker_flags() -> None:
-    """A kernel named in cluster.yaml or on a worker's command line is the one its engine runs
-    (these flags were once accepted by the worker and silently dropped)."""
+    """A kernel named in cluster.yaml, to `splitserve serve` or on a worker's command line is
+    the one its engine runs (the worker flags were once accepted and silently dropped)."""
     c = parse({"model": {"path": "m", "linear_kernel": "onednn", "attention_backend": "torch"}})
     for role in ("prefill", "decode"):
         cfg = worker_spec(c, role, role[0], "redis://r", "cpu").engine_config()
         assert (cfg.linear_kernel, cfg.attention_backend) == ("onednn", "torch")
     default = worker_spec(parse({}), "decode", "d", "redis://r", "cpu").engine_config()
     assert (default.linear_kernel, default.attention_backend, default.cuda_graphs) == ("torch", "auto", True)
+    served = serve_config(build_parser().parse_args(["serve", "--model", "m", "--linear-kernel", "onednn"]))
+    assert worker_spec(served, "prefill", "p", "redis://r", "cpu").engine_config().linear_kernel == "onednn"
     parser = worker_build_parser("decode")
     args = parser.parse_args(["--model", "m", "--linear-kernel", "onednn", "--attention-backend", "flashinfer", "--num-threads", "3", "--no-cuda-graphs"])
     cfg = spec_from_args("decode", args, parser).engine_config()
