@@ -85,7 +85,8 @@ class CPRankActor:
         spec = WorkerSpec(**json.loads(spec_json))
         store = Registry(spec.redis_url, spec.cluster).cp_store(spec.worker_id)
         self.rank = CPRank(spec.model, rank=rank, world=spec.cp_degree, store=store, block_size=spec.block_size,
-                           sender_id=spec.worker_id, dtype=spec.dtype, device=spec.device, token=spec.token, tls=spec.tls)
+                           sender_id=spec.worker_id, dtype=spec.dtype, device=spec.device, token=spec.token, tls=spec.tls,
+                           linear_kernel=spec.linear_kernel, num_threads=spec.num_threads)
         self.thread = threading.Thread(target=self.rank.follow, name=f"cp-rank{rank}", daemon=True)
         self.thread.start()
 

@@ -167,7 +167,8 @@ class WorkerRuntime:
                 registry = Registry(s.redis_url, s.cluster, s.heartbeat_ttl_seconds)
                 publish = lambda address: registry.publish_cp_store(s.worker_id, address)  # noqa: E731
             return start_group(s.model, world=s.cp_degree, block_size=s.block_size, worker_id=s.worker_id, dtype=s.dtype,
-                               device=s.device, token=s.token, host=s.host, publish_store=publish, tls=s.tls)
+                               device=s.device, token=s.token, host=s.host, publish_store=publish, tls=s.tls, linear_kernel=s.linear_kernel,
+                               num_threads=s.num_threads)
         from splitserve.engine.engine import LLMEngine
         from splitserve.prefill_worker.worker import PrefillWorker
 

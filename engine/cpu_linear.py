@@ -7,8 +7,9 @@ and multiplies through oneDNN (what vLLM's CPU build does). On CPUs where MKL ta
 generic AVX2 path (AMD's) that is about twice as fast, for prefill and decode alike; but the
 sums are accumulated in another order, so float32 results differ from Hugging Face in the
 last bits (greedy tokens stay the same unless two logits nearly tie). Packing keeps the
-original weights too (the embedding, the CP path and the KV layout fingerprint read them):
-linear weights take twice their memory.
+original weights too (parameter names stay, and a tied embedding reads the lm_head's weight):
+linear weights take twice their memory. Engines and context-parallel prefill ranks (`CPRank`)
+are switched alike, from the same setting.
 """
 
 from __future__ import annotations

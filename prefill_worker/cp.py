@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from splitserve.engine.config import LINEAR_KERNELS
+from splitserve.engine.cpu_linear import use_linear_kernel
 from splitserve.engine.loader import load_model
 from splitserve.engine.model_runner import KV_LAYOUT
 from splitserve.engine.sampler import SampleRow, sample
@@ -83,10 +85,13 @@ class CPRank:
 
     def __init__(self, model: str, *, rank: int, world: int, store: str, block_size: int, sender_id: str, dtype: str = "auto",
                  device: str = "cpu", token: str | None = None, mlp_chunk: int = 2048, link: LinkModel = LinkModel(),
-                 tls: TLSFiles | None = None) -> None:
+                 tls: TLSFiles | None = None, linear_kernel: str = "torch", num_threads: int | None = None) -> None:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         self.model, config = load_model(model, dtype, device)
         if any(w is not None for w in config.sliding_windows):
             raise ValueError("context parallelism does not support sliding-window attention (this model uses it)")
+        use_linear_kernel(self.model, linear_kernel, batch_hint=mlp_chunk)  # as the engines of the cluster do
         self.config = config
         self.rank, self.world, self.block_size = rank, world, block_size
         self.mlp_chunk, self.link = mlp_chunk, link
@@ -302,7 +307,8 @@ class CPPrefillWorker:
 
 
 def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtype: str = "auto", device: str = "cpu",
-                token: str | None = None, host: str = "127.0.0.1", publish_store=None, tls: TLSFiles | None = None) -> CPPrefillWorker:
+                token: str | None = None, host: str = "127.0.0.1", publish_store=None, tls: TLSFiles | None = None,
+                linear_kernel: str = "torch", num_threads: int | None = None) -> CPPrefillWorker:
     """Become rank 0 of a group and return its prefill worker once all ranks have joined.
     Ranks 1..N-1 are started here as child processes, unless `publish_store(address)` is
     given: then they are started elsewhere (Ray actors in the group's placement group) and
@@ -313,8 +319,9 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
     from splitserve.cluster.redis_server import free_port
 
     store = f"{host}:{free_port(host)}"
-    common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size),
-              "--dtype", dtype, "--device", device, "--sender-id", worker_id] + (["--token", token] if token else []) + to_flags(tls)
+    common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size), "--dtype", dtype, "--device", device,
+              "--sender-id", worker_id, "--linear-kernel", linear_kernel]
+    common += (["--num-threads", str(num_threads)] if num_threads is not None else []) + (["--token", token] if token else []) + to_flags(tls)
     followers = []
     if publish_store is not None:
         publish_store(store)
@@ -322,7 +329,7 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
         followers = [subprocess.Popen([sys.executable, "-m", "splitserve.prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
     try:
         rank0 = CPRank(model, rank=0, world=world, store=store, block_size=block_size, sender_id=worker_id, dtype=dtype, device=device, token=token,
-                       tls=tls)
+                       tls=tls, linear_kernel=linear_kernel, num_threads=num_threads)
     except BaseException:
         for p in followers:
             p.kill()
@@ -341,11 +348,14 @@ def follower_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--token", default=None)
+    parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS, default="torch")
+    parser.add_argument("--num-threads", type=int, default=None)
     add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s cp-rank{args.rank} %(levelname)s %(name)s: %(message)s")
     rank = CPRank(args.model, rank=args.rank, world=args.world, store=args.store, block_size=args.block_size,
-                  sender_id=args.sender_id, dtype=args.dtype, device=args.device, token=args.token, tls=from_flags(parser, args))
+                  sender_id=args.sender_id, dtype=args.dtype, device=args.device, token=args.token, tls=from_flags(parser, args),
+                  linear_kernel=args.linear_kernel, num_threads=args.num_threads)
     try:
         rank.follow()
     finally:

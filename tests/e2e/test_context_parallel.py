@@ -127,3 +127,17 @@ def test_cp_group_sends_only_what_the_decode_worker_lacks(spawn, long_model: Pat
     assert decode.stats().kv_bytes_received - before <= (-(-len(turn2) // 16) - (len(turn1) + 11) // 16) * block_bytes
     assert reserved(decode) == 0
     group.stop()
+
+
+def test_the_workers_engine_flags_reach_every_rank_of_its_cp_group(spawn, long_model: Path, decode: WorkerStub) -> None:
+    """`--linear-kernel` and `--num-threads` of a CP prefill worker reach the ranks it starts
+    (they were dropped: the ranks multiplied with the default kernel whatever was configured)."""
+    group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2", "--linear-kernel", "onednn",
+                  "--num-threads", "1")
+    (follower,) = children(group.popen.pid)
+    argv = Path(f"/proc/{follower}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("--linear-kernel") + 1] == "onednn" and argv[argv.index("--num-threads") + 1] == "1"
+    prompt = [3 + (i * 11) % 470 for i in range(600)]
+    r = run_disaggregated(group.address, decode.address, "cp-onednn", prompt, GREEDY, transport="grpc", timeout=120)
+    assert r.token_ids == LLM(str(long_model), dtype="float32", linear_kernel="onednn").generate([prompt], GREEDY)[0].token_ids
+    group.stop()
