@@ -18,6 +18,15 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the same function under two names
+# What transformers' config classes assume for keys a config.json leaves out, where the
+# architectures differ (a missing sliding_window is 4096 for Mistral, not "none").
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "sliding_window": None},
+    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096, "max_window_layers": 28},
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LINEAR_KERNELS = ("torch", "onednn")  # cpu_linear.py says what each is
 ATTENTION_BACKENDS = ("auto", "torch", "flash_attn", "flashinfer")  # attention_cuda.py says which "auto" picks
@@ -66,25 +75,29 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> "ModelConfig":
-        archs = raw.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise CheckpointError(
-                "architectures",
-                f"{archs!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}",
-            )
+        arch = _architecture(raw)
+        defaults = ARCH_DEFAULTS[arch]
+        get = lambda key, default=None: raw[key] if key in raw else defaults.get(key, default)  # noqa: E731
 
         def need(key: str) -> Any:
             if key not in raw:
                 raise CheckpointError(key, "missing from config.json")
             return raw[key]
 
+        act = raw.get("hidden_act", "silu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise CheckpointError("hidden_act", f"{act!r} is not supported; supported: {list(SUPPORTED_ACTIVATIONS)}")
+        quant = raw.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise CheckpointError("quantization_config", f"quantized checkpoints ({method!r}) are not supported; use float32, bfloat16 or float16 weights")
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         layers = int(need("num_hidden_layers"))
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        kv_heads = int(get("num_key_value_heads") or heads)
         if heads % kv_heads:
-            raise CheckpointError("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads={heads}")
+            omitted = "" if "num_key_value_heads" in raw else f" (transformers' default for {arch}: config.json omits it)"
+            raise CheckpointError("num_key_value_heads", f"{kv_heads}{omitted} does not divide num_attention_heads={heads}")
         head_dim = int(raw.get("head_dim") or hidden // heads)
         theta, scaling = _rope(raw)
         gen = generation or {}
@@ -102,12 +115,12 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            max_position_embeddings=int(get("max_position_embeddings")),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=True if arch == "qwen2" else bool(raw.get("attention_bias", False)),
             o_bias=False if arch == "qwen2" else bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)) if arch == "llama" else False,
-            sliding_windows=_sliding_windows(arch, raw, layers),
+            sliding_windows=_sliding_windows(arch, raw, layers, get),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             bos_token_id=gen.get("bos_token_id", raw.get("bos_token_id")),
             eos_token_ids=eos_ids,
@@ -136,14 +149,45 @@ def _rope(raw: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | Non
     return theta, tuple(sorted(scaling.items()))
 
 
-def _sliding_windows(arch: str, raw: dict[str, Any], layers: int) -> tuple[int | None, ...]:
-    window = raw.get("sliding_window")
+def _architecture(raw: dict[str, Any]) -> str:
+    """The model's architecture from `architectures` (what serving engines read), or from
+    `model_type` (what transformers reads) when that is missing; the two must agree."""
+    archs, model_type = raw.get("architectures"), raw.get("model_type")
+    supported = set(SUPPORTED_ARCHITECTURES.values())
+    if archs is None:
+        if model_type not in supported:
+            raise CheckpointError("architectures", f"missing from config.json, and model_type {model_type!r} is not one of {sorted(supported)}")
+        return model_type
+    if not isinstance(archs, list):
+        raise CheckpointError("architectures", f"must be a list of class names, got {archs!r}")
+    arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise CheckpointError("architectures", f"{archs!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    if model_type is not None and model_type != arch:
+        raise CheckpointError("model_type", f"{model_type!r} does not match architectures {archs!r} (model_type {arch!r})")
+    return arch
+
+
+def _sliding_windows(arch: str, raw: dict[str, Any], layers: int, get) -> tuple[int | None, ...]:
+    """Each layer's attention window, None = full, as transformers builds the model: Llama has
+    none; Mistral uses `sliding_window` everywhere; Qwen2 only with `use_sliding_window`, on
+    the layers `layer_types` names (by default those from `max_window_layers` on)."""
+    if arch == "llama":
+        return (None,) * layers
+    window = get("sliding_window")
+    if arch == "qwen2" and not raw.get("use_sliding_window", False):
+        window = None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise CheckpointError("sliding_window", f"must be a positive integer or null, got {window!r}")
     if arch == "mistral":
         return (window,) * layers
-    if arch == "qwen2" and raw.get("use_sliding_window") and window:
-        first = int(raw.get("max_window_layers", layers))
-        return tuple(window if i >= first else None for i in range(layers))
-    return (None,) * layers
+    types = raw.get("layer_types")
+    if types is None:
+        first = int(get("max_window_layers"))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or any(t not in LAYER_TYPES for t in types):
+        raise CheckpointError("layer_types", f"must list one of {list(LAYER_TYPES)} per layer ({layers}), got {types!r}")
+    return tuple(window if t == "sliding_attention" else None for t in types)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ FUSED = {
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # quantized or integer tensors do not load
 
 
 def resolve_dtype(dtype: str, config: ModelConfig) -> torch.dtype:
@@ -75,6 +76,8 @@ def _fill(model: LlamaForCausalLM, config: ModelConfig, files: list[Path]) -> No
                     raise CheckpointError(name, f"unexpected tensor in {path.name} (not part of a {config.architecture} model of this config)")
                 hf_name, dest = pending.pop(target)
                 tensor = f.get_tensor(name)
+                if tensor.dtype not in WEIGHT_DTYPES:
+                    raise CheckpointError(name, f"is stored as {str(tensor.dtype).removeprefix('torch.')}; only float32, bfloat16 and float16 weights load")
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise CheckpointError(name, f"has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
                 dest.copy_(tensor)

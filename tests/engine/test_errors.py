@@ -87,6 +87,16 @@ def test_missing_weight_tensor_is_named(llama_dir: Path, tmp_path: Path) -> None
     assert e.value.key == "model.layers.1.self_attn.k_proj.weight"
 
 
+def test_a_quantized_tensor_is_named_not_converted(llama_dir: Path, tmp_path: Path) -> None:
+    ckpt = _copy(llama_dir, tmp_path / "int8")
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"] = weights["model.layers.0.mlp.down_proj.weight"].to(torch.int8)
+    save_file(weights, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match="stored as int8") as e:
+        LLM(str(ckpt))
+    assert e.value.key == "model.layers.0.mlp.down_proj.weight"
+
+
 def test_misshaped_and_unknown_tensors_are_named(llama_dir: Path, tmp_path: Path) -> None:
     ckpt = _copy(llama_dir, tmp_path / "shape")
     weights = load_file(ckpt / "model.safetensors")
