@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from splitserve.cluster.redis_server import free_port
+from splitserve.cluster.net import free_port
 from splitserve.engine.loader import load_model
 from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint
 from splitserve.prefill_worker.ring_attention import (

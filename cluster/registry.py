@@ -15,37 +15,16 @@ Keys (all under `splitserve:{cluster}:`, so clusters can share one Redis):
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 import redis
 
+from splitserve.cluster.worker_record import WorkerRecord  # noqa: F401 (also imported from here)
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerRecord:
-    worker_id: str
-    role: str  # "prefill" | "decode"
-    address: str
-    state: str = "ready"  # "starting" | "ready" | "draining" | "drained"
-    model_fingerprint: str = ""
-    layout: dict = field(default_factory=dict)
-    load: dict = field(default_factory=dict)  # engine stats: running, waiting, queued_prefill_tokens, blocks...
-    heartbeat: float = 0.0  # unix time of the last beat
-    pid: int = 0
-    restarts: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "WorkerRecord":
-        return cls(**json.loads(text))
 
 
 class Registry:

@@ -25,8 +25,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from splitserve.cluster.kv_events import KVEventPublisher
-from splitserve.cluster.registry import Heartbeat, Registry, WorkerRecord
+from splitserve.cluster.worker_record import WorkerRecord
 from splitserve.proto.tls import TLSFiles
 from splitserve.proto.tls import add_flags as add_tls_flags
 from splitserve.proto.tls import from_flags as tls_from_flags
@@ -118,9 +117,11 @@ class WorkerRuntime:
             self.worker.set_rpc_endpoint(self.kv_address)
         self.record = WorkerRecord(spec.worker_id, spec.role, self.address, "ready", self.worker.layout.model_fingerprint,
                                    self.worker.layout.to_dict(), pid=os.getpid(), restarts=restarts)
-        self.heartbeat: Heartbeat | None = None
-        self.kv_events: KVEventPublisher | None = None
-        if spec.redis_url:
+        self.heartbeat = self.kv_events = None
+        if spec.redis_url:  # Redis only here: a worker on its own runs without a Redis client
+            from splitserve.cluster.kv_events import KVEventPublisher
+            from splitserve.cluster.registry import Heartbeat, Registry
+
             registry = Registry(spec.redis_url, spec.cluster, spec.heartbeat_ttl_seconds)
             self.kv_events = KVEventPublisher(registry.redis, registry.prefix, spec.worker_id, self.worker.kv_events)
             self.kv_events.start()
@@ -164,6 +165,8 @@ class WorkerRuntime:
 
             publish = None
             if s.cp_followers == "placed":
+                from splitserve.cluster.registry import Registry
+
                 registry = Registry(s.redis_url, s.cluster, s.heartbeat_ttl_seconds)
                 publish = lambda address: registry.publish_cp_store(s.worker_id, address)  # noqa: E731
             return start_group(s.model, world=s.cp_degree, block_size=s.block_size, worker_id=s.worker_id, dtype=s.dtype,

@@ -316,7 +316,7 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
     import subprocess
     import sys
 
-    from splitserve.cluster.redis_server import free_port
+    from splitserve.cluster.net import free_port
 
     store = f"{host}:{free_port(host)}"
     common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size), "--dtype", dtype, "--device", device,

@@ -58,14 +58,15 @@ class Proc:
                 self.kill()
 
 
-def start(module: str, *args: str, timeout: float = 120.0) -> Proc:
+def start(module: str, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None) -> Proc:
     """Run `python -m module args...` and wait for its ready line."""
-    return launch(module, *args).wait(timeout)
+    return launch(module, *args, env=env).wait(timeout)
 
 
-def launch(module: str, *args: str) -> "Launched":
-    """Start `python -m module args...` without waiting (start several, then wait for all)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def launch(module: str, *args: str, env: dict[str, str] | None = None) -> "Launched":
+    """Start `python -m module args...` without waiting (start several, then wait for all);
+    `env`: variables set for it on top of this process's."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     popen = subprocess.Popen(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -3,6 +3,7 @@ fan-in and fan-out. The reference is one engine serving the same prompts alone."
 
 from __future__ import annotations
 
+import os
 import random
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -172,3 +173,31 @@ def test_conversation_moves_only_the_missing_kv(workers, e2e_model: Path, transp
             assert moved == all_blocks * block_bytes, (turn, moved)
         history = prompt + r.token_ids
     assert_no_blocks_held(d1, d2)
+
+
+def test_workers_run_where_neither_ray_nor_redis_is_installed(e2e_model: Path, expected, tmp_path: Path) -> None:
+    """GPU machines may have neither (benchmarks/gpu_suite.sh starts workers directly there): a
+    worker outside any cluster, a CP group and the GPU suite's modules must not import them."""
+    import subprocess
+    import sys
+
+    from tests.e2e.procs import ROOT, start
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for name in ("redis", "ray"):
+        (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here (blocked by the test)')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    imports = "import splitserve.prefill_worker.cp, benchmarks.gpu_sections, benchmarks.gpu_suite, benchmarks.kv_transfer"
+    done = subprocess.run([sys.executable, "-c", imports], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    common = ["--model", str(e2e_model), "--dtype", "float32"]
+    p = start("splitserve.prefill_worker", *common, "--cp-degree", "2", env=env)
+    d = start("splitserve.decode_worker", *common, "--transports", "grpc,torch", env=env)
+    try:
+        prompt = prompts()[3]
+        r = run_disaggregated(p.address, d.address, "no-ray-redis", prompt, GREEDY, transport="torch", timeout=120)
+        assert r.token_ids == expected[tuple(prompt)]
+    finally:
+        p.stop()
+        d.stop()
