@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import tempfile
 import time
@@ -52,8 +53,12 @@ BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
     ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 6000 Ada", 364.0),
 )
-ONE_B = ("--hidden-size", "2048", "--intermediate-size", "8192", "--num-layers", "16", "--num-heads", "32",
-         "--num-kv-heads", "8", "--vocab-size", "32000", "--max-position-embeddings", "4096")
+ONE_B = {"hidden_size": 2048, "intermediate_size": 8192, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8, "vocab_size": 32000,
+         "max_position_embeddings": 4096, "dtype": "bfloat16"}  # engine.tiny_checkpoint.TinySpec
+# What every section imports: on a machine that lacks one (or has an older protobuf or grpcio
+# than the generated stubs need) the suite says so once instead of failing each section.
+PREFLIGHT = ("splitserve.engine.engine", "splitserve.proto.server", "splitserve.proto.kv_pb2_grpc", "splitserve.proto.worker_pb2_grpc",
+             "splitserve.cluster.worker_runtime", "splitserve.prefill_worker.cp", "benchmarks.gpu_sections")
 PARITY_PROMPTS = 4  # requests compared token for token
 PARITY_TOKENS = 32  # greedy tokens each
 
@@ -175,7 +180,7 @@ def summarize(r: SectionResult) -> str:
         for row in x.get("runs", []):
             peak = f" = {row['fraction_of_peak']:.0%} of {row['peak_tflops']:.0f}" if row.get("peak_tflops") else " (peak unknown)"
             parts.append(f"{row['tokens']} tokens: {row['seconds']:.1f} s, {row['tokens_per_s']:.0f} tok/s, {row['tflops']:.0f} TFLOP/s{peak}")
-        return "; ".join(parts) + (f"; {x['skipped']}" if x.get("skipped") else "")
+        return "; ".join(parts) + (f"; {x['not_run']}" if x.get("not_run") else "")
     return json.dumps(x)[:200]
 
 
@@ -189,7 +194,11 @@ def run_section(name: str, cmd: list[str], limit: float, json_path: Path, log_pa
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
+        except BaseException as e:  # the suite itself is being stopped: its section (and workers) go with it
+            if not isinstance(e, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                raise
             os.killpg(proc.pid, 15)
             try:
                 proc.wait(10)
@@ -204,14 +213,32 @@ def run_section(name: str, cmd: list[str], limit: float, json_path: Path, log_pa
     result = json.loads(json_path.read_text())
     if result.get("skipped"):
         return SectionResult(name, "skipped", seconds, result["skipped"])
+    if result.get("failed"):  # it ran, and what it checks did not hold
+        return SectionResult(name, "failed", seconds, result["failed"], result=result)
     return SectionResult(name, "ok", seconds, result=result)
 
 
-def ensure_model(model_dir: Path) -> None:
+def preflight() -> str | None:
+    """Why the sections cannot even import what they need here, or None."""
+    code = "import " + ", ".join(PREFLIGHT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return f"setup: the sections cannot import their modules here: {last[:300]}"
+
+
+def ensure_model(model_dir: Path) -> str | None:
+    """Write the ~1B random checkpoint unless it is there; returns why that failed, or None."""
     if (model_dir / "config.json").is_file():
-        return
-    subprocess.run([sys.executable, "-m", "splitserve.cluster.cli", "model", "init-tiny", str(model_dir), *ONE_B, "--dtype", "bfloat16"],
-                   check=True)
+        return None
+    code = ("import json, sys; from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint; "
+            "write_tiny_checkpoint(sys.argv[1], TinySpec(**json.loads(sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, str(model_dir), json.dumps(ONE_B)], capture_output=True, text=True, timeout=600)
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return f"setup: writing the checkpoint in {model_dir} failed: {last[:300]}"
 
 
 def environment(budget: float) -> dict[str, Any]:
@@ -236,18 +263,28 @@ def drive(a: argparse.Namespace) -> int:
         return 0
     results: list[SectionResult] = []
     runnable = [s for s in a.sections if skip_reason(s, env["gpus"]) is None]
-    if runnable and any(s != "kv_nccl" for s in runnable):
-        ensure_model(model_dir)
+    root = str(Path(__file__).resolve().parents[1])  # children import the checkout, whatever their folder
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    setup_error = preflight() if runnable else None
+    model_error = ensure_model(model_dir) if setup_error is None and any(s != "kv_nccl" for s in runnable) else None
     for s in a.sections:
         reason = skip_reason(s, env["gpus"])
         if reason is not None:
             results.append(SectionResult(s, "skipped", reason=reason))
             continue
+        failed = setup_error or (model_error if s != "kv_nccl" else None)
+        if failed:
+            results.append(SectionResult(s, "failed", reason=failed))
+            continue
         left = a.budget_s - (time.monotonic() - started)
         limit = section_limit(left, len(runnable) - runnable.index(s))
         logger.info("%s: up to %.0f s: %s", s, limit, shlex.join(cmds[s]))
         cmd = [*cmds[s], "--budget-s", f"{limit:.0f}"] if "--section" in cmds[s] else cmds[s]  # a section sizes its own work to it
-        results.append(run_section(s, cmd, limit, out / f"{s}.json", out / f"{s}.log"))
+        try:
+            results.append(run_section(s, cmd, limit, out / f"{s}.json", out / f"{s}.log"))
+        except (KeyboardInterrupt, SystemExit) as e:  # stopped from outside: report what ran, not nothing
+            results.append(SectionResult(s, "failed", reason=f"the suite was stopped ({type(e).__name__}) during this section"))
+            break
     env["seconds"] = time.monotonic() - started
     table = render_table(env, results)
     report = {"command": shlex.join(["benchmarks/gpu_suite.sh", *sys.argv[1:]]), "environment": env,
@@ -271,5 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     return drive(a)
 
 
+def _stopped(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stopped)  # the shell script's backstop ends the driver as Ctrl-C does: its section goes too
     sys.exit(main())

@@ -13,7 +13,15 @@ The client SDK has a short path and needs only grpcio and protobuf:
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 from typing import Any
+
+# Run from a checkout that was never installed (a copy of the working tree on a GPU machine,
+# say), the subpackages are this folder's siblings: `splitserve.engine` is ../engine. Installed,
+# they are found where the install put them first, and this adds nothing.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "engine" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))
 
 _SDK = ("Client", "AsyncClient", "Completion", "GenerateChunk", "SplitserveError", "InvalidArgumentError", "FailedPreconditionError", "UnauthenticatedError",
         "NotFoundError", "ResourceExhaustedError", "UnavailableError", "DeadlineExceededError", "AbortedError", "InternalError")
