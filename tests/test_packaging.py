@@ -132,3 +132,12 @@ sys.exit(main(["serve", "--model", "/nonexistent"]))
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and 'pip install "splitserve[serve]"' in lines[0], out.stderr
+
+
+def test_an_uninstalled_checkout_imports_as_the_namespace() -> None:
+    """A copy of the working tree that was never installed (what a GPU machine gets) imports as
+    `splitserve.*` from its root: no site-packages here, so no install can answer for it."""
+    code = "import sys; sys.path.insert(0, %r); import splitserve.cluster.net as n; print(n.__file__)" % str(ROOT)
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(ROOT / "cluster" / "net.py")
