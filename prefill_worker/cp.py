@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import logging
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -50,7 +51,27 @@ from splitserve.proto.status import StatusError
 from splitserve.proto.tls import TLSFiles, add_flags, from_flags, to_flags
 
 logger = logging.getLogger(__name__)
-GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # one operation of a job (a ring step, an agreement)
+# Between jobs the followers wait in a broadcast on the control group; rank 0 broadcasts a
+# keep-alive when the group has been idle this long, so that wait never reaches its timeout
+# (a follower whose wait timed out would leave, and the group would be broken).
+IDLE_TIMEOUT = datetime.timedelta(hours=24)
+KEEPALIVE_SECONDS = 600.0
+KEEPALIVE = "{}"  # a job text no job has
+
+
+def rank_device(device: str, rank: int, world: int, gpus: int | None = None) -> torch.device:
+    """Where rank `rank` runs: on CUDA each rank of a group needs a GPU of its own (NCCL refuses
+    two ranks on one device), so "cuda" or "cuda:K" means GPU K + rank."""
+    d = torch.device(device)
+    if d.type != "cuda" or world == 1:
+        return d
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    index = (d.index or 0) + rank
+    if (d.index or 0) + world > gpus:
+        raise ValueError(f"a context-parallel group of {world} ranks from {device!r} needs GPUs {d.index or 0}..{(d.index or 0) + world - 1}; "
+                         f"this node has {gpus}")
+    return torch.device("cuda", index)
 
 
 class CPError(StatusError):
@@ -85,10 +106,14 @@ class CPRank:
 
     def __init__(self, model: str, *, rank: int, world: int, store: str, block_size: int, sender_id: str, dtype: str = "auto",
                  device: str = "cpu", token: str | None = None, mlp_chunk: int = 2048, link: LinkModel = LinkModel(),
-                 tls: TLSFiles | None = None, linear_kernel: str = "torch", num_threads: int | None = None) -> None:
+                 tls: TLSFiles | None = None, linear_kernel: str = "torch", num_threads: int | None = None,
+                 idle_timeout: datetime.timedelta = IDLE_TIMEOUT) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.model, config = load_model(model, dtype, device)
+        self.device = rank_device(device, rank, world)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model, config = load_model(model, dtype, str(self.device))
         if any(w is not None for w in config.sliding_windows):
             raise ValueError("context parallelism does not support sliding-window attention (this model uses it)")
         use_linear_kernel(self.model, linear_kernel, batch_hint=mlp_chunk)  # as the engines of the cluster do
@@ -99,15 +124,18 @@ class CPRank:
         self.layout = KVLayout(config.fingerprint, dtype_name(self.dtype), block_size, KV_LAYOUT, config.num_layers, config.num_kv_heads, config.head_dim)
         host, port = store.rsplit(":", 1)
         tcp = dist.TCPStore(host, int(port), world, rank == 0, timeout=GROUP_TIMEOUT, wait_for_workers=False)
-        self.device = torch.device(device)
-        prefix = dist.PrefixStore("cp", tcp)
-        if self.device.type == "cuda":  # NCCL between GPUs; every tensor it moves lives on the GPU
-            pg = dist.ProcessGroupNCCL(prefix, rank, world, dist.ProcessGroupNCCL.Options())
+        # Control (jobs, agreements) on CPU over gloo, always: the followers idle there, and an
+        # idle NCCL operation would hold the GPU's stream and meet NCCL's watchdog.
+        self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("cp-ctrl", tcp), rank, world, idle_timeout)
+        if self.device.type == "cuda":  # the ring's K/V/Q between GPUs over NCCL, posted only inside a job
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = GROUP_TIMEOUT
+            pg = dist.ProcessGroupNCCL(dist.PrefixStore("cp", tcp), rank, world, opts)
         else:
-            pg = dist.ProcessGroupGloo(prefix, rank, world, GROUP_TIMEOUT)
+            pg = dist.ProcessGroupGloo(dist.PrefixStore("cp", tcp), rank, world, GROUP_TIMEOUT)
         self.ring = Ring(pg, rank, world, self.device)
         self._store = tcp
-        self.pushers = PusherPool(f"{sender_id}-r{rank}", self.layout, device=device, token=token, tls=tls)
+        self.pushers = PusherPool(f"{sender_id}-r{rank}", self.layout, device=str(self.device), token=token, tls=tls)
         self.abort_flag = False
         self.deadline = float("inf")
         self.generator = torch.Generator(device=self.device).manual_seed(0)
@@ -115,32 +143,34 @@ class CPRank:
     # ---- the group's control channel (rank 0 -> everyone) ---------------------------------
     def broadcast(self, text: str | None = None) -> str:
         """Rank 0 sends `text` to every rank; the others receive it."""
-        n = torch.tensor([len(text.encode()) if text else 0], dtype=torch.int64, device=self.device)
+        n = torch.tensor([len(text.encode()) if text else 0], dtype=torch.int64)
         self._bcast(n)
         if self.rank == 0 and text:
-            data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(self.device)
+            data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
         else:
-            data = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+            data = torch.empty(int(n.item()), dtype=torch.uint8)
         if data.numel():
             self._bcast(data)
-        return bytes(data.cpu().numpy()).decode() if data.numel() else ""
+        return bytes(data.numpy()).decode() if data.numel() else ""
 
     def _bcast(self, t: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.ring.pg.broadcast([t], opts).wait()
+        self.ctrl.broadcast([t], opts).wait()
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if any rank passed True (failure or abort is everyone's)."""
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
-        self.ring.pg.allreduce([t], opts).wait()
+        self.ctrl.allreduce([t], opts).wait()
         return bool(t.item())
 
     def follow(self) -> None:
         """Ranks > 0: run every job rank 0 broadcasts, until it broadcasts the end."""
         while (text := self.broadcast()) != "":
+            if text == KEEPALIVE:
+                continue
             job = CPJob(**json.loads(text))
             try:
                 self.run(job)
@@ -229,7 +259,7 @@ class CPPrefillWorker:
     """Rank 0's face to the prefill service: the same calls as `PrefillWorker`, one request
     at a time through the group."""
 
-    def __init__(self, rank0: CPRank, worker_id: str, followers: list | None = None) -> None:
+    def __init__(self, rank0: CPRank, worker_id: str, followers: list | None = None, keepalive_s: float = KEEPALIVE_SECONDS) -> None:
         self.rank0 = rank0
         self.worker_id = worker_id
         self.layout = rank0.layout
@@ -239,6 +269,22 @@ class CPPrefillWorker:
         self._turn = threading.Lock()
         self._waiting: dict[str, int] = {}
         self._current: str | None = None
+        self._closed = threading.Event()
+        threading.Thread(target=self._keep_alive, args=(keepalive_s,), name=f"cp-keepalive-{worker_id}", daemon=True).start()
+
+    def _keep_alive(self, every: float) -> None:
+        """While the group is idle, tell the followers so now and then (see KEEPALIVE_SECONDS)."""
+        while not self._closed.wait(every):
+            if self.broken or not self._turn.acquire(blocking=False):
+                continue  # a job is running: that is news enough
+            try:
+                if not self._closed.is_set():
+                    self.rank0.broadcast(KEEPALIVE)
+            except Exception as e:  # a gloo error: a rank is gone; the next request says so at once
+                self.broken = f"lost a rank while idle: {str(e).splitlines()[0][:200]}"
+                logger.warning("context-parallel group %s %s", self.worker_id, self.broken)
+            finally:
+                self._turn.release()
 
     def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float,
                 output_prefix: list[int] = ()):
@@ -296,31 +342,38 @@ class CPPrefillWorker:
                 "free_blocks": 0, "used_blocks": 0, "reserved_blocks": 0, "total_blocks": 0, "cached_blocks": 0}
 
     def close(self) -> None:
+        self._closed.set()
+        turn = self._turn.acquire(timeout=5)  # not in the middle of a keep-alive
         if not self.broken:
             try:
                 self.rank0.broadcast("")  # followers leave their loop
             except Exception as e:
                 logger.debug("closing the group: %s", e)
-        for p in self.followers:
-            p.terminate()
+        if turn:
+            self._turn.release()
+        for p in self.followers:  # told to leave, they exit by themselves; one that does not is ended
+            try:
+                p.wait(10 if not self.broken else 0)
+            except subprocess.TimeoutExpired:
+                p.terminate()
         self.rank0.close()
 
 
 def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtype: str = "auto", device: str = "cpu",
                 token: str | None = None, host: str = "127.0.0.1", publish_store=None, tls: TLSFiles | None = None,
-                linear_kernel: str = "torch", num_threads: int | None = None) -> CPPrefillWorker:
+                linear_kernel: str = "torch", num_threads: int | None = None, idle_timeout: datetime.timedelta = IDLE_TIMEOUT,
+                keepalive_s: float = KEEPALIVE_SECONDS) -> CPPrefillWorker:
     """Become rank 0 of a group and return its prefill worker once all ranks have joined.
     Ranks 1..N-1 are started here as child processes, unless `publish_store(address)` is
     given: then they are started elsewhere (Ray actors in the group's placement group) and
     find the rendezvous address where `publish_store` put it."""
-    import subprocess
     import sys
 
     from splitserve.cluster.net import free_port
 
     store = f"{host}:{free_port(host)}"
     common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size), "--dtype", dtype, "--device", device,
-              "--sender-id", worker_id, "--linear-kernel", linear_kernel]
+              "--sender-id", worker_id, "--linear-kernel", linear_kernel, "--idle-timeout-s", str(idle_timeout.total_seconds())]
     common += (["--num-threads", str(num_threads)] if num_threads is not None else []) + (["--token", token] if token else []) + to_flags(tls)
     followers = []
     if publish_store is not None:
@@ -329,12 +382,12 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
         followers = [subprocess.Popen([sys.executable, "-m", "splitserve.prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
     try:
         rank0 = CPRank(model, rank=0, world=world, store=store, block_size=block_size, sender_id=worker_id, dtype=dtype, device=device, token=token,
-                       tls=tls, linear_kernel=linear_kernel, num_threads=num_threads)
+                       tls=tls, linear_kernel=linear_kernel, num_threads=num_threads, idle_timeout=idle_timeout)
     except BaseException:
         for p in followers:
             p.kill()
         raise
-    return CPPrefillWorker(rank0, worker_id, followers)
+    return CPPrefillWorker(rank0, worker_id, followers, keepalive_s)
 
 
 def follower_main(argv: list[str] | None = None) -> None:
@@ -350,12 +403,13 @@ def follower_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=None)
     parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS, default="torch")
     parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--idle-timeout-s", type=float, default=IDLE_TIMEOUT.total_seconds(), help=argparse.SUPPRESS)  # rank 0's
     add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s cp-rank{args.rank} %(levelname)s %(name)s: %(message)s")
     rank = CPRank(args.model, rank=args.rank, world=args.world, store=args.store, block_size=args.block_size,
                   sender_id=args.sender_id, dtype=args.dtype, device=args.device, token=args.token, tls=from_flags(parser, args),
-                  linear_kernel=args.linear_kernel, num_threads=args.num_threads)
+                  linear_kernel=args.linear_kernel, num_threads=args.num_threads, idle_timeout=datetime.timedelta(seconds=args.idle_timeout_s))
     try:
         rank.follow()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from splitserve.cluster.redis_server import free_port
@@ -27,3 +28,32 @@ def test_an_unknown_kernel_is_refused_naming_it(llama_dir: Path) -> None:
     with pytest.raises(ValueError, match="linear_kernel.*'mkl'"):
         CPRank(str(llama_dir), rank=0, world=1, store=f"127.0.0.1:{free_port()}", block_size=16, sender_id="cp-test", dtype="float32",
                linear_kernel="mkl")
+
+
+def test_on_cuda_each_rank_has_a_gpu_of_its_own() -> None:
+    from splitserve.prefill_worker.cp import rank_device
+
+    assert rank_device("cpu", 1, 2) == torch.device("cpu") and rank_device("cuda", 0, 1, gpus=1) == torch.device("cuda")
+    assert rank_device("cuda", 1, 2, gpus=2) == torch.device("cuda", 1) and rank_device("cuda:2", 1, 2, gpus=4) == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match="needs GPUs 0..3; this node has 2"):
+        rank_device("cuda", 0, 4, gpus=2)
+
+
+@pytest.mark.parametrize("keepalive_s, survives", [(1.0, True), (1000.0, False)])
+def test_an_idle_group_stays_whole_while_rank_0_keeps_it_alive(llama_dir: Path, keepalive_s: float, survives: bool) -> None:
+    """Followers wait for jobs in a broadcast whose timeout (a day; 3 s here) would end them:
+    rank 0's keep-alive must reach them first (without it, here, the follower leaves)."""
+    import datetime
+    import time
+
+    from splitserve.prefill_worker.cp import start_group
+
+    group = start_group(str(llama_dir), world=2, block_size=16, worker_id=f"idle-{survives}", dtype="float32",
+                        idle_timeout=datetime.timedelta(seconds=3), keepalive_s=keepalive_s)
+    (follower,) = group.followers
+    try:
+        time.sleep(6)
+        assert (follower.poll() is None) == survives
+    finally:
+        group.close()
+    assert follower.wait(30) == 0 if survives else follower.returncode not in (0, None)  # it left in step, or had left
