@@ -90,6 +90,14 @@ def merge(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, lse2: torch.
 
 
 # ---- the ring -----------------------------------------------------------------------------
+def receives_first(rank: int, peer: int) -> bool:
+    """Whether `rank` posts its receives from `peer` before its sends to it: the higher rank of
+    a pair does. NCCL runs a pair's point-to-point operations in the order each side posts
+    them, and a send waits for its receive, so if both sides sent first neither would get to
+    receiving. (gloo does not care.)"""
+    return rank > peer
+
+
 @dataclass
 class Ring:
     """A process group seen as a ring: this rank, the world size, and its neighbours."""
@@ -118,8 +126,10 @@ class Ring:
         """Start sending `tensors` to the next rank and receiving same-kind tensors of
         `shapes` from the previous one; returns (received, wait) — call wait() before use."""
         recv = [torch.empty(s, dtype=dt, device=t.device) for s, dt, t in zip(shapes, dtypes, tensors)]
-        works = [self.pg.send([t.contiguous()], self.next, i) for i, t in enumerate(tensors)]
-        works += [self.pg.recv([r], self.prev, i) for i, r in enumerate(recv)]
+        sends = lambda: [self.pg.send([t.contiguous()], self.next, i) for i, t in enumerate(tensors)]  # noqa: E731
+        recvs = lambda: [self.pg.recv([r], self.prev, i) for i, r in enumerate(recv)]  # noqa: E731
+        # with two ranks the next is the previous: one pair, in which the order matters
+        works = recvs() + sends() if receives_first(self.rank, self.next) else sends() + recvs()
         return recv, lambda: [w.wait() for w in works]
 
 
@@ -163,10 +173,12 @@ def ring_pass_q(ring: Ring, q, k, v, q_pos, k_pos, scale: float) -> tuple[torch.
         if other == ring.rank:
             continue
         o, l = partial[other]
-        works += [ring.pg.send([o.contiguous()], other, 100), ring.pg.send([l.contiguous()], other, 101)]
         ro = torch.empty(q.shape[0], *q.shape[1:], dtype=torch.float32, device=q.device)
         rl = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
-        works += [ring.pg.recv([ro], other, 100), ring.pg.recv([rl], other, 101)]
+        sends = [(ring.pg.send, o.contiguous(), 100), (ring.pg.send, l.contiguous(), 101)]
+        recvs = [(ring.pg.recv, ro, 100), (ring.pg.recv, rl, 101)]
+        for op, t, tag in (recvs + sends if receives_first(ring.rank, other) else sends + recvs):
+            works.append(op([t], other, tag))
         received.append((ro, rl))
     for w in works:
         w.wait()

@@ -115,3 +115,47 @@ def test_variant_choice_follows_the_cost_model() -> None:
     assert choose_variant(new=131072, cached=0, link=slow, **shape) == "pass_kv"  # long fresh prefill: KV hides behind compute
     assert choose_variant(new=256, cached=131072, link=slow, **shape) == "pass_q"  # mostly cached: queries are smaller
     assert choose_variant(new=100, cached=0, world=1, heads=8, kv_heads=8, head_dim=64, elem_bytes=2) == "pass_kv"
+
+
+class _Posted:
+    """A process group that only records the point-to-point operations posted on it, in order."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, int]] = []
+
+    def send(self, tensors, peer: int, tag: int):
+        self.ops.append(("send", peer))
+        return self
+
+    def recv(self, tensors, peer: int, tag: int):
+        tensors[0].zero_()
+        self.ops.append(("recv", peer))
+        return self
+
+    def allgather(self, outs, ins):
+        for o in outs[0]:
+            o.copy_(ins[0])
+        return self
+
+    def wait(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("variant", ["pass_kv", "pass_q"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_pair_posts_sends_against_receives_in_order(variant: str, world: int) -> None:
+    """NCCL runs a pair's operations in the order each side posts them and a send waits for its
+    receive: the i-th operation one rank posts to a peer must be the opposite of the i-th that
+    peer posts back, or the two wait on each other (gloo would not show it)."""
+    q, k, v = torch.randn(8, 2, 4), torch.randn(8, 1, 4), torch.randn(8, 1, 4)
+    pos = torch.arange(8)
+    posted = {r: _Posted() for r in range(world)}
+    for r in range(world):
+        ring_attention(Ring(posted[r], r, world), q, k, v, pos, pos, 0.5, variant)
+    assert all(posted[r].ops for r in range(world))
+    for a in range(world):
+        for b in range(a + 1, world):  # (pass-KV: only neighbours talk)
+            a_to_b = [op for op, peer in posted[a].ops if peer == b]
+            b_to_a = [op for op, peer in posted[b].ops if peer == a]
+            assert len(a_to_b) == len(b_to_a)
+            assert all(x != y for x, y in zip(a_to_b, b_to_a)), (a, b, a_to_b, b_to_a)
