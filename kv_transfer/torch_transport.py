@@ -7,6 +7,13 @@ the gRPC handshake) and reused for every later request, so pools can grow and sh
 On the pair, messages go in order: a fixed-size JSON header and, for a payload, the KV bytes,
 received straight into the reserved blocks when they are contiguous. A commit is answered with
 an ack header carrying the receiver's verdict.
+
+Between GPUs the headers go over a gloo group of their own (CPU) and only the payloads over
+NCCL: the receiver waits for the next header between requests, for as long as the pair is idle,
+and an NCCL receive waiting that long would hold up the GPU's stream behind it (everything the
+decode engine runs there) and be ended by NCCL's watchdog. A payload's NCCL receive is posted
+once its header has announced it, on a stream of the pair's own, and waited for before the
+payload counts as landed.
 """
 
 from __future__ import annotations
@@ -35,10 +42,20 @@ SENDER, RECEIVER = 0, 1
 PAIR_TIMEOUT = datetime.timedelta(hours=24)
 
 
-def new_pair_group(store: dist.Store, rank: int, device: torch.device) -> dist.ProcessGroup:
+PAYLOAD_TIMEOUT = datetime.timedelta(minutes=10)  # one NCCL payload, once announced
+SEPARATE_DATA = {"cuda"}  # device types whose payloads take a group of their own (see above)
+
+
+def new_pair_groups(store: dist.Store, rank: int, device: torch.device) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(control, data) groups of a pair: one gloo group for both between CPUs."""
+    ctrl = dist.ProcessGroupGloo(dist.PrefixStore("ctrl", store), rank, 2, PAIR_TIMEOUT)
+    if device.type not in SEPARATE_DATA:
+        return ctrl, ctrl
     if device.type == "cuda":
-        return dist.ProcessGroupNCCL(store, rank, 2, dist.ProcessGroupNCCL.Options())
-    return dist.ProcessGroupGloo(store, rank, 2, PAIR_TIMEOUT)
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = PAYLOAD_TIMEOUT
+        return ctrl, dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, 2, opts)
+    return ctrl, dist.ProcessGroupGloo(dist.PrefixStore("data", store), rank, 2, PAIR_TIMEOUT)
 
 
 HEADER_BYTES = 64 << 10  # one fixed-size header message per payload: no length round trip
@@ -51,33 +68,37 @@ class _Pair:
 
     IN_FLIGHT = 4  # sends (a header and its payload are two)
 
-    def __init__(self, pg: dist.ProcessGroup, peer: int, device: torch.device) -> None:
-        self.pg, self.peer, self.device = pg, peer, device
+    def __init__(self, groups: tuple[dist.ProcessGroup, dist.ProcessGroup], peer: int, device: torch.device) -> None:
+        (self.ctrl, self.data), self.peer, self.device = groups, peer, device
         self._in_flight: list[tuple[object, torch.Tensor]] = []  # (work, tensor kept alive)
         self._next_header: tuple[object, torch.Tensor] | None = None  # a header receive already posted
+        # payloads received on a stream of their own, off the engine's (CUDA only)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def send_header(self, header: dict) -> None:
         data = json.dumps(header).encode()
         if len(data) > HEADER_BYTES:
             raise ValueError(f"KV header of {len(data)} bytes exceeds {HEADER_BYTES}")
         # padded in Python: torch.zeros of 64 KiB is an OpenMP region, waking (and spinning) its threads
-        self.post(torch.frombuffer(bytearray(data.ljust(HEADER_BYTES, b"\0")), dtype=torch.uint8))
+        self._post(self.ctrl, torch.frombuffer(bytearray(data.ljust(HEADER_BYTES, b"\0")), dtype=torch.uint8))
 
     def recv_header(self) -> dict:
         work, buf = self._next_header or self._post_header_recv()
         self._next_header = None
         work.wait()
-        raw = bytes(buf.cpu().numpy())
+        raw = bytes(buf.numpy())
         return json.loads(raw[: raw.index(0) if 0 in raw else len(raw)].decode())
 
     def _post_header_recv(self) -> tuple[object, torch.Tensor]:
-        buf = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.device)
-        return self.pg.recv([buf], self.peer, 0), buf
+        buf = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        return self.ctrl.recv([buf], self.peer, 0), buf
 
     def post(self, t: torch.Tensor) -> None:
-        """Queue a send; returns once all but the newest IN_FLIGHT sends are done."""
-        t = t.contiguous().to(self.device)
-        work = self.pg.send([t.view(torch.uint8).view(-1)], self.peer, 0)
+        """Queue a payload's send; returns once all but the newest IN_FLIGHT sends are done."""
+        self._post(self.data, t.contiguous().to(self.device))
+
+    def _post(self, group: dist.ProcessGroup, t: torch.Tensor) -> None:
+        work = group.send([t.view(torch.uint8).view(-1)], self.peer, 0)
         self._in_flight.append((work, t))
         while len(self._in_flight) > self.IN_FLIGHT:
             self._in_flight.pop(0)[0].wait()
@@ -91,9 +112,17 @@ class _Pair:
         header lands while the payload's bytes stream (every payload is followed by one)."""
         if not t.is_contiguous():
             raise ValueError("receive buffer must be contiguous")
-        work = self.pg.recv([t.view(torch.uint8).view(-1)], self.peer, 0)
-        self._next_header = self._post_header_recv()
-        work.wait()
+        if self._stream is None:
+            work = self.data.recv([t.view(torch.uint8).view(-1)], self.peer, 0)
+            self._next_header = self._post_header_recv()
+            work.wait()
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # what was written into `t` before lands first
+        with torch.cuda.stream(self._stream):
+            work = self.data.recv([t.view(torch.uint8).view(-1)], self.peer, 0)
+            self._next_header = self._post_header_recv()
+            work.wait()  # NCCL: makes the pair's stream wait, not this thread
+        self._stream.synchronize()
 
 
 class TorchKVServer:
@@ -123,8 +152,7 @@ class TorchKVServer:
     def _serve_pair(self, pair_key: str) -> None:
         seen: set[str] = set()
         try:
-            pg = new_pair_group(dist.PrefixStore(pair_key, self.store), RECEIVER, self.device)
-            pair = _Pair(pg, SENDER, self.device)
+            pair = _Pair(new_pair_groups(dist.PrefixStore(pair_key, self.store), RECEIVER, self.device), SENDER, self.device)
             while (header := pair.recv_header())["kind"] != "close":
                 self._handle(pair, header, seen)
         except Exception as e:  # the sender died or the pair broke: fail what it was sending
@@ -183,11 +211,11 @@ class TorchSender(KVSender):
         host, port = reply.store_address.rsplit(":", 1)
         try:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=handshake_timeout))
-            pg = new_pair_group(dist.PrefixStore(reply.pair_key, store), SENDER, torch.device(device))
+            groups = new_pair_groups(dist.PrefixStore(reply.pair_key, store), SENDER, torch.device(device))
         except (RuntimeError, dist.DistStoreError) as e:
             raise PeerUnavailableError(f"torch.distributed rendezvous at {reply.store_address} failed: {e}") from e
         self._store = store  # the pair's group needs the store alive
-        self.pair = _Pair(pg, RECEIVER, torch.device(device))
+        self.pair = _Pair(groups, RECEIVER, torch.device(device))
 
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None:
         meta = {"kind": "payload", "request_id": header.request_id, "layer": header.layer, "block_ids": list(header.block_ids),

@@ -17,6 +17,7 @@ import grpc
 import pytest
 import torch
 
+from splitserve.kv_transfer import torch_transport
 from splitserve.kv_transfer.connect import connect
 from splitserve.kv_transfer.errors import (
     HandshakeError,
@@ -59,7 +60,8 @@ class Receiving:
 def receiving(kind: str, layout: KVLayout = LAYOUT, blocks: int = BLOCKS) -> Iterator[tuple[str, Receiving, LocalHub]]:
     """(transport name, the receiving end, hub) for a cache of `blocks` blocks. "grpc" is a
     receiver with the raw-bytes Push method, "grpc-protobuf" one with only the .proto's Push
-    (payload bytes inside protobuf messages), which gRPC senders fall back to."""
+    (payload bytes inside protobuf messages), which gRPC senders fall back to; "torch-split" the
+    torch transport with headers and payloads on two groups, as between GPUs (gloo for both here)."""
     cache = torch.zeros(layout.num_layers, blocks, *layout.block_shape)
     done: list = []
     table = TransferTable(layout.num_layers, done.append, commit_grace=0.5)
@@ -69,7 +71,7 @@ def receiving(kind: str, layout: KVLayout = LAYOUT, blocks: int = BLOCKS) -> Ite
     if kind == "local":
         endpoint = hub.register(receiver)
     else:
-        torch_server = TorchKVServer(receiver, "127.0.0.1") if kind == "torch" else None
+        torch_server = TorchKVServer(receiver, "127.0.0.1") if kind.startswith("torch") else None
         server = grpc.server(futures.ThreadPoolExecutor(8), options=CHANNEL_OPTIONS)
         servicer = KVTransferServicer(receiver, torch_server.accept if torch_server else None)
         if kind == "grpc-protobuf":
@@ -79,14 +81,16 @@ def receiving(kind: str, layout: KVLayout = LAYOUT, blocks: int = BLOCKS) -> Ite
         endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         server.start()
     try:
-        yield kind.removesuffix("-protobuf"), Receiving(endpoint, cache, table, done), hub
+        yield kind.removesuffix("-protobuf").removesuffix("-split"), Receiving(endpoint, cache, table, done), hub
     finally:
         if server is not None:
             server.stop(0)
 
 
-@pytest.fixture(params=["local", "grpc", "grpc-protobuf", "torch"])
-def transport(request) -> Iterator[tuple[str, Receiving, LocalHub]]:
+@pytest.fixture(params=["local", "grpc", "grpc-protobuf", "torch", "torch-split"])
+def transport(request, monkeypatch) -> Iterator[tuple[str, Receiving, LocalHub]]:
+    if request.param == "torch-split":
+        monkeypatch.setattr(torch_transport, "SEPARATE_DATA", {"cpu", "cuda"})
     with receiving(request.param) as t:
         yield t
 
