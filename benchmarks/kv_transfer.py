@@ -280,6 +280,7 @@ class Bench:
                 computed += end_compute - began
             pusher.push(rid, SECRET, layer, dst, self.kv[layer])  # [NB, 2, BS, KH, D], never written: as good as a copy
         pusher.commit(rid, SECRET, FirstToken(1, -0.5), self.a.tokens).result(timeout=self.a.timeout)
+        sync(side.device if t == "local" else self.device)  # in-process copies on a GPU are asynchronous until here
         acked = time.perf_counter()
         state, reason, got = side.call("finish", rid)
         if state != "complete" or got != self.nbytes:

@@ -83,6 +83,10 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         """Capture every size (largest first, so the smaller ones fit in its memory pool)."""
+        with torch.cuda.device(self.kv_cache.device):  # streams, pool and graphs on the cache's GPU, whichever is current
+            self._capture()
+
+    def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         first_block = 0  # warm-up and capture write into slot 0 of block 0: any bytes will do, no request owns them yet
         for size in reversed(self.sizes):
@@ -108,7 +112,8 @@ class DecodeGraphs:
         size = padded_size(batch, self.sizes)
         assert size is not None and size in self.graphs, f"no graph for {batch} rows"
         self._load(step, size, self.metas[size])
-        self.graphs[size].replay()
+        with torch.cuda.device(self.kv_cache.device):  # the engine's loop thread may have another current device
+            self.graphs[size].replay()
         return self.logits[size][:batch]
 
     def _load(self, step: DecodeStep, size: int, meta: AttentionMetadata | None = None) -> AttentionMetadata:
