@@ -14,6 +14,12 @@ on a machine with CUDA and neither Ray nor Redis:
            forward the CP ranks run, on one GPU; time, tokens/s, and model TFLOP/s against the
            device's dense bfloat16 peak. Then --cp-long-tokens (1,048,576) if the budget allows.
 
+It runs from a plain copy of the repository (nothing installed): `splitserve/` finds its
+subpackages beside it. Before any section it checks once that they import here: a machine that
+lacks one of the project's dependencies (grpcio-health-checking, say) or has a protobuf or grpcio
+older than the generated stubs need (pyproject.toml's minimums) fails every section with that
+one module's name; carry those as wheels (the device notes say how) and put them on PYTHONPATH.
+
 Each section runs in a child process with the time the budget has left (a hung or crashed
 section costs only itself) and reports one JSON object; the suite writes them all to
 OUT/gpu_suite.json and a readable table to OUT/gpu_suite.txt (and stdout).
