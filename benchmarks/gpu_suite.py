@@ -191,13 +191,20 @@ def summarize(r: SectionResult) -> str:
 
 
 # ---- the driver ------------------------------------------------------------------------------
+def child_env() -> dict[str, str]:
+    """The sections' environment: they (and the workers they start) import this checkout,
+    whatever their folder."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def run_section(name: str, cmd: list[str], limit: float, json_path: Path, log_path: Path) -> SectionResult:
     """Run one section's child within `limit` seconds; its JSON is the result."""
     start = time.monotonic()
     if limit <= 0:
         return SectionResult(name, "skipped", 0.0, "no time left in the budget")
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
         try:
             rc = proc.wait(timeout=limit)
         except BaseException as e:  # the suite itself is being stopped: its section (and workers) go with it
@@ -226,25 +233,33 @@ def run_section(name: str, cmd: list[str], limit: float, json_path: Path, log_pa
 
 def preflight() -> str | None:
     """Why the sections cannot even import what they need here, or None."""
-    code = "import " + ", ".join(PREFLIGHT)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    error = _run_setup([sys.executable, "-c", "import " + ", ".join(PREFLIGHT)], 300)
+    return error and f"setup: the sections cannot import their modules here: {error}"
+
+
+def _run_setup(cmd: list[str], timeout: float) -> str | None:
+    """Run a setup step; why it failed (its last line of errors), or None."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+    except subprocess.TimeoutExpired:
+        return f"did not finish within {timeout:.0f} s"
     if done.returncode == 0:
         return None
-    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    return f"setup: the sections cannot import their modules here: {last[:300]}"
+    return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:300]
 
 
 def ensure_model(model_dir: Path) -> str | None:
     """Write the ~1B random checkpoint unless it is there; returns why that failed, or None."""
     if (model_dir / "config.json").is_file():
         return None
-    code = ("import json, sys; from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint; "
-            "write_tiny_checkpoint(sys.argv[1], TinySpec(**json.loads(sys.argv[2])))")
-    done = subprocess.run([sys.executable, "-c", code, str(model_dir), json.dumps(ONE_B)], capture_output=True, text=True, timeout=600)
-    if done.returncode == 0:
-        return None
-    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    return f"setup: writing the checkpoint in {model_dir} failed: {last[:300]}"
+    partial = model_dir.with_name(model_dir.name + ".partial")  # renamed when whole: a killed write is not reused
+    code = ("import json, shutil, sys; from splitserve.engine.tiny_checkpoint import TinySpec, write_tiny_checkpoint; "
+            "shutil.rmtree(sys.argv[1], ignore_errors=True); write_tiny_checkpoint(sys.argv[1], TinySpec(**json.loads(sys.argv[2])))")
+    error = _run_setup([sys.executable, "-c", code, str(partial), json.dumps(ONE_B)], 600)
+    if error:
+        return f"setup: writing the checkpoint in {model_dir} failed: {error}"
+    partial.rename(model_dir)
+    return None
 
 
 def environment(budget: float) -> dict[str, Any]:
@@ -269,10 +284,11 @@ def drive(a: argparse.Namespace) -> int:
         return 0
     results: list[SectionResult] = []
     runnable = [s for s in a.sections if skip_reason(s, env["gpus"]) is None]
-    root = str(Path(__file__).resolve().parents[1])  # children import the checkout, whatever their folder
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    setup_error = preflight() if runnable else None
-    model_error = ensure_model(model_dir) if setup_error is None and any(s != "kv_nccl" for s in runnable) else None
+    try:
+        setup_error = preflight() if runnable else None
+        model_error = ensure_model(model_dir) if setup_error is None and any(s != "kv_nccl" for s in runnable) else None
+    except (KeyboardInterrupt, SystemExit) as e:  # stopped from outside: still say so in the report
+        setup_error = model_error = f"the suite was stopped ({type(e).__name__}) while setting up"
     for s in a.sections:
         reason = skip_reason(s, env["gpus"])
         if reason is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from splitserve.kv_transfer.errors import HandshakeError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the torch transport's pair groups moved under ctrl/ and data/ in the rendezvous store
 
 
 @dataclass(frozen=True)

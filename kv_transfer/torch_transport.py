@@ -13,7 +13,9 @@ NCCL: the receiver waits for the next header between requests, for as long as th
 and an NCCL receive waiting that long would hold up the GPU's stream behind it (everything the
 decode engine runs there) and be ended by NCCL's watchdog. A payload's NCCL receive is posted
 once its header has announced it, on a stream of the pair's own, and waited for before the
-payload counts as landed.
+payload counts as landed. Left open: a sender that dies between a payload's header and its
+bytes leaves that receive waiting until NCCL's watchdog ends it (PAYLOAD_TIMEOUT), and with it,
+by NCCL's default error handling, the decode worker's process, which its controller restarts.
 """
 
 from __future__ import annotations

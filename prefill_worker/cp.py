@@ -51,27 +51,27 @@ from splitserve.proto.status import StatusError
 from splitserve.proto.tls import TLSFiles, add_flags, from_flags, to_flags
 
 logger = logging.getLogger(__name__)
-GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # one operation of a job (a ring step, an agreement)
-# Between jobs the followers wait in a broadcast on the control group; rank 0 broadcasts a
-# keep-alive when the group has been idle this long, so that wait never reaches its timeout
-# (a follower whose wait timed out would leave, and the group would be broken).
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # one operation of the group: joining, a ring step, an agreement
+# Between jobs the followers wait in a broadcast on the control group, with this timeout of its
+# own; rank 0 broadcasts a keep-alive when the group has been idle KEEPALIVE_SECONDS, so that wait
+# never reaches it (a follower whose wait timed out would leave, and the group would be broken).
 IDLE_TIMEOUT = datetime.timedelta(hours=24)
 KEEPALIVE_SECONDS = 600.0
 KEEPALIVE = "{}"  # a job text no job has
 
 
-def rank_device(device: str, rank: int, world: int, gpus: int | None = None) -> torch.device:
-    """Where rank `rank` runs: on CUDA each rank of a group needs a GPU of its own (NCCL refuses
-    two ranks on one device), so "cuda" or "cuda:K" means GPU K + rank."""
+def rank_device(device: str, rank: int, world: int, gpu_per_rank: bool, gpus: int | None = None) -> torch.device:
+    """Where rank `rank` runs. A group whose ranks share a node's GPUs (followers started here,
+    `gpu_per_rank`) needs one GPU per rank: NCCL refuses two ranks on one device, so "cuda" or
+    "cuda:K" means GPU K + rank there. Ranks placed by Ray see only their own GPU: as given."""
     d = torch.device(device)
-    if d.type != "cuda" or world == 1:
+    if d.type != "cuda" or not gpu_per_rank or world == 1:
         return d
     gpus = torch.cuda.device_count() if gpus is None else gpus
-    index = (d.index or 0) + rank
-    if (d.index or 0) + world > gpus:
-        raise ValueError(f"a context-parallel group of {world} ranks from {device!r} needs GPUs {d.index or 0}..{(d.index or 0) + world - 1}; "
-                         f"this node has {gpus}")
-    return torch.device("cuda", index)
+    first = d.index or 0
+    if first + world > gpus:
+        raise ValueError(f"a context-parallel group of {world} ranks from {device!r} needs GPUs {first}..{first + world - 1}; this node has {gpus}")
+    return torch.device("cuda", first + rank)
 
 
 class CPError(StatusError):
@@ -107,10 +107,11 @@ class CPRank:
     def __init__(self, model: str, *, rank: int, world: int, store: str, block_size: int, sender_id: str, dtype: str = "auto",
                  device: str = "cpu", token: str | None = None, mlp_chunk: int = 2048, link: LinkModel = LinkModel(),
                  tls: TLSFiles | None = None, linear_kernel: str = "torch", num_threads: int | None = None,
-                 idle_timeout: datetime.timedelta = IDLE_TIMEOUT) -> None:
+                 idle_timeout: datetime.timedelta = IDLE_TIMEOUT, gpu_per_rank: bool = False) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.device = rank_device(device, rank, world)
+        self.device = rank_device(device, rank, world, gpu_per_rank)
+        self.idle_timeout = idle_timeout
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.model, config = load_model(model, dtype, str(self.device))
@@ -126,7 +127,7 @@ class CPRank:
         tcp = dist.TCPStore(host, int(port), world, rank == 0, timeout=GROUP_TIMEOUT, wait_for_workers=False)
         # Control (jobs, agreements) on CPU over gloo, always: the followers idle there, and an
         # idle NCCL operation would hold the GPU's stream and meet NCCL's watchdog.
-        self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("cp-ctrl", tcp), rank, world, idle_timeout)
+        self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("cp-ctrl", tcp), rank, world, GROUP_TIMEOUT)
         if self.device.type == "cuda":  # the ring's K/V/Q between GPUs over NCCL, posted only inside a job
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = GROUP_TIMEOUT
@@ -141,21 +142,22 @@ class CPRank:
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     # ---- the group's control channel (rank 0 -> everyone) ---------------------------------
-    def broadcast(self, text: str | None = None) -> str:
-        """Rank 0 sends `text` to every rank; the others receive it."""
+    def broadcast(self, text: str | None = None, wait: datetime.timedelta = GROUP_TIMEOUT) -> str:
+        """Rank 0 sends `text` to every rank; the others receive it, waiting up to `wait`."""
         n = torch.tensor([len(text.encode()) if text else 0], dtype=torch.int64)
-        self._bcast(n)
+        self._bcast(n, wait)
         if self.rank == 0 and text:
             data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
         else:
             data = torch.empty(int(n.item()), dtype=torch.uint8)
         if data.numel():
-            self._bcast(data)
+            self._bcast(data, GROUP_TIMEOUT)
         return bytes(data.numpy()).decode() if data.numel() else ""
 
-    def _bcast(self, t: torch.Tensor) -> None:
+    def _bcast(self, t: torch.Tensor, wait: datetime.timedelta) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
+        opts.timeout = wait
         self.ctrl.broadcast([t], opts).wait()
 
     def agree(self, flag: bool) -> bool:
@@ -168,7 +170,7 @@ class CPRank:
 
     def follow(self) -> None:
         """Ranks > 0: run every job rank 0 broadcasts, until it broadcasts the end."""
-        while (text := self.broadcast()) != "":
+        while (text := self.broadcast(wait=self.idle_timeout)) != "":  # between jobs: rank 0's keep-alive comes first
             if text == KEEPALIVE:
                 continue
             job = CPJob(**json.loads(text))
@@ -343,8 +345,11 @@ class CPPrefillWorker:
 
     def close(self) -> None:
         self._closed.set()
-        turn = self._turn.acquire(timeout=5)  # not in the middle of a keep-alive
-        if not self.broken:
+        turn = self._turn.acquire(timeout=5)  # not in the middle of a keep-alive or a job
+        if not turn:  # a job is running: it aborts at its next layer
+            self.rank0.abort_flag = True
+            turn = self._turn.acquire(timeout=60)
+        if turn and not self.broken:  # (otherwise the followers' collectives would not match: they are ended below)
             try:
                 self.rank0.broadcast("")  # followers leave their loop
             except Exception as e:
@@ -353,7 +358,7 @@ class CPPrefillWorker:
             self._turn.release()
         for p in self.followers:  # told to leave, they exit by themselves; one that does not is ended
             try:
-                p.wait(10 if not self.broken else 0)
+                p.wait(10 if turn and not self.broken else 0)
             except subprocess.TimeoutExpired:
                 p.terminate()
         self.rank0.close()
@@ -373,7 +378,7 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
 
     store = f"{host}:{free_port(host)}"
     common = ["--model", model, "--store", store, "--world", str(world), "--block-size", str(block_size), "--dtype", dtype, "--device", device,
-              "--sender-id", worker_id, "--linear-kernel", linear_kernel, "--idle-timeout-s", str(idle_timeout.total_seconds())]
+              "--sender-id", worker_id, "--linear-kernel", linear_kernel, "--idle-timeout-s", str(idle_timeout.total_seconds()), "--gpu-per-rank"]
     common += (["--num-threads", str(num_threads)] if num_threads is not None else []) + (["--token", token] if token else []) + to_flags(tls)
     followers = []
     if publish_store is not None:
@@ -382,7 +387,8 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
         followers = [subprocess.Popen([sys.executable, "-m", "splitserve.prefill_worker.cp", "--rank", str(r), *common]) for r in range(1, world)]
     try:
         rank0 = CPRank(model, rank=0, world=world, store=store, block_size=block_size, sender_id=worker_id, dtype=dtype, device=device, token=token,
-                       tls=tls, linear_kernel=linear_kernel, num_threads=num_threads, idle_timeout=idle_timeout)
+                       tls=tls, linear_kernel=linear_kernel, num_threads=num_threads, idle_timeout=idle_timeout,
+                       gpu_per_rank=publish_store is None)  # placed by Ray, each rank sees its own GPU
     except BaseException:
         for p in followers:
             p.kill()
@@ -390,8 +396,7 @@ def start_group(model: str, *, world: int, block_size: int, worker_id: str, dtyp
     return CPPrefillWorker(rank0, worker_id, followers, keepalive_s)
 
 
-def follower_main(argv: list[str] | None = None) -> None:
-    """`python -m splitserve.prefill_worker.cp --rank R --world N --store HOST:PORT --model DIR ...`"""
+def follower_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m splitserve.prefill_worker.cp")
     for flag in ("--model", "--store", "--sender-id"):
         parser.add_argument(flag, required=True)
@@ -404,12 +409,24 @@ def follower_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linear-kernel", choices=LINEAR_KERNELS, default="torch")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--idle-timeout-s", type=float, default=IDLE_TIMEOUT.total_seconds(), help=argparse.SUPPRESS)  # rank 0's
+    parser.add_argument("--gpu-per-rank", action="store_true", help=argparse.SUPPRESS)  # started by rank 0 on its node
     add_flags(parser)
+    return parser
+
+
+def follower_rank_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """CPRank's arguments from a follower's command line."""
+    return dict(model=args.model, rank=args.rank, world=args.world, store=args.store, block_size=args.block_size, sender_id=args.sender_id,
+                dtype=args.dtype, device=args.device, token=args.token, tls=from_flags(parser, args), linear_kernel=args.linear_kernel,
+                num_threads=args.num_threads, idle_timeout=datetime.timedelta(seconds=args.idle_timeout_s), gpu_per_rank=args.gpu_per_rank)
+
+
+def follower_main(argv: list[str] | None = None) -> None:
+    """`python -m splitserve.prefill_worker.cp --rank R --world N --store HOST:PORT --model DIR ...`"""
+    parser = follower_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s cp-rank{args.rank} %(levelname)s %(name)s: %(message)s")
-    rank = CPRank(args.model, rank=args.rank, world=args.world, store=args.store, block_size=args.block_size,
-                  sender_id=args.sender_id, dtype=args.dtype, device=args.device, token=args.token, tls=from_flags(parser, args),
-                  linear_kernel=args.linear_kernel, num_threads=args.num_threads, idle_timeout=datetime.timedelta(seconds=args.idle_timeout_s))
+    rank = CPRank(**follower_rank_args(parser, args))
     try:
         rank.follow()
     finally:

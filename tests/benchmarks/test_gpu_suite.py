@@ -79,10 +79,11 @@ def test_what_the_sections_need_is_checked_once_and_reported(tmp_path: Path, mon
     """A machine that lacks a module (or the checkpoint cannot be written) fails every section
     with that one reason, and the JSON and table are still written; none of it needs a GPU."""
     assert g.preflight() is None  # this machine has everything
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the driver extends it; restored after
     monkeypatch.setattr(g, "environment", lambda budget: {"torch": "x", "gpus": 1, "device": "pretend", "cuda": None, "budget_s": budget})
     monkeypatch.setattr(g, "PREFLIGHT", ("splitserve.engine.engine", "no_such_module_here"))
+    before = dict(os.environ)
     assert g.main(["--out", str(tmp_path / "a"), "--budget-s", "60"]) == 1
+    assert dict(os.environ) == before
     report = json.loads((tmp_path / "a" / "gpu_suite.json").read_text())
     status = {r["name"]: (r["status"], r["reason"]) for r in report["sections"]}
     assert status["kv_nccl"][0] == "skipped" and all(status[s][0] == "failed" and "no_such_module_here" in status[s][1] for s in ("engine", "parity", "cp"))
@@ -121,7 +122,9 @@ def test_the_table_summarizes_each_section() -> None:
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine this would run the real suite")
 def test_without_a_gpu_everything_is_skipped_and_written(tmp_path: Path, capsys) -> None:
+    before = dict(os.environ)
     assert g.main(["--out", str(tmp_path), "--budget-s", "30"]) == 0
+    assert dict(os.environ) == before  # the sections' environment is theirs (a leaked PYTHONPATH changed later tests)
     assert (tmp_path / "gpu_suite.json").is_file() and "no CUDA device" in (tmp_path / "gpu_suite.txt").read_text()
     assert g.main(["--dry-run", "--out", str(tmp_path)]) == 0
     assert "skipped (no CUDA device)" in capsys.readouterr().out

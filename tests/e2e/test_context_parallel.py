@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from splitserve.engine import LLM, SamplingParams
+from splitserve.prefill_worker.cp import follower_parser, follower_rank_args
 from splitserve.proto.status import StatusError
 from splitserve.router.legs import run_disaggregated
 from tests.e2e.workers import WorkerStub
@@ -136,7 +137,9 @@ def test_the_workers_engine_flags_reach_every_rank_of_its_cp_group(spawn, long_m
                   "--num-threads", "1")
     (follower,) = children(group.popen.pid)
     argv = Path(f"/proc/{follower}/cmdline").read_bytes().decode().split("\0")
-    assert argv[argv.index("--linear-kernel") + 1] == "onednn" and argv[argv.index("--num-threads") + 1] == "1"
+    parser = follower_parser()  # the follower's own reading of its command line
+    rank_args = follower_rank_args(parser, parser.parse_args(argv[argv.index("splitserve.prefill_worker.cp") + 1 : -1]))
+    assert (rank_args["linear_kernel"], rank_args["num_threads"], rank_args["gpu_per_rank"]) == ("onednn", 1, True)
     prompt = [3 + (i * 11) % 470 for i in range(600)]
     r = run_disaggregated(group.address, decode.address, "cp-onednn", prompt, GREEDY, transport="grpc", timeout=120)
     assert r.token_ids == LLM(str(long_model), dtype="float32", linear_kernel="onednn").generate([prompt], GREEDY)[0].token_ids

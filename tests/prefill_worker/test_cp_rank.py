@@ -33,10 +33,12 @@ def test_an_unknown_kernel_is_refused_naming_it(llama_dir: Path) -> None:
 def test_on_cuda_each_rank_has_a_gpu_of_its_own() -> None:
     from splitserve.prefill_worker.cp import rank_device
 
-    assert rank_device("cpu", 1, 2) == torch.device("cpu") and rank_device("cuda", 0, 1, gpus=1) == torch.device("cuda")
-    assert rank_device("cuda", 1, 2, gpus=2) == torch.device("cuda", 1) and rank_device("cuda:2", 1, 2, gpus=4) == torch.device("cuda", 3)
+    assert rank_device("cpu", 1, 2, True) == torch.device("cpu") and rank_device("cuda", 0, 1, True, gpus=1) == torch.device("cuda")
+    # followers started on rank 0's node share its GPUs: one each
+    assert rank_device("cuda", 1, 2, True, gpus=2) == torch.device("cuda", 1) and rank_device("cuda:2", 1, 2, True, gpus=4) == torch.device("cuda", 3)
     with pytest.raises(ValueError, match="needs GPUs 0..3; this node has 2"):
-        rank_device("cuda", 0, 4, gpus=2)
+        rank_device("cuda", 0, 4, True, gpus=2)
+    assert rank_device("cuda", 1, 2, False, gpus=1) == torch.device("cuda")  # placed by Ray: each sees only its own
 
 
 @pytest.mark.parametrize("keepalive_s, survives", [(1.0, True), (1000.0, False)])
