@@ -313,6 +313,7 @@ class Orchestrator:
                 self.metrics.kv_bytes.inc(t.kv_bytes)
             out = self._emit(s, held, tokens, logprobs, top)
             if chunk.finished:
+                out.text += s.text.flush()
                 self._finished(t, s.arrival, out, chunk.finish_reason, s.prompt, s.tokens, started)
             if tokens or out.finished:
                 yield out
@@ -514,7 +515,9 @@ class Orchestrator:
 
 
 class _Text:
-    """The router's detokenizer: the same rule as the engine's, so texts agree."""
+    """The router's detokenizer: the same rule as the engine's, so texts agree. Text that may be
+    the start of a stop string is held back until the next tokens say whether it is one: a stop
+    string split across tokens must not reach the client in part."""
 
     def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...], skip_special_tokens: bool = True) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
@@ -530,9 +533,24 @@ class _Text:
             cut = cut_at_stop_string(self.detok.text, len(delta), self.stops)
             if cut is not None:
                 self.detok.text, self.stopped = cut, True
-        out = self.detok.text[self.sent :]
-        self.sent = len(self.detok.text)
+        text = self.detok.text
+        end = len(text) if self.stopped else max(self.sent, len(text) - stop_prefix_length(text, self.stops))
+        out, self.sent = text[self.sent : end], end
         return out
+
+    def flush(self) -> str:
+        """What was held back, once the request ended for another reason than a stop string."""
+        out, self.sent = self.detok.text[self.sent :], len(self.detok.text)
+        return out
+
+
+def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that begins some stop string (0: none)."""
+    for k in range(min(len(text), max((len(x) for x in stops), default=1) - 1), 0, -1):
+        tail = text[-k:]
+        if any(x.startswith(tail) for x in stops):
+            return k
+    return 0
 
 
 def timings_to_proto(t: Timings):

@@ -147,3 +147,23 @@ def test_unsupported_or_bad_fields_are_400_naming_them(oai: openai.OpenAI, model
     # used to have uvicorn close it after a 400, and the next request was reset)
     ok = oai.completions.create(model=model, prompt=PROMPT, max_tokens=2)
     assert ok.choices[0].finish_reason == "length"
+
+
+def test_a_stop_string_across_tokens_never_reaches_the_client(oai: openai.OpenAI, model: str, single: LLM, tok: Tokenizer) -> None:
+    """A stop string whose first character ends one token and whose rest begins the next: the
+    first token's text must be held back until the next shows it is the stop (it leaked)."""
+    full = ref(single, PROMPT, temperature=0, max_tokens=16, ignore_eos=True)
+    text = full.text
+    bounds = [len(tok.decode(full.token_ids[:i])) for i in range(1, len(full.token_ids))]
+    b = next(b for b in bounds if 1 <= b < len(text) - 1 and text.find(text[b - 1 : b + 2]) == b - 1)
+    stop, want = text[b - 1 : b + 2], text[: b - 1]
+    assert ref(single, PROMPT, temperature=0, max_tokens=16, ignore_eos=True, stop=[stop]).text == want  # the engine cuts there
+    kw = dict(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    r = oai.completions.create(**kw)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop")
+    assert "".join(ch.choices[0].text for ch in oai.completions.create(**kw, stream=True) if ch.choices) == want
+    # a prefix of a stop string that turns out not to be one is sent after all
+    near = text[b - 1] + "\x00never"
+    r = oai.completions.create(**{**kw, "stop": [near]})
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "length")
+    assert "".join(ch.choices[0].text for ch in oai.completions.create(**{**kw, "stop": [near]}, stream=True) if ch.choices) == text
