@@ -225,6 +225,8 @@ class OpenAIFrontend:
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
         ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **self.special), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:  # as OpenAI's chat: until the model stops or the context is full (completions keep 16)
+            max_tokens = max(1, self.orch.max_model_len - len(ids))
         fields = chat_fields(body)
         with _renamed(fields):
             params = body.sampling_params(max_tokens, body.top_logprobs or 0)

@@ -167,3 +167,15 @@ def test_a_stop_string_across_tokens_never_reaches_the_client(oai: openai.OpenAI
     r = oai.completions.create(**{**kw, "stop": [near]})
     assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "length")
     assert "".join(ch.choices[0].text for ch in oai.completions.create(**{**kw, "stop": [near]}, stream=True) if ch.choices) == text
+
+
+def test_chat_without_max_tokens_runs_until_the_model_stops(oai: openai.OpenAI, model: str, single: LLM, tok: Tokenizer) -> None:
+    """As OpenAI's chat (and vLLM's): no max_tokens means no cap short of the context, not the
+    legacy completions default of 16 (clients that never send it got 16 tokens)."""
+    ids = tok.encode(render_chat(tok.config["chat_template"], MESSAGES, bos_token="<s>", eos_token="</s>"), add_special_tokens=False)
+    full = ref(single, ids, max_tokens=40, temperature=0, ignore_eos=True)
+    stop = next(full.text[i : i + 3] for i in range(len(full.text) - 30, len(full.text) - 3) if full.text.find(full.text[i : i + 3]) == i)
+    want = ref(single, ids, max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    r = oai.chat.completions.create(model=model, messages=MESSAGES, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want.text, "stop")
+    assert r.usage.completion_tokens == len(want.token_ids) > 16
