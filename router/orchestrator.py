@@ -280,8 +280,9 @@ class Orchestrator:
                     self.metrics.retries.labels("decode_failover").inc()
                     started = await self._dispatch(rid, prompt, inp, t, legs, held, left, attempts, output_prefix=list(s.tokens))
         except (GeneratorExit, asyncio.CancelledError):
-            t.outcome = "cancelled"
-            self._abort_legs(rid, legs, "client went away")
+            if t.outcome != "ok":  # closed after its last chunk (n > 1 choices are read that far) is not cancelled
+                t.outcome = "cancelled"
+                self._abort_legs(rid, legs, "client went away")
             raise
         except Exception as e:
             err = self._fail(rid, legs, e)

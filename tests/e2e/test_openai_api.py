@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -66,7 +67,7 @@ def test_chat_logprobs(oai: openai.OpenAI, model: str, single: LLM, tok: Tokeniz
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
 
-def test_n_choices_sample_with_seed_plus_i(oai: openai.OpenAI, model: str, single: LLM) -> None:
+def test_n_choices_sample_with_seed_plus_i(oai: openai.OpenAI, model: str, single: LLM, served) -> None:
     r = oai.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=1.0, seed=5, n=3, user="alice")
     assert [c.index for c in r.choices] == [0, 1, 2]
     expected = [ref(single, PROMPT, max_tokens=10, temperature=1.0, seed=5 + i) for i in range(3)]
@@ -75,6 +76,8 @@ def test_n_choices_sample_with_seed_plus_i(oai: openai.OpenAI, model: str, singl
     assert r.usage.prompt_tokens == len(expected[0].prompt_token_ids)  # the prompt once, every choice's output
     assert r.usage.completion_tokens == sum(len(e.token_ids) for e in expected)
     assert isinstance(r.timings, list) and len(r.timings) == 3 and len({t["request_id"] for t in r.timings}) == 3
+    for t in r.timings:  # every choice ran to its end: none is recorded as cancelled (they were, once read)
+        assert httpx.get(f"{served.http}/v1/requests/{t['request_id']}/timings", timeout=10).json()["outcome"] == "ok"
 
     texts: dict[int, str] = defaultdict(str)
     usage = None
