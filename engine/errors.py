@@ -28,6 +28,12 @@ class ContextLengthExceededError(InvalidRequestError):
     """Prompt plus requested output does not fit the model's context window."""
 
 
+class ModelNotFoundError(InvalidRequestError):
+    """A request names a model this deployment does not serve (404, as OpenAI's API answers)."""
+
+    status = "NOT_FOUND"
+
+
 class CheckpointError(EngineError):
     """A checkpoint folder does not fit the model: `key` names the file, config key or tensor."""
 

@@ -59,7 +59,7 @@ from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1  # sent with 429 / 503: the condition is a worker's, and passes
-ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
 class HTTPError(Exception):

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from splitserve.engine.block_pool import block_hashes
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.errors import InvalidRequestError, ModelNotFoundError
 from splitserve.engine.prompt import check_fits, check_token_ids, encode_prompt
 from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
@@ -211,7 +211,7 @@ class Orchestrator:
     # ---- the request ---------------------------------------------------------------------
     def validate(self, inp: GenerateInput) -> list[int]:
         if inp.model and inp.model != self.model_name:
-            raise InvalidRequestError("model", f"{inp.model!r} is not served here; this cluster serves {self.model_name!r}")
+            raise ModelNotFoundError("model", f"{inp.model!r} is not served here; this cluster serves {self.model_name!r}")
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             value = getattr(inp, name)
             if value is not None and not value > 0:

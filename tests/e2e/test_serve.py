@@ -15,7 +15,7 @@ import pytest
 
 from splitserve.engine import LLM, SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
-from splitserve.proto.client import AsyncClient, Client, InvalidArgumentError
+from splitserve.proto.client import AsyncClient, Client, InvalidArgumentError, NotFoundError
 from splitserve.router.http_api import render_chat
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "def step(self):", "Prefill reads the whole prompt at once and"]
@@ -106,13 +106,20 @@ def _post(served, path: str, body: bytes, headers: dict | None = None) -> tuple[
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature"),
-    ({"prompt": "hi", "model": "gpt-17"}, "model"),
     ({"prompt": 42}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
 ])
 def test_bad_input_is_400_naming_the_field(served, body: dict, field: str) -> None:
     status, err = _post(served, "/v1/completions", json.dumps(body).encode())
     assert status == 400 and err["error"]["param"] == field and field in err["error"]["message"]
+
+
+def test_an_unknown_model_is_404_naming_it(served) -> None:
+    """As OpenAI's API answers (its client raises NotFoundError); over gRPC NOT_FOUND."""
+    status, err = _post(served, "/v1/completions", json.dumps({"prompt": "hi", "model": "gpt-17"}).encode())
+    assert status == 404 and err["error"]["param"] == "model" and "gpt-17" in err["error"]["message"]
+    with Client(served.grpc) as c, pytest.raises(NotFoundError, match="model"):
+        c.generate("hello", model="nope")
 
 
 def test_malformed_json_and_bad_chat_messages(served) -> None:
@@ -124,7 +131,7 @@ def test_malformed_json_and_bad_chat_messages(served) -> None:
 
 def test_bad_input_over_grpc_is_invalid_argument(served) -> None:
     with Client(served.grpc) as c:
-        for kwargs, field in [({"max_tokens": 5000}, "max_tokens"), ({"model": "nope"}, "model"), ({"top_p": 2.0}, "top_p")]:
+        for kwargs, field in [({"max_tokens": 5000}, "max_tokens"), ({"top_p": 2.0}, "top_p")]:
             with pytest.raises(InvalidArgumentError, match=field):
                 c.generate("hello", **kwargs)
         with pytest.raises(InvalidArgumentError, match="prompt"):
