@@ -292,7 +292,7 @@ class OpenAIFrontend:
             async for k, c in merged:
                 ch = choices[k]
                 first, ch.started = not ch.started, True
-                usage = Usage.of(c.usage) if c.finished and not plan.include_usage else None
+                usage = None  # only in the closing usage chunk, and only when asked (stream_options.include_usage), as OpenAI
                 if chat:
                     logprobs = self._chat_logprobs(c.token_ids, c.logprobs, _tops(c)) if plan.logprobs else None
                     delta = ChatDelta(role="assistant" if first else None, content=c.text)

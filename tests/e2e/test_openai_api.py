@@ -88,6 +88,9 @@ def test_n_choices_sample_with_seed_plus_i(oai: openai.OpenAI, model: str, singl
         usage = chunk.usage or usage
     assert [texts[i] for i in range(3)] == [e.text for e in expected]
     assert usage.completion_tokens == r.usage.completion_tokens and usage.prompt_tokens == r.usage.prompt_tokens
+    # unasked, no chunk carries usage (it came once per choice: clients that add chunk usages counted the prompt n times)
+    plain = list(oai.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=1.0, seed=5, n=3, stream=True))
+    assert len(plain) > 3 and all(chunk.usage is None for chunk in plain)
 
 
 def test_a_list_of_prompts_times_n(oai: openai.OpenAI, model: str, single: LLM) -> None:
