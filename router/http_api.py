@@ -222,8 +222,12 @@ class OpenAIFrontend:
         body.check_supported()
         if not self.chat_template:
             raise InvalidRequestError("messages", "this model has no chat template (tokenizer_config.json has none); use /v1/completions")
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-        ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **self.special), add_special_tokens=False)
+        messages = [m.for_template() for m in body.messages]
+        variables = body.chat_template_kwargs or {}
+        taken = sorted(set(variables) & {"messages", "add_generation_prompt", "raise_exception", *self.special})
+        if taken:
+            raise InvalidRequestError("chat_template_kwargs", f"may not set {taken[0]!r}: the server sets it")
+        ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **variables, **self.special), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # as OpenAI's chat: until the model stops or the context is full (completions keep 16)
             max_tokens = max(1, self.orch.max_model_len - len(ids))

@@ -163,11 +163,20 @@ class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Annotated[Text | list[TextPart] | None, _one_of("a string or a list of text parts")]
     name: Text | None = None
+    tool_call_id: Text | None = None  # a tool message's; templates that know tools render it
+
+    def for_template(self) -> dict[str, Any]:
+        extra = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v}
+        return {"role": self.role, "content": self.text(), **extra}
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class ResponseFormat(_Body):
+    type: Literal["text"]  # JSON modes and schemas are not supported: refused by name
 
 
 class ChatCompletionRequest(_Sampling):
@@ -176,6 +185,14 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
+    # Fields clients send with their defaults, accepted where they ask for nothing this server
+    # does not do: plain text, no tool calls, nothing stored; `metadata` is the client's own.
+    response_format: ResponseFormat | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    store: Literal[False] | None = None
+    metadata: dict[Text, Text] | None = None
+    chat_template_kwargs: dict[Text, Any] | None = None  # vLLM's: more variables for the chat template (e.g. enable_thinking)
 
     def check_supported(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:

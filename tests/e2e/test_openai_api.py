@@ -140,7 +140,7 @@ def test_penalties_min_tokens_and_logit_bias(oai: openai.OpenAI, model: str, sin
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format.type"),  # {"type": "text"} is accepted
 ])
 def test_unsupported_or_bad_fields_are_400_naming_them(oai: openai.OpenAI, model: str, endpoint: str, kwargs: dict, field: str) -> None:
     with pytest.raises(openai.BadRequestError) as e:
@@ -185,3 +185,21 @@ def test_chat_without_max_tokens_runs_until_the_model_stops(oai: openai.OpenAI, 
     r = oai.chat.completions.create(model=model, messages=MESSAGES, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want.text, "stop")
     assert r.usage.completion_tokens == len(want.token_ids) > 16
+
+
+def test_fields_clients_send_with_their_defaults_are_accepted(oai: openai.OpenAI, model: str, served) -> None:
+    """Plain text, no tool calls, nothing stored, the client's metadata, a tool message's id and
+    vLLM's chat_template_kwargs ask for nothing this server does not do: answered like the plain
+    request. What they would ask beyond that stays refused by name."""
+    plain = oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0).choices[0].message.content
+    extra = dict(response_format={"type": "text"}, tool_choice="none", parallel_tool_calls=False, store=False, metadata={"team": "a"},
+                 extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    r = oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0, **extra)
+    assert r.choices[0].message.content == plain
+    turns = [*MESSAGES, {"role": "assistant", "content": "Splitting prefill from decode."}, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
+    assert oai.chat.completions.create(model=model, messages=turns, max_tokens=3, temperature=0).choices[0].finish_reason == "length"
+    for kwargs, field in [({"tool_choice": "auto"}, "tool_choice"), ({"store": True}, "store"),
+                          ({"extra_body": {"chat_template_kwargs": {"messages": []}}}, "chat_template_kwargs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, **kwargs)
+        assert e.value.body["param"] == field, e.value.body
