@@ -28,11 +28,13 @@ def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: Prompt) -> list
 
 def check_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     """The prompt, and the prompt plus `max_tokens`, must fit the model's context."""
+    # worded as OpenAI's and vLLM's ("maximum context length"), which clients look for to fall back
     if num_prompt_tokens >= max_model_len:
-        raise ContextLengthExceededError("prompt", f"has {num_prompt_tokens} tokens; the model's context is {max_model_len}")
+        raise ContextLengthExceededError("prompt", f"has {num_prompt_tokens} tokens; this model's maximum context length is {max_model_len} tokens")
     if num_prompt_tokens + max_tokens > max_model_len:
         raise ContextLengthExceededError(
-            "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {max_model_len}"
+            "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds this model's maximum context length of "
+            f"{max_model_len} tokens"
         )
 
 

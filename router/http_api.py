@@ -141,12 +141,16 @@ class JSONBodyRoute(APIRoute):
         return route
 
 
-def validation_error(exc: RequestValidationError) -> JSONResponse:
+def validation_error(exc: RequestValidationError, content_type: str = "application/json") -> JSONResponse:
     err = exc.errors()[0]
     if err.get("type") == "json_invalid":
         return error_response("INVALID_ARGUMENT", f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
     loc = tuple(err.get("loc", ()))
     if loc in ((), ("body",)):
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):  # not read as JSON at all (curl -d sends a form type)
+            got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+            return error_response("INVALID_ARGUMENT", f"the body must be JSON, sent with 'Content-Type: application/json' ({got})")
         return error_response("INVALID_ARGUMENT", f"the body must be a JSON object: {err['msg']}")
     param = _param(loc)
     message = "is not a field of this request (unknown fields are refused, not ignored)" if err["type"] == "extra_forbidden" else err["msg"]
@@ -451,7 +455,7 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return validation_error(e)
+        return validation_error(e, request.headers.get("content-type", ""))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_starlette_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

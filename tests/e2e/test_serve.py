@@ -125,6 +125,10 @@ def test_an_unknown_model_is_404_naming_it(served) -> None:
 def test_malformed_json_and_bad_chat_messages(served) -> None:
     status, err = _post(served, "/v1/completions", b"{not json")
     assert status == 400 and "malformed JSON" in err["error"]["message"]
+    body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    status, err = _post(served, "/v1/completions", body, {"Content-Type": "application/x-www-form-urlencoded"})  # what curl -d sends
+    assert status == 400 and "Content-Type: application/json" in err["error"]["message"], err
+    assert _post(served, "/v1/completions", body, {"Content-Type": "application/json; charset=utf-8"})[0] == 200
     status, err = _post(served, "/v1/chat/completions", json.dumps({"messages": [{"role": "user"}]}).encode())
     assert status == 400 and err["error"]["param"] == "messages[0].content"
 
