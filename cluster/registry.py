@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import redis
 
-from splitserve.cluster.worker_record import WorkerRecord  # noqa: F401 (also imported from here)
+from splitserve.cluster.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
 

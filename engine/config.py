@@ -77,7 +77,9 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> "ModelConfig":
         arch = _architecture(raw)
         defaults = ARCH_DEFAULTS[arch]
-        get = lambda key, default=None: raw[key] if key in raw else defaults.get(key, default)  # noqa: E731
+
+        def get(key: str) -> Any:  # the key's value, or transformers' default for this architecture
+            return raw[key] if key in raw else defaults.get(key)
 
         def need(key: str) -> Any:
             if key not in raw:

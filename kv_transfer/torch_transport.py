@@ -20,6 +20,7 @@ by NCCL's default error handling, the decode worker's process, which its control
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -114,17 +115,14 @@ class _Pair:
         header lands while the payload's bytes stream (every payload is followed by one)."""
         if not t.is_contiguous():
             raise ValueError("receive buffer must be contiguous")
-        if self._stream is None:
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # what was written into `t` before lands first
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             work = self.data.recv([t.view(torch.uint8).view(-1)], self.peer, 0)
             self._next_header = self._post_header_recv()
-            work.wait()
-            return
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # what was written into `t` before lands first
-        with torch.cuda.stream(self._stream):
-            work = self.data.recv([t.view(torch.uint8).view(-1)], self.peer, 0)
-            self._next_header = self._post_header_recv()
-            work.wait()  # NCCL: makes the pair's stream wait, not this thread
-        self._stream.synchronize()
+            work.wait()  # gloo: until the bytes are in; NCCL: makes the pair's stream wait, not this thread
+        if self._stream is not None:
+            self._stream.synchronize()
 
 
 class TorchKVServer:

@@ -126,11 +126,15 @@ class Ring:
         """Start sending `tensors` to the next rank and receiving same-kind tensors of
         `shapes` from the previous one; returns (received, wait) — call wait() before use."""
         recv = [torch.empty(s, dtype=dt, device=t.device) for s, dt, t in zip(shapes, dtypes, tensors)]
-        sends = lambda: [self.pg.send([t.contiguous()], self.next, i) for i, t in enumerate(tensors)]  # noqa: E731
-        recvs = lambda: [self.pg.recv([r], self.prev, i) for i, r in enumerate(recv)]  # noqa: E731
-        # with two ranks the next is the previous: one pair, in which the order matters
-        works = recvs() + sends() if receives_first(self.rank, self.next) else sends() + recvs()
+        works = self.exchange(self.next, [t.contiguous() for t in tensors], self.prev, recv, tags=range(len(tensors)))
         return recv, lambda: [w.wait() for w in works]
+
+    def exchange(self, to: int, sends: Sequence[torch.Tensor], frm: int, recvs: Sequence[torch.Tensor], tags: Sequence[int]) -> list:
+        """Post sends[i] to rank `to` and receives[i] from rank `frm` (tag tags[i]) in the order
+        NCCL needs (receives_first; with two ranks, or frm == to, it is one pair); returns the works."""
+        out = [(self.pg.send, t, to, tag) for t, tag in zip(sends, tags)]
+        back = [(self.pg.recv, t, frm, tag) for t, tag in zip(recvs, tags)]
+        return [post([t], peer, tag) for post, t, peer, tag in (back + out if receives_first(self.rank, to) else out + back)]
 
 
 def ring_pass_kv(ring: Ring, q, k, v, q_pos, k_pos, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,10 +179,7 @@ def ring_pass_q(ring: Ring, q, k, v, q_pos, k_pos, scale: float) -> tuple[torch.
         o, l = partial[other]
         ro = torch.empty(q.shape[0], *q.shape[1:], dtype=torch.float32, device=q.device)
         rl = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
-        sends = [(ring.pg.send, o.contiguous(), 100), (ring.pg.send, l.contiguous(), 101)]
-        recvs = [(ring.pg.recv, ro, 100), (ring.pg.recv, rl, 101)]
-        for op, t, tag in (recvs + sends if receives_first(ring.rank, other) else sends + recvs):
-            works.append(op([t], other, tag))
+        works += ring.exchange(other, [o.contiguous(), l.contiguous()], other, [ro, rl], tags=(100, 101))
         received.append((ro, rl))
     for w in works:
         w.wait()

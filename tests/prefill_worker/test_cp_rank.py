@@ -59,3 +59,21 @@ def test_an_idle_group_stays_whole_while_rank_0_keeps_it_alive(llama_dir: Path, 
     finally:
         group.close()
     assert follower.wait(30) == 0 if survives else follower.returncode not in (0, None)  # it left in step, or had left
+
+
+def test_a_rank_lost_while_idle_marks_the_group_broken_at_the_next_keep_alive(llama_dir: Path) -> None:
+    """The keep-alive also finds a follower that died between jobs: the group says it is broken
+    (the next request is refused UNAVAILABLE at once, and the controller replaces the group)."""
+    import time
+
+    from splitserve.prefill_worker.cp import start_group
+
+    group = start_group(str(llama_dir), world=2, block_size=16, worker_id="lost", dtype="float32", keepalive_s=0.5)
+    try:
+        group.followers[0].kill()
+        end = time.monotonic() + 30
+        while group.broken is None and time.monotonic() < end:
+            time.sleep(0.1)
+        assert group.broken is not None and "lost a rank while idle" in group.broken
+    finally:
+        group.close()
