@@ -116,6 +116,11 @@ class LLMEngine:
         # called as on_layer_done(layer, scheduled) once a step's KV for `layer` is written
         self.on_layer_done: Callable[[int, list[ScheduledRequest]], None] | None = None
         logger.info("engine ready: %d KV blocks of %d tokens", num_blocks, config.block_size)
+        if num_blocks * config.block_size < self.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than the model's context of %d: a request needing more is refused (400 naming "
+                "max_tokens or prompt), and chat without max_tokens stops at %d tokens; raise the KV cache memory or lower max_model_len",
+                num_blocks * config.block_size, self.max_model_len, num_blocks * config.block_size)
 
     def _blocks_for_budget(self) -> int:
         per_block = ModelRunner.block_bytes(self.model_config, self.config.block_size, self.dtype)

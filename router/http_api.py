@@ -234,7 +234,7 @@ class OpenAIFrontend:
         ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **variables, **self.special), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # as OpenAI's chat: until the model stops or the context is full (completions keep 16)
-            max_tokens = max(1, self.orch.max_model_len - len(ids))
+            max_tokens = max(1, self.orch.context_limit() - len(ids))
         fields = chat_fields(body)
         with _renamed(fields):
             params = body.sampling_params(max_tokens, body.top_logprobs or 0)
@@ -491,7 +491,7 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
 
     @app.get("/v1/models", dependencies=keyed, response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[Model(id=orch.model_name, created=frontend.started)])
+        return ModelList(data=[Model(id=orch.model_name, created=frontend.started, max_model_len=orch.context_limit())])
 
     @app.get("/v1/requests/{request_id}/timings", dependencies=keyed)
     async def timings(request_id: str) -> dict:

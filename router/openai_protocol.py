@@ -313,6 +313,7 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "splitserve"
+    max_model_len: int  # vLLM's field: the longest prompt + output the cluster can take now
 
 
 class ModelList(BaseModel):

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from splitserve.engine.block_pool import block_hashes
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import InvalidRequestError, ModelNotFoundError
+from splitserve.engine.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from splitserve.engine.prompt import check_fits, check_token_ids, encode_prompt
 from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
@@ -208,6 +208,16 @@ class Orchestrator:
         self._legs: dict[str, _Legs] = {}
         self._timings: OrderedDict[str, Timings] = OrderedDict()
 
+    def _kv_tokens(self) -> list[int]:
+        """How many tokens each ready decode worker's KV cache holds, as last reported."""
+        return [w.total_blocks * self.block_size for w in self.view.snapshot().decode if w.total_blocks > 0]
+
+    def context_limit(self) -> int:
+        """The most tokens (prompt + output) any decode worker can take: the model's context, or
+        fewer when the smallest ready decode worker's KV cache holds fewer. Chat's default length
+        runs to this, not past it."""
+        return min([self.max_model_len, *self._kv_tokens()])
+
     # ---- the request ---------------------------------------------------------------------
     def validate(self, inp: GenerateInput) -> list[int]:
         if inp.model and inp.model != self.model_name:
@@ -218,6 +228,11 @@ class Orchestrator:
                 raise InvalidRequestError(name, f"must be > 0 milliseconds, got {value}")
         ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, inp.prompt)
         check_fits(len(ids), inp.params.max_tokens, self.max_model_len)
+        held = self._kv_tokens()
+        if held and len(ids) + inp.params.max_tokens > max(held):  # no decode worker could take it: say so here, naming the field
+            raise ContextLengthExceededError(
+                "max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({inp.params.max_tokens}) exceeds the KV cache of the largest decode "
+                f"worker ({max(held)} tokens); this model's maximum context length is {self.max_model_len} tokens, this cluster's {max(held)}")
         check_token_ids(inp.params, self.model_config.vocab_size)
         return ids
 

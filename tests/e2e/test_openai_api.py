@@ -187,6 +187,23 @@ def test_chat_without_max_tokens_runs_until_the_model_stops(oai: openai.OpenAI, 
     assert r.usage.completion_tokens == len(want.token_ids) > 16
 
 
+def test_chat_without_max_tokens_stops_where_the_kv_cache_is_full(make_cluster, tok: Tokenizer) -> None:
+    """A decode worker whose KV cache holds fewer tokens than the model's context (640 of
+    4,096 here): chat without max_tokens runs until that cache is full instead of being refused
+    for a length the client never asked for; one that asks for more is refused naming max_tokens."""
+    c = make_cluster().start(("prefill", []), ("decode", ["--num-kv-blocks", "40"]))
+    client = openai.OpenAI(base_url=c.http + "/v1", api_key="unused", timeout=120, max_retries=0)
+    card = client.models.list().data[0]
+    model = card.id
+    assert card.max_model_len == 640  # vLLM's field, at what the cluster can take
+    ids = tok.encode(render_chat(tok.config["chat_template"], MESSAGES, bos_token="<s>", eos_token="</s>"), add_special_tokens=False)
+    r = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True})
+    assert (r.choices[0].finish_reason, r.usage.prompt_tokens, r.usage.completion_tokens) == ("length", len(ids), 40 * 16 - len(ids))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1000)
+    assert e.value.body["param"] == "max_tokens" and "largest decode worker (640 tokens)" in e.value.body["message"], e.value.body
+
+
 def test_fields_clients_send_with_their_defaults_are_accepted(oai: openai.OpenAI, model: str, served) -> None:
     """Plain text, no tool calls, nothing stored, the client's metadata, a tool message's id and
     vLLM's chat_template_kwargs ask for nothing this server does not do: answered like the plain

@@ -24,6 +24,20 @@ def llm(llama_dir: Path) -> LLM:
     return LLM(str(llama_dir), dtype="float32", max_model_len=256)
 
 
+def test_a_kv_cache_smaller_than_the_context_is_said_at_start(llama_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Requests past the cache are refused later; the operator hears why when the engine starts."""
+    with caplog.at_level("WARNING", logger="splitserve.engine.engine"):
+        small = LLM(str(llama_dir), dtype="float32", max_model_len=256, num_kv_blocks=4)
+    assert "holds 64 tokens, fewer than the model's context of 256" in caplog.text
+    with pytest.raises(ContextLengthExceededError) as e:
+        small.generate([[5] * 60], SamplingParams(max_tokens=10))
+    assert e.value.field == "max_tokens" and "KV cache of 64 tokens" in str(e.value)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="splitserve.engine.engine"):
+        LLM(str(llama_dir), dtype="float32", max_model_len=256, num_kv_blocks=16)
+    assert "fewer than the model's context" not in caplog.text
+
+
 def test_empty_prompt(llm: LLM) -> None:
     for empty in ("", []):
         with pytest.raises(InvalidRequestError) as e:
