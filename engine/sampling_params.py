@@ -24,13 +24,16 @@ FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: a top_p be
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+# A temperature below this samples greedily, as vLLM's: logits divided by a smaller one can
+# overflow float32 (1e-40 made every draw token 0), and what it would sample is the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is sampled and when it stops.
 
-    temperature == 0 means greedy. top_k == 0 and top_p == 1.0 disable those filters. A seed
+    temperature == 0 (or below GREEDY_TEMPERATURE) means greedy. top_k == 0 and top_p == 1.0 disable those filters. A seed
     makes the request's samples reproducible whatever its batch mates, chunking or placement:
     the random draw for output position i depends only on (seed, i).
     """
@@ -108,7 +111,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _require_number(name: str, value: object, low: float, high: float) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from splitserve.engine import LLM, SamplingParams
 from splitserve.engine.sampler import SampleRow, sample
+from splitserve.engine.sampling_params import FLOAT32_TINY
 
 PROMPT = [5, 17, 300, 42, 8, 99, 123]
 
@@ -34,6 +35,15 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm: LLM) -> None:
     k1 = llm.generate([PROMPT], SamplingParams(temperature=2.0, top_k=1, seed=1, max_tokens=16, ignore_eos=True))[0].token_ids
     p0 = llm.generate([PROMPT], SamplingParams(temperature=2.0, top_p=1e-6, seed=1, max_tokens=16, ignore_eos=True))[0].token_ids
     assert k1 == greedy and p0 == greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-40, FLOAT32_TINY, 1e-30, 1e-6])
+def test_a_vanishing_temperature_is_greedy(llm: LLM, temperature: float) -> None:
+    """Logits divided by 1e-40 overflow float32: every draw was token 0. Below vLLM's 1e-5 the
+    request samples the most likely token, as temperature 0 does."""
+    greedy = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].token_ids
+    tiny = llm.generate([PROMPT], SamplingParams(temperature=temperature, seed=3, max_tokens=16, ignore_eos=True))[0].token_ids
+    assert tiny == greedy
 
 
 def test_sampler_respects_top_k_support() -> None:
