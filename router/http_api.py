@@ -34,7 +34,8 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve.engine.errors import EngineError, InvalidRequestError
-from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
+from splitserve.engine.prompt import encode_prompt
+from splitserve.engine.sampling_params import INT64_MIN, SamplingParams, TopLogprobs
 from splitserve.proto.status import STATUSES, StatusError, http_status, status_of
 from splitserve.router.openai_protocol import (
     ChatChoice,
@@ -196,6 +197,11 @@ class _Choice:
             self.timings = c.timings.to_dict() if c.timings else None
 
 
+def _int64(n: int) -> int:
+    """`n` wrapped into int64, as the seed of choice i (seed + i) must be at the top of the range."""
+    return (n - INT64_MIN) % 2**64 + INT64_MIN
+
+
 def _tops(c: Chunk) -> list[TopLogprobs]:
     """The chunk's most likely alternatives per token (empty when none were asked for)."""
     return c.top_logprobs if len(c.top_logprobs) == len(c.token_ids) else [[] for _ in c.token_ids]
@@ -219,7 +225,9 @@ class OpenAIFrontend:
             params = body.sampling_params(body.max_tokens, body.logprobs or 0)
         prompts = body.prompts()
         tok = self.orch.tokenizer
-        echo = [p if isinstance(p, str) else tok.decode(list(p), body.skip_special_tokens) for p in prompts] if body.echo else [""] * len(prompts)
+        # ids are checked before they are decoded (the tokenizer overflows on ids outside u32)
+        echo = [p if isinstance(p, str) else tok.decode(encode_prompt(tok, self.orch.model_config.vocab_size, p), body.skip_special_tokens)
+                for p in prompts] if body.echo else [""] * len(prompts)
         return self._plan("completion", body, prompts, params, body.logprobs is not None, echo, fields)
 
     def chat_plan(self, body: ChatCompletionRequest) -> _Plan:
@@ -248,7 +256,7 @@ class OpenAIFrontend:
         for p, prompt in enumerate(prompts):
             for i in range(n):
                 with _renamed(fields):  # choice i samples with seed + i: n choices, not n copies of one
-                    choice = params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
+                    choice = params if i == 0 or params.seed is None else replace(params, seed=_int64(params.seed + i))
                 inputs.append(GenerateInput(prompt, choice, request_id=f"{rid}-{p * n + i}" if many else rid, model=body.model or "", kind=kind,
                                             slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms))
         options = body.stream_options

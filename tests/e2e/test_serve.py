@@ -108,6 +108,8 @@ def _post(served, path: str, body: bytes, headers: dict | None = None) -> tuple[
     ({"prompt": "hi", "temperature": "hot"}, "temperature"),
     ({"prompt": 42}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
+    ({"prompt": [-1], "echo": True}, "prompt"),  # echo decodes the ids: they are checked first (was 500)
+    ({"prompt": [[5, 6], [2**32]], "echo": True}, "prompt"),
 ])
 def test_bad_input_is_400_naming_the_field(served, body: dict, field: str) -> None:
     status, err = _post(served, "/v1/completions", json.dumps(body).encode())
