@@ -197,6 +197,12 @@ class _Choice:
             self.timings = c.timings.to_dict() if c.timings else None
 
 
+async def _client_left(request: Request) -> None:
+    """Returns when the client has closed its connection (its body was read before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)  # not expected after the body; never a busy loop
+
+
 def _int64(n: int) -> int:
     """`n` wrapped into int64, as the seed of choice i (seed + i) must be at the top of the range."""
     return (n - INT64_MIN) % 2**64 + INT64_MIN
@@ -263,13 +269,24 @@ class OpenAIFrontend:
         return _Plan(kind, rid, inputs, n, logprobs, echo, fields, bool(options and options.include_usage))
 
     # ---- responses -----------------------------------------------------------------------
-    async def respond(self, plan: _Plan, stream: bool) -> Response:
+    async def respond(self, plan: _Plan, stream: bool, request: Request) -> Response:
         with _renamed(plan.fields):
             streams = self.orch.generate_many(plan.inputs)  # validation errors raise here, before any byte is sent
         merged = _merged(streams, [inp.request_id for inp in plan.inputs], self.orch.discard)
         created = int(time.time())
-        if not stream:
-            return JSONResponse((await self._collect(plan, merged, created)).model_dump(exclude_none=False))
+        if not stream:  # a stream ends when its client leaves (Starlette watches); a whole answer is watched here
+            collect = asyncio.ensure_future(self._collect(plan, merged, created))
+            left = asyncio.ensure_future(_client_left(request))
+            try:
+                await asyncio.wait((collect, left), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                left.cancel()
+                if not collect.done():  # the client left (or the server stops): closing the choices aborts their legs
+                    collect.cancel()
+                    await asyncio.gather(collect, return_exceptions=True)
+            if collect.cancelled():
+                return Response(status_code=499)  # nobody reads it
+            return JSONResponse(collect.result().model_dump(exclude_none=False))
         events = self._events(plan, merged, created)
         try:
             first = await anext(events)  # a failure before the first tokens still gets its status
@@ -490,12 +507,12 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
         return response
 
     @app.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=ERRORS)
-    async def completions(body: CompletionRequest) -> Response:
-        return await frontend.respond(frontend.completion_plan(body), body.stream)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await frontend.respond(frontend.completion_plan(body), body.stream, request)
 
     @app.post("/v1/chat/completions", dependencies=keyed, response_model=ChatCompletionResponse, responses=ERRORS)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        return await frontend.respond(frontend.chat_plan(body), body.stream)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await frontend.respond(frontend.chat_plan(body), body.stream, request)
 
     @app.get("/v1/models", dependencies=keyed, response_model=ModelList)
     async def models() -> ModelList:

@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -171,6 +172,23 @@ def _idle(c: Client, timeout: float = 20.0) -> bool:
     return False
 
 
+def _cancelled(served) -> float:
+    """The router's count of requests whose client left."""
+    text = urllib.request.urlopen(served.http + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith('splitserve:requests_total{outcome="cancelled"}'))
+
+
+def _busy(c: Client, timeout: float = 20.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(w.running > 0 for w in c.status().workers):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_clients_that_leave_or_abort_free_both_legs(served) -> None:
     import socket
     import threading
@@ -198,6 +216,18 @@ def test_clients_that_leave_or_abort_free_both_legs(served) -> None:
             received += chunk
         sock.close()
         assert _idle(c), "the decode leg kept running after the HTTP client left"
+
+        # 2b. an HTTP client waiting for a whole answer (n = 4) that gives up: it ran to the end
+        #     (minutes here), holding its slots of the router's concurrency cap
+        sock = socket.create_connection((u.hostname, u.port), timeout=30)
+        body = json.dumps({"prompt": "give up", "n": 4, **long}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert _busy(c), "the request never started"
+        before = _cancelled(served)
+        sock.close()
+        assert _idle(c), "the legs kept running after the HTTP client of a whole answer left"
+        assert _cancelled(served) == before + 4  # each choice ended as cancelled, not run to its end
 
         # 3. an explicit Abort from another client
         errors: list[BaseException] = []
