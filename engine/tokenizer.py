@@ -16,6 +16,9 @@ from tokenizers.decoders import DecodeStream
 
 from splitserve.engine.errors import CheckpointError
 
+# Text longer than this takes milliseconds to seconds to encode (a few MB: seconds): the router
+# encodes it on a worker thread, and the tokenizer then lets the event loop's thread run.
+LONG_TEXT_CHARS = 16_384
 
 class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
@@ -52,6 +55,8 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:  # the batch call lets other threads run meanwhile (encode holds the GIL throughout)
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -95,6 +95,7 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
             if len(request.request_id) > MAX_REQUEST_ID_CHARS:
                 raise InvalidRequestError("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request.request_id)}")
             slos = {f: getattr(request, f) for f in ("slo_ttft_ms", "slo_tpot_ms") if request.HasField(f)}
+            prompt = await self.orch.encoded(prompt)
             stream = self.orch.generate(GenerateInput(prompt, params_from_public(request.params), request.request_id, request.model, **slos))
         except Exception as e:
             failed, stream = e, None

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from splitserve.engine.errors import EngineError, InvalidRequestError
 from splitserve.engine.prompt import encode_prompt
 from splitserve.engine.sampling_params import INT64_MIN, SamplingParams, TopLogprobs
+from splitserve.engine.tokenizer import LONG_TEXT_CHARS
 from splitserve.proto.status import STATUSES, StatusError, http_status, status_of
 from splitserve.router.openai_protocol import (
     ChatChoice,
@@ -60,6 +61,7 @@ from splitserve.router.orchestrator import Chunk, GenerateInput, Orchestrator
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1  # sent with 429 / 503: the condition is a worker's, and passes
+LONG_CHAT_MESSAGES = 256  # more messages than this are rendered off the event loop (as long text is)
 ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
@@ -224,7 +226,7 @@ class OpenAIFrontend:
         self._token_text: dict[int, str] = {}  # at most the vocabulary
 
     # ---- requests ------------------------------------------------------------------------
-    def completion_plan(self, body: CompletionRequest) -> _Plan:
+    async def completion_plan(self, body: CompletionRequest) -> _Plan:
         body.check_supported()
         fields = {"top_logprobs": "logprobs"}
         with _renamed(fields):
@@ -234,9 +236,10 @@ class OpenAIFrontend:
         # ids are checked before they are decoded (the tokenizer overflows on ids outside u32)
         echo = [p if isinstance(p, str) else tok.decode(encode_prompt(tok, self.orch.model_config.vocab_size, p), body.skip_special_tokens)
                 for p in prompts] if body.echo else [""] * len(prompts)
+        prompts = [await self.orch.encoded(p) for p in prompts]
         return self._plan("completion", body, prompts, params, body.logprobs is not None, echo, fields)
 
-    def chat_plan(self, body: ChatCompletionRequest) -> _Plan:
+    async def chat_plan(self, body: ChatCompletionRequest) -> _Plan:
         body.check_supported()
         if not self.chat_template:
             raise InvalidRequestError("messages", "this model has no chat template (tokenizer_config.json has none); use /v1/completions")
@@ -245,7 +248,12 @@ class OpenAIFrontend:
         taken = sorted(set(variables) & {"messages", "add_generation_prompt", "raise_exception", *self.special})
         if taken:
             raise InvalidRequestError("chat_template_kwargs", f"may not set {taken[0]!r}: the server sets it")
-        ids = self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **variables, **self.special), add_special_tokens=False)
+        def encode() -> list[int]:
+            return self.orch.tokenizer.encode(render_chat(self.chat_template, messages, **variables, **self.special), add_special_tokens=False)
+
+        # a long conversation takes seconds to render and encode: on a worker thread, not the event loop's
+        long = len(messages) > LONG_CHAT_MESSAGES or sum(len(m["content"]) for m in messages) > LONG_TEXT_CHARS
+        ids = await asyncio.to_thread(encode) if long else encode()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # as OpenAI's chat: until the model stops or the context is full (completions keep 16)
             max_tokens = max(1, self.orch.context_limit() - len(ids))
@@ -508,11 +516,11 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await frontend.respond(frontend.completion_plan(body), body.stream, request)
+        return await frontend.respond(await frontend.completion_plan(body), body.stream, request)
 
     @app.post("/v1/chat/completions", dependencies=keyed, response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await frontend.respond(frontend.chat_plan(body), body.stream, request)
+        return await frontend.respond(await frontend.chat_plan(body), body.stream, request)
 
     @app.get("/v1/models", dependencies=keyed, response_model=ModelList)
     async def models() -> ModelList:

@@ -28,7 +28,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from splitserve.engine.prompt import check_fits, check_token_ids, encode_prompt
 from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
-from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, cut_at_stop_string
+from splitserve.engine.tokenizer import LONG_TEXT_CHARS, IncrementalDetokenizer, Tokenizer, cut_at_stop_string
 from splitserve.proto.convert import params_to_proto, top_from_proto
 from splitserve.proto.status import StatusError, status_of
 from splitserve.router.cluster_view import ClusterView
@@ -217,6 +217,14 @@ class Orchestrator:
         fewer when the smallest ready decode worker's KV cache holds fewer. Chat's default length
         runs to this, not past it."""
         return min([self.max_model_len, *self._kv_tokens()])
+
+    async def encoded(self, prompt: str | list[int]) -> str | list[int]:
+        """A long text prompt as its token ids, encoded on a worker thread: the tokenizer takes
+        seconds over a few MB, which on the event loop would stall every other request and the
+        health checks meanwhile. Other prompts are returned as they are, for `validate`."""
+        if isinstance(prompt, str) and len(prompt) > LONG_TEXT_CHARS:
+            return await asyncio.to_thread(encode_prompt, self.tokenizer, self.model_config.vocab_size, prompt)
+        return prompt
 
     # ---- the request ---------------------------------------------------------------------
     def validate(self, inp: GenerateInput) -> list[int]:
