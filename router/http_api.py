@@ -15,6 +15,7 @@ aborts its request's two legs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -274,6 +275,8 @@ class OpenAIFrontend:
                 inputs.append(GenerateInput(prompt, choice, request_id=f"{rid}-{p * n + i}" if many else rid, model=body.model or "", kind=kind,
                                             slo_ttft_ms=body.slo_ttft_ms, slo_tpot_ms=body.slo_tpot_ms))
         options = body.stream_options
+        if options is not None and not body.stream:  # as OpenAI's
+            raise InvalidRequestError("stream_options", "is only allowed when stream is true")
         return _Plan(kind, rid, inputs, n, logprobs, echo, fields, bool(options and options.include_usage))
 
     # ---- responses -----------------------------------------------------------------------
@@ -472,7 +475,10 @@ async def _sse(first: str, events: AsyncIterator[str]) -> AsyncIterator[bytes]:
 
 def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
     orch = frontend.orch
-    app = FastAPI(title="splitserve", summary="OpenAI-compatible API of a disaggregated prefill/decode cluster", version="1")
+    # no redirect of /v1/completions/ to /v1/completions: it answered 307 to whatever host the
+    # Host header named, without a body; an unknown path is a 404 in OpenAI's error shape
+    app = FastAPI(title="splitserve", summary="OpenAI-compatible API of a disaggregated prefill/decode cluster", version="1",
+                  redirect_slashes=False)
     app.router.route_class = JSONBodyRoute
 
     async def check_key(request: Request) -> None:
@@ -494,7 +500,9 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
     async def on_starlette_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         status = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}.get(e.status_code, "INVALID_ARGUMENT")
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return error_response(status, message, code=405 if e.status_code == 405 else None)
+        response = error_response(status, message, code=405 if e.status_code == 405 else None)
+        response.headers.update(e.headers or {})  # 405's Allow
+        return response
 
     async def on_error(request: Request, e: Exception) -> JSONResponse:
         if status_of(e) == "INTERNAL":
@@ -522,16 +530,29 @@ def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await frontend.respond(await frontend.chat_plan(body), body.stream, request)
 
+    def model_card() -> Model:
+        return Model(id=orch.model_name, created=frontend.started, max_model_len=orch.context_limit())
+
     @app.get("/v1/models", dependencies=keyed, response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[Model(id=orch.model_name, created=frontend.started, max_model_len=orch.context_limit())])
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model:path}", dependencies=keyed, response_model=Model, responses=ERRORS)
+    async def model(model: str) -> Model:
+        if model != orch.model_name:
+            raise HTTPError("NOT_FOUND", f"model {model!r} is not served here; this cluster serves {orch.model_name!r}", "model")
+        return model_card()
 
     @app.get("/v1/requests/{request_id}/timings", dependencies=keyed)
-    async def timings(request_id: str) -> dict:
+    async def timings(request_id: str) -> dict | list[dict]:
+        """One request's timings; for the id of a response with several choices, each choice's."""
         t = orch.timings(request_id)
-        if t is None:
+        if t is not None:
+            return t.to_dict()
+        choices = list(itertools.takewhile(lambda t: t is not None, (orch.timings(f"{request_id}-{k}") for k in itertools.count())))
+        if not choices:
             raise HTTPError("NOT_FOUND", f"no timings for request {request_id!r} (unknown, running, or too old)")
-        return t.to_dict()
+        return [t.to_dict() for t in choices]
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -86,6 +86,8 @@ def test_n_choices_sample_with_seed_plus_i(oai: openai.OpenAI, model: str, singl
     assert isinstance(r.timings, list) and len(r.timings) == 3 and len({t["request_id"] for t in r.timings}) == 3
     for t in r.timings:  # every choice ran to its end: none is recorded as cancelled (they were, once read)
         assert httpx.get(f"{served.http}/v1/requests/{t['request_id']}/timings", timeout=10).json()["outcome"] == "ok"
+    by_response = httpx.get(f"{served.http}/v1/requests/{r.id}/timings", timeout=10).json()  # the response's id: every choice's
+    assert [t["request_id"] for t in by_response] == [t["request_id"] for t in r.timings]
 
     texts: dict[int, str] = defaultdict(str)
     usage = None
@@ -141,6 +143,7 @@ def test_penalties_min_tokens_and_logit_bias(oai: openai.OpenAI, model: str, sin
     ("completions", {"logprobs": 21}, "logprobs"),
     ("completions", {"n": 0}, "n"),
     ("completions", {"n": 65}, "n"),
+    ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream, as OpenAI's
     ("completions", {"logit_bias": {"x7": 1.0}}, "logit_bias"),
     ("completions", {"logit_bias": {"7": 101.0}}, "logit_bias"),
     ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
@@ -227,3 +230,16 @@ def test_fields_clients_send_with_their_defaults_are_accepted(oai: openai.OpenAI
         with pytest.raises(openai.BadRequestError) as e:
             oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, **kwargs)
         assert e.value.body["param"] == field, e.value.body
+
+
+def test_routes_as_http_clients_expect(oai: openai.OpenAI, model: str, served) -> None:
+    """The model's own card (the client's models.retrieve), 405 with Allow, and no redirect of a
+    trailing slash (it sent a 307 to whatever host the Host header named)."""
+    assert oai.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.models.retrieve("no-such-model")
+    assert e.value.body["param"] == "model"
+    r = httpx.get(f"{served.http}/v1/completions", timeout=10)
+    assert (r.status_code, r.headers.get("allow")) == (405, "POST")
+    r = httpx.post(f"{served.http}/v1/completions/", json={"prompt": "hi"}, headers={"Host": "evil.example"}, timeout=10)
+    assert r.status_code == 404 and "location" not in r.headers and r.json()["error"]["type"]
