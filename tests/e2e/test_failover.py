@@ -6,7 +6,9 @@ decode worker prefilling it itself), over gRPC and over HTTP streaming."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -57,6 +59,35 @@ def test_grpc_stream_continues_on_another_decode_worker(make_cluster, reference,
         assert t.path == ("disaggregated" if local == 0 else "local")
     metrics = urllib.request.urlopen(c.http + "/metrics", timeout=10).read().decode()
     assert 'splitserve:request_retries_total{leg="decode_failover"}' in metrics
+    c.assert_idle()
+
+
+def test_a_hung_decode_worker_is_failed_over(make_cluster, reference) -> None:
+    """A decode worker that stops answering (SIGSTOP: its connections stay up) mid-stream: the
+    router's keepalive pings go unanswered, the stream fails UNAVAILABLE and continues on the
+    other decode worker (it waited for the request's whole deadline). Once the worker resumes,
+    nothing of the request is left on it."""
+    c = make_cluster(router={"max_retries": 2}, routing={"local_prefill_tokens": 0})
+    c.start(("prefill", []), ("decode", []), ("decode", []))
+    with c.client(timeout=120) as sdk:
+        stream = sdk.generate_stream(PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, **SAMPLING["greedy"])
+        tokens: list[int] = []
+        for chunk in stream:
+            tokens += chunk.token_ids
+            if len(tokens) >= 40:
+                break
+        victim = serving_decode_worker(c)
+        assert victim is not None
+        os.kill(victim.popen.pid, signal.SIGSTOP)
+        try:
+            rid = chunk.request_id
+            for chunk in stream:
+                tokens += chunk.token_ids
+            assert tokens == reference["greedy"], "the continued stream differs from an uninterrupted run"
+            t = sdk.timings(rid)
+            assert t.outcome == "ok" and t.retries >= 1 and t.decode_worker != victim.worker_id
+        finally:
+            os.kill(victim.popen.pid, signal.SIGCONT)
     c.assert_idle()
 
 
