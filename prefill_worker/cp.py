@@ -35,10 +35,10 @@ from splitserve.engine.loader import load_model
 from splitserve.engine.model_runner import KV_LAYOUT
 from splitserve.engine.sampler import SampleRow, sample
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.kv_transfer.errors import HandshakeError, request_status
+from splitserve.kv_transfer.errors import HandshakeError, PeerUnavailableError, request_status
 from splitserve.kv_transfer.layout import FirstToken, KVLayout, TransferDescriptor
 from splitserve.kv_transfer.wire import dtype_name
-from splitserve.prefill_worker.pushers import PusherPool
+from splitserve.prefill_worker.pushers import PusherPool, PushError
 from splitserve.prefill_worker.ring_attention import (
     LinkModel,
     Ring,
@@ -75,7 +75,12 @@ def rank_device(device: str, rank: int, world: int, gpu_per_rank: bool, gpus: in
 
 
 class CPError(StatusError):
-    """A context-parallel prefill failed; UNAVAILABLE means the group is broken."""
+    """A context-parallel prefill failed. `group_broken`: a rank is gone, the group must be
+    restarted; `receiver_lost`: the decode worker the KV went to is gone (the group is fine)."""
+
+    def __init__(self, status: str, message: str, *, group_broken: bool = False, receiver_lost: bool = False) -> None:
+        super().__init__(status, message)
+        self.group_broken, self.receiver_lost = group_broken, receiver_lost
 
 
 @dataclass
@@ -189,7 +194,15 @@ class CPRank:
         pos = positions_of(ranges).to(self.device)
         cfg = self.config
         variant = job.variant or choose_variant(n_tokens, 0, self.world, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.dtype.itemsize, self.link)
-        pusher = self.pushers.get(desc)
+        try:
+            pusher, unreachable = self.pushers.get(desc), None
+        except PushError as e:
+            pusher, unreachable = None, e
+        if self.agree(pusher is None):  # every rank fails the request together: none is left waiting in a collective
+            if pusher is not None:
+                pusher.abort(job.request_id, desc.secret, "another rank cannot reach the decode worker")
+            reason = unreachable or f"another rank cannot reach decode worker {desc.decode_worker_id}"
+            raise CPError(unreachable.status if unreachable else "UNAVAILABLE", str(reason), receiver_lost=True)
         try:
             first = self._forward(job, desc, ranges, pos, variant, pusher)
             failed = False
@@ -198,13 +211,15 @@ class CPRank:
             except Exception as e:
                 logger.warning("rank %d: pushing KV of %s failed: %s", self.rank, job.request_id, e)
                 failed = True
-            if self.agree(failed):
-                raise CPError("UNAVAILABLE", f"a rank of the context-parallel group could not deliver its KV for {job.request_id}")
+            if self.agree(failed):  # the ranks still agree: the group is fine, the transfer is not
+                raise CPError("UNAVAILABLE", f"a rank of the context-parallel group could not deliver its KV for {job.request_id}",
+                              receiver_lost=True)
             if self.rank == 0:
                 try:
                     pusher.commit(job.request_id, desc.secret, first, n_tokens).result(timeout=600)
                 except Exception as e:  # the decode side refused or lost it: the request fails, the group is fine
-                    raise CPError(request_status(e), f"KV transfer of {job.request_id} failed: {e}") from e
+                    raise CPError(request_status(e), f"KV transfer of {job.request_id} failed: {e}",
+                                  receiver_lost=isinstance(e, PeerUnavailableError)) from e
                 return first
             return None
         except CPError:
@@ -212,7 +227,8 @@ class CPRank:
             raise
         except Exception as e:  # a gloo error: a rank died; the group is broken
             pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
-            raise CPError("UNAVAILABLE", f"context-parallel group failed during {job.request_id}: {str(e).splitlines()[0][:200]}") from e
+            raise CPError("UNAVAILABLE", f"context-parallel group failed during {job.request_id}: {str(e).splitlines()[0][:200]}",
+                          group_broken=True) from e
 
     @torch.inference_mode()
     def _forward(self, job: CPJob, desc: TransferDescriptor, ranges, pos: torch.Tensor, variant: str, pusher) -> FirstToken | None:
@@ -317,12 +333,13 @@ class CPPrefillWorker:
                 try:
                     self.rank0.broadcast(job.to_json())
                 except Exception as e:  # a gloo error: a rank is gone, the group with it
-                    raise CPError("UNAVAILABLE", f"context-parallel group {self.worker_id} lost a rank: {str(e).splitlines()[0][:200]}") from e
+                    raise CPError("UNAVAILABLE", f"context-parallel group {self.worker_id} lost a rank: {str(e).splitlines()[0][:200]}",
+                                  group_broken=True) from e
                 first = self.rank0.run(job)
             except CPError as e:
-                if e.status == "UNAVAILABLE":
+                if e.group_broken:
                     self.broken = str(e)
-                raise PrefillError(e.status, str(e)) from e
+                raise PrefillError(e.status, str(e), receiver_lost=e.receiver_lost) from e
             return PrefillResult(request_id, first, 0, start - arrival, time.monotonic() - start)
         finally:
             self._current = None

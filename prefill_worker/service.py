@@ -7,7 +7,7 @@ import grpc
 from splitserve.prefill_worker.worker import PrefillWorker
 from splitserve.proto import worker_pb2, worker_pb2_grpc
 from splitserve.proto.convert import descriptor_from_proto, params_from_proto, stats_to_proto, top_to_proto
-from splitserve.proto.status import grpc_code
+from splitserve.proto.status import RECEIVER_LOST, grpc_code
 
 DEFAULT_PREFILL_TIMEOUT = 600.0
 
@@ -27,6 +27,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             )
         except Exception as e:
             done = True
+            if getattr(e, "receiver_lost", False):
+                context.set_trailing_metadata(((RECEIVER_LOST, "1"),))
             context.abort(grpc_code(e), str(e))
         done = True
         (top,) = top_to_proto([r.first.top_logprobs], worker_pb2.TopLogprobs)

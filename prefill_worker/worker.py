@@ -24,7 +24,7 @@ from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.errors import UnknownRequestError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledRequest
-from splitserve.kv_transfer.errors import HandshakeError, request_status
+from splitserve.kv_transfer.errors import HandshakeError, PeerUnavailableError, request_status
 from splitserve.kv_transfer.layout import FirstToken, KVLayout, TransferDescriptor
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.sender import KVPusher
@@ -36,7 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillError(StatusError):
-    """A prefill failed or was refused; `status` says how."""
+    """A prefill failed or was refused; `status` says how. `receiver_lost`: the decode worker
+    the KV was for is gone or unreachable, so the request's decode leg failed, not this worker."""
+
+    def __init__(self, status: str, message: str, receiver_lost: bool = False) -> None:
+        super().__init__(status, message)
+        self.receiver_lost = receiver_lost
 
 
 @dataclass
@@ -110,7 +115,7 @@ class PrefillWorker:
         try:
             return self.pushers.get(d)
         except PushError as e:
-            raise PrefillError(e.status, str(e)) from e
+            raise PrefillError(e.status, str(e), receiver_lost=isinstance(e.__cause__, PeerUnavailableError)) from e
 
     # ---- hooks on the engine loop thread -------------------------------------------------
     def _on_layer_done(self, layer: int, scheduled: list[ScheduledRequest]) -> None:
@@ -150,7 +155,8 @@ class PrefillWorker:
             return
         err = delivered.exception()
         if err is not None:
-            job.future.set_exception(PrefillError(request_status(err), f"KV transfer to {job.descriptor.decode_worker_id} failed: {err}"))
+            job.future.set_exception(PrefillError(request_status(err), f"KV transfer to {job.descriptor.decode_worker_id} failed: {err}",
+                                                  receiver_lost=isinstance(err, PeerUnavailableError)))
             return
         now = time.monotonic()
         started = job.first_scheduled or now

@@ -28,6 +28,11 @@ STATUSES: dict[str, tuple[grpc.StatusCode, int]] = {
     "DEADLINE_EXCEEDED": (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
 }
 
+# Trailing metadata of a prefill that failed because the decode worker its KV went to is gone or
+# unreachable: the router then counts it against the decode leg (retried on another decode
+# worker with the same prefill worker), not against the healthy prefill worker.
+RECEIVER_LOST = "x-splitserve-kv-receiver-lost"
+
 
 def status_of(exc: BaseException) -> str:
     name = getattr(exc, "status", "INTERNAL")

@@ -25,7 +25,7 @@ from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.proto import worker_pb2, worker_pb2_grpc
 from splitserve.proto.convert import params_to_proto, top_from_proto
 from splitserve.proto.server import OPTIONS, token_metadata
-from splitserve.proto.status import StatusError
+from splitserve.proto.status import RECEIVER_LOST, StatusError
 from splitserve.proto.tls import TLSFiles, aio_channel
 
 logger = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ async def prefill_watching(prefill: WorkerClient, stream: DecodeStream, request_
         try:
             return await result
         except grpc.aio.AioRpcError as e:
+            if any(k == RECEIVER_LOST for k, _ in e.trailing_metadata() or ()):  # the decode worker is what failed
+                raise stream.worker.error(e.code(), f"{e.details()} (reported by prefill worker {prefill.label})", "decode", "KV transfer") from None
             raise prefill.rpc_error(e, "prefill", "prefill") from None
     finally:
         if not result.done():  # we were cancelled (the client left): so is the prefill call

@@ -97,6 +97,42 @@ def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(sp
     assert reserved(decode) == 0
 
 
+def test_the_decode_worker_dying_mid_transfer_fails_the_request_not_the_group(spawn, long_model, prompt, expected, decode) -> None:
+    """The decode worker the group streams a prompt's KV to dies: the request fails on its decode
+    leg (the router retries it on another decode worker), and the group, whose ranks are all
+    well, serves the next request (it was marked broken and refused work until restarted)."""
+    import os
+    import signal
+
+    from splitserve.router.legs import LegError
+
+    group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
+    victim_proc = spawn("splitserve.decode_worker", "--model", str(long_model), "--dtype", "float32", "--transports", "grpc")
+    victim = WorkerStub(victim_proc.address)
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            run_disaggregated(group.address, victim.address, "cp-receiver-dies", prompt, GREEDY, transport="grpc", timeout=120)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=client)
+    t.start()
+    end = time.monotonic() + 60
+    while reserved(victim) == 0 and time.monotonic() < end:  # wait until the request is under way
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(victim_proc.popen.pid, signal.SIGKILL)
+    t.join(60)
+    assert not t.is_alive(), "the caller hung after the decode worker died"
+    assert len(errors) == 1 and isinstance(errors[0], LegError) and errors[0].status == "UNAVAILABLE", errors
+    assert errors[0].leg == "decode", str(errors[0])
+    r = run_disaggregated(group.address, decode.address, "cp-after-receiver", prompt, GREEDY, transport="grpc", timeout=300)
+    assert r.token_ids == expected.token_ids
+    assert reserved(decode) == 0
+
+
 def test_serve_with_a_cp_prefill_group(long_model: Path) -> None:
     from splitserve.proto.client import Client
     from tests.e2e.serve_proc import start_serve

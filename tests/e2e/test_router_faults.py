@@ -129,3 +129,23 @@ def test_handshake_mismatch_between_the_pair(make_cluster) -> None:
     assert_http_error(post(c.http, {"prompt": "mismatched workers", "max_tokens": 4}), 400, "block_size differs")
     c.assert_idle()
 
+
+
+def test_decode_worker_killed_while_its_kv_streams_in_is_retried_on_another(make_cluster) -> None:
+    """The decode worker receiving a prompt's KV dies: the prefill worker's KV push fails, and so
+    does the router's decode stream. The decode leg is what failed: the request is retried on the
+    other decode worker with the same (only) prefill worker, which was blamed and excluded."""
+    c = make_cluster(router={"max_retries": 1}, routing={"local_prefill_tokens": 0})
+    c.start(("prefill", ["--max-prefill-chunk", "4"]), ("decode", []), ("decode", []))
+    (p,) = [w for w in c.workers.values() if w.ready["role"] == "prefill"]
+    decodes = [w for w in c.workers.values() if w.ready["role"] == "decode"]
+    with c.client(timeout=60) as sdk:
+        done = InThread(lambda: sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True))
+        wait_until(lambda: c.stats(p).running_requests and any(c.stats(d).reserved_blocks for d in decodes), 30, "the KV streaming in")
+        victim = next(d for d in decodes if c.stats(d).reserved_blocks)
+        victim.kill()
+        out = done.result()
+        assert out.timings["retries"] == 1 and out.timings["decode_worker"] != victim.worker_id and out.timings["prefill_worker"] == p.worker_id
+        again = sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
+        assert out.token_ids == again.token_ids and len(out.token_ids) == 8
+    c.assert_idle()
