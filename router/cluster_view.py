@@ -49,6 +49,7 @@ class ClusterView:
         self._stale = stale_seconds
         self._records: list[WorkerRecord] = []
         self._fresh_at = float("-inf")  # not refreshed yet
+        self._error = ""  # the last failed read's
         self._clients: dict[tuple[str, str], WorkerClient] = {}  # (worker id, address) -> channel
         self._inflight: dict[str, Inflight] = {}  # this router's (requests, prompt tokens, blocks, heavy) per worker
         self._base = Snapshot()  # loads as reported, rebuilt at each refresh
@@ -75,6 +76,7 @@ class ClusterView:
             records = self._source()
         except Exception as e:  # Redis away: keep the last view for a while
             logger.debug("registry read failed: %s", e)
+            self._error = f"{type(e).__name__}: {e}"
             return False
         wrong = [r.worker_id for r in records if self._fingerprint and r.model_fingerprint and r.model_fingerprint != self._fingerprint]
         if wrong:
@@ -113,6 +115,15 @@ class ClusterView:
     def records(self) -> list[WorkerRecord]:
         with self._lock:
             return list(self._records) if time.monotonic() - self._fresh_at < self._stale else []
+
+    def stale(self) -> str | None:
+        """Why the view is empty when the registry is what failed (None while it answers)."""
+        with self._lock:
+            age = time.monotonic() - self._fresh_at
+        if age < self._stale:
+            return None
+        since = "since this router started" if age == float("inf") else f"for {age:.0f} s"
+        return f"the cluster registry (Redis) has not answered {since}: {self._error or 'no answer yet'}"
 
     def snapshot(self) -> Snapshot:
         with self._lock:

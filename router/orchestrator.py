@@ -488,8 +488,11 @@ class Orchestrator:
             snapshot = self.view.snapshot()
             try:
                 return self.policy.choose(snapshot, request)
-            except NoWorkerError:
+            except NoWorkerError as e:
                 if ((snapshot.prefill or self.colocated) and snapshot.decode) or time.monotonic() >= end:
+                    stale = self.view.stale()
+                    if stale:  # the workers may be fine: it is the registry the router cannot read
+                        raise NoWorkerError(f"{e}: {stale}") from None
                     raise
                 await asyncio.sleep(0.1)
 
