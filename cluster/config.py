@@ -148,6 +148,10 @@ class ClusterConfig:
     router: RouterSection = field(default_factory=RouterSection)
     routing: RoutingSection = field(default_factory=RoutingSection)
     api_keys: list[str] = field(default_factory=list)
+    # non-empty: the Admin API (scale, drain, shutdown, status) takes only these keys, and an API
+    # key there is PERMISSION_DENIED; empty: the API keys (if any) may also administer the cluster
+    admin_keys: list[str] = field(default_factory=list)
+    max_replicas: int = 64  # per pool: what `splitserve scale` (Admin.Scale) and the config may ask for
     cluster_token: str | None = None
     tls: TLSFiles | None = None  # cert, key, ca (and server_name): TLS on the public endpoints and every gRPC port of the cluster
     heartbeat_seconds: float = 1.0
@@ -180,6 +184,10 @@ class ClusterConfig:
             ("decode.kv_port", self.decode.kv_port is None or 0 <= self.decode.kv_port < 65536, "null or a port in 0..65535 (0 = any free)"),
             ("decode.kv_port", not self.decode.port or self.decode.kv_port != self.decode.port, "different from decode.port (null serves KV on decode.port)"),
             *((f"api_keys[{i}]", bool(k), "a non-empty string") for i, k in enumerate(self.api_keys)),
+            *((f"admin_keys[{i}]", bool(k), "a non-empty string") for i, k in enumerate(self.admin_keys)),
+            ("max_replicas", self.max_replicas >= 1, ">= 1"),
+            ("prefill.replicas", self.prefill.replicas <= self.max_replicas, f"<= max_replicas ({self.max_replicas})"),
+            ("decode.replicas", self.decode.replicas <= self.max_replicas, f"<= max_replicas ({self.max_replicas})"),
             ("heartbeat_ttl_seconds", self.heartbeat_ttl_seconds > self.heartbeat_seconds > 0, "> heartbeat_seconds > 0"),
             ("slo.ttft_ms", self.slo.ttft_ms > 0, "> 0"),
             ("slo.tpot_ms", self.slo.tpot_ms > 0, "> 0"),

@@ -47,6 +47,12 @@ class UnauthenticatedError(SplitserveError):
     status = "UNAUTHENTICATED"
 
 
+class PermissionDeniedError(SplitserveError):
+    """The key is valid but may not make this call (an API key on the Admin API of a cluster with admin keys)."""
+
+    status = "PERMISSION_DENIED"
+
+
 class NotFoundError(SplitserveError):
     status = "NOT_FOUND"
 
@@ -71,7 +77,7 @@ class InternalError(SplitserveError):
     status = "INTERNAL"
 
 
-_BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, FailedPreconditionError, UnauthenticatedError, NotFoundError,
+_BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, FailedPreconditionError, UnauthenticatedError, PermissionDeniedError, NotFoundError,
                                           ResourceExhaustedError, UnavailableError, DeadlineExceededError, AbortedError, InternalError)}
 _BY_STATUS["CANCELLED"] = AbortedError
 

@@ -99,7 +99,13 @@ class Router:
             colocated=config.colocated, admission=config.slo.admission, slo_ttft_ms=config.slo.ttft_ms, slo_slack=config.slo.slack,
             max_concurrent=config.router.max_concurrent_requests,
         )
-        self.api_keys = frozenset(config.api_keys)
+        # admin keys may call everything; API keys (when there are any) only the inference APIs,
+        # and the Admin API too unless the cluster has admin keys of its own
+        admin = frozenset(config.admin_keys)
+        self.api_keys = frozenset(config.api_keys) | admin if config.api_keys else frozenset()
+        self.admin_keys = admin or self.api_keys
+        if config.api_keys and not config.admin_keys:
+            logger.warning("admin_keys is empty: every API key can also scale, drain and shut down the cluster")
         special = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
         self.app = build_app(OpenAIFrontend(self.orchestrator, tokenizer.config.get("chat_template"), special), self.api_keys)
         self._sock = socket.create_server((config.router.host, config.router.http_port if http_port is None else http_port),
@@ -128,7 +134,8 @@ class Router:
 
             def add(server) -> None:
                 add_checked_service(server, GenerationService(self.orchestrator, self.api_keys, rc.send_timeout_s), services["Generation"])
-                add_checked_service(server, AdminService(self.registry, self.config.name, self.orchestrator.model_name, self.api_keys), services["Admin"])
+                add_checked_service(server, AdminService(self.registry, self.config.name, self.orchestrator.model_name, self.admin_keys, self.api_keys,
+                                                                  self.config.max_replicas), services["Admin"])
                 add_checked_service(server, reflection.aio.ReflectionServicer([*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"]),
                                     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
 

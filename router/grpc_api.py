@@ -65,13 +65,18 @@ def chunk_to_public(c: Chunk) -> public_pb2.GenerateResponse:
     return msg
 
 
-async def check_api_key(context: grpc.aio.ServicerContext, api_keys: frozenset[str]) -> None:
+async def check_api_key(context: grpc.aio.ServicerContext, api_keys: frozenset[str], others: frozenset[str] = frozenset(), what: str = "") -> None:
+    """The call's key must be one of `api_keys` (none configured: any call passes). A key of
+    `others` (valid elsewhere) is PERMISSION_DENIED, naming `what` it may not call."""
     if not api_keys:
         return
     meta = dict(context.invocation_metadata() or ())
     key = meta.get(API_KEY_HEADER, "").removeprefix("Bearer ").strip()
-    if key not in api_keys:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (send 'authorization: Bearer KEY')")
+    if key in api_keys:
+        return
+    if key in others:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this API key may not call {what}: it needs one of the cluster's admin_keys")
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (send 'authorization: Bearer KEY')")
 
 
 class GenerationService(public_pb2_grpc.GenerationServicer):
@@ -159,11 +164,18 @@ def worker_info(r: WorkerRecord, now: float) -> public_pb2.WorkerInfo:
 class AdminService(public_pb2_grpc.AdminServicer):
     """Reads and writes the cluster's desired state in Redis; the controller acts on it."""
 
-    def __init__(self, registry: Registry, cluster: str, model: str, api_keys: frozenset[str]) -> None:
+    def __init__(self, registry: Registry, cluster: str, model: str, admin_keys: frozenset[str], api_keys: frozenset[str] = frozenset(),
+                 max_replicas: int = 64) -> None:
+        """`admin_keys`: the keys these calls take (none: any call passes); `api_keys`: keys of
+        the inference APIs, refused here as PERMISSION_DENIED rather than unknown."""
         self.registry = registry
         self.cluster = cluster
         self.model = model
-        self.api_keys = api_keys
+        self.admin_keys, self.api_keys = admin_keys, api_keys - admin_keys
+        self.max_replicas = max_replicas
+
+    async def _check_key(self, context: grpc.aio.ServicerContext) -> None:
+        await check_api_key(context, self.admin_keys, self.api_keys, "the Admin API")
 
     async def _redis(self, context: grpc.aio.ServicerContext, fn, *args):
         try:
@@ -172,24 +184,24 @@ class AdminService(public_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, details(f"registry unreachable: {e}"))
 
     async def Status(self, request, context) -> public_pb2.ClusterStatus:
-        await check_api_key(context, self.api_keys)
+        await self._check_key(context)
         now = time.time()
         workers = await self._redis(context, self.registry.workers)
         targets = await self._redis(context, self.registry.targets)
         return public_pb2.ClusterStatus(cluster=self.cluster, model=self.model, workers=[worker_info(w, now) for w in workers], targets=targets)
 
     async def Scale(self, request: public_pb2.ScaleRequest, context) -> public_pb2.ClusterStatus:
-        await check_api_key(context, self.api_keys)
-        for role in ("prefill", "decode"):
-            if request.HasField(role):
-                n = getattr(request, role)
-                if n < 0:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{role}: replicas must be >= 0, got {n}")
-                await self._redis(context, self.registry.set_target, role, n)
+        await self._check_key(context)
+        asked = {role: getattr(request, role) for role in ("prefill", "decode") if request.HasField(role)}
+        for role, n in asked.items():  # all checked before any is set
+            if not 0 <= n <= self.max_replicas:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{role}: replicas must be in [0, {self.max_replicas}] (max_replicas), got {n}")
+        for role, n in asked.items():
+            await self._redis(context, self.registry.set_target, role, n)
         return await self.Status(public_pb2.StatusRequest(), context)
 
     async def Drain(self, request: public_pb2.DrainRequest, context) -> public_pb2.DrainResponse:
-        await check_api_key(context, self.api_keys)
+        await self._check_key(context)
         workers = await self._redis(context, self.registry.workers)
         record = next((w for w in workers if w.worker_id == request.worker_id), None)
         if record is None:
@@ -200,7 +212,7 @@ class AdminService(public_pb2_grpc.AdminServicer):
         return public_pb2.DrainResponse(found=True)
 
     async def Shutdown(self, request, context) -> public_pb2.ShutdownResponse:
-        await check_api_key(context, self.api_keys)
+        await self._check_key(context)
         for role in ("prefill", "decode"):
             await self._redis(context, self.registry.set_target, role, 0)
         return public_pb2.ShutdownResponse()

@@ -15,15 +15,16 @@ import yaml
 
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.proto.client import Client as _Client
-from splitserve.proto.client import SplitserveError, UnauthenticatedError
+from splitserve.proto.client import InvalidArgumentError, PermissionDeniedError, SplitserveError, UnauthenticatedError
 from tests.e2e.procs import wait_until
 from tests.e2e.serve_proc import start_serve
 
-KEY = "test-key-1"
+KEY = "test-key-1"  # an API key: inference only
+ADMIN = "test-admin-key"  # an admin key: everything
 
 
-def Client(address: str, **kw) -> _Client:  # noqa: N802 - every client of this module carries the key
-    return _Client(address, api_key=KEY, **kw)
+def Client(address: str, **kw) -> _Client:  # noqa: N802 - every client of this module carries the admin key
+    return _Client(address, api_key=ADMIN, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def cluster(e2e_model: Path, tmp_path_factory):
     redis = EmbeddedRedis()
     cfg = tmp_path_factory.mktemp("ops") / "cluster.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"path": str(e2e_model), "dtype": "float32"}, "redis_url": redis.url, "api_keys": [KEY],
+                                   "admin_keys": [ADMIN], "max_replicas": 3,
                                    "router": {"max_retries": 2}, "heartbeat_seconds": 0.5, "heartbeat_ttl_seconds": 3.0}))
     serve = start_serve("--config", str(cfg))
     yield serve, redis
@@ -158,6 +160,24 @@ def test_api_keys_are_required_when_configured(cluster) -> None:
         assert conn.getresponse().status == status
 
 
+def test_admin_keys_alone_administer_the_cluster_within_max_replicas(cluster) -> None:
+    """With admin_keys set, an API key generates but may not scale, drain, shut down or read the
+    cluster (any API user could shut it down); the admin key may, up to max_replicas per pool."""
+    serve, _ = cluster
+    with _Client(serve.grpc, api_key=KEY, timeout=60) as user:
+        assert user.generate("hi", max_tokens=2).finish_reason == "length"
+        for call in (lambda: user.scale(decode=2), user.status, user.shutdown, lambda: user.drain("any")):
+            with pytest.raises(PermissionDeniedError) as e:
+                call()
+            assert "admin_keys" in str(e.value)
+    with Client(serve.grpc, timeout=60) as admin:
+        before = dict(admin.status().targets)
+        with pytest.raises(InvalidArgumentError) as e:
+            admin.scale(prefill=1, decode=500)  # refused whole: prefill is not set either
+        assert "decode: replicas must be in [0, 3] (max_replicas), got 500" in str(e.value)
+        assert dict(admin.status().targets) == before
+
+
 def test_admin_cli_commands(cluster) -> None:
     import subprocess
     import sys
@@ -165,7 +185,7 @@ def test_admin_cli_commands(cluster) -> None:
     serve, _ = cluster
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "splitserve.cluster.cli", *args, "--router", serve.grpc, "--api-key", KEY],
+        return subprocess.run([sys.executable, "-m", "splitserve.cluster.cli", *args, "--router", serve.grpc, "--api-key", ADMIN],
                               capture_output=True, text=True, timeout=60)
 
     status = cli("status")

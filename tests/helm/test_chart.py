@@ -196,7 +196,8 @@ def test_the_configmaps_cluster_yaml_loads_with_splitserves_loader(name: str) ->
         assert config.prefill.resources.custom == {"splitserve_prefill": 1.0} and config.decode.resources.custom == {"splitserve_decode": 1.0}
         secrets = secret_data(docs)
         assert config.cluster_token == secrets["cluster-token"] and len(config.cluster_token) == 48
-        assert config.api_keys == [secrets["api-key-0"]]
+        assert config.api_keys == [secrets["api-key-0"]] and config.admin_keys == [secrets["admin-key-0"]]
+        assert secrets["admin-key-0"] != secrets["api-key-0"] and len(secrets["admin-key-0"]) == 48
         if "external" in values.get("redis", {}):
             assert config.redis_url == values["redis"]["external"]["url"]
         else:
@@ -206,13 +207,13 @@ def test_the_configmaps_cluster_yaml_loads_with_splitserves_loader(name: str) ->
 
 
 def test_given_values_reach_cluster_yaml() -> None:
-    docs = render({"cluster": {"name": "llm-b", "blockSize": 32, "heartbeatSeconds": 2, "heartbeatTtlSeconds": 9, "maxRestarts": 2},
+    docs = render({"cluster": {"name": "llm-b", "blockSize": 32, "heartbeatSeconds": 2, "heartbeatTtlSeconds": 9, "maxRestarts": 2, "maxReplicas": 8},
                    "model": {"path": "/models/x", "dtype": "bfloat16", "maxModelLen": 8192},
                    "prefill": {"maxPrefillChunk": 1024, "kvCacheMemory": "2GiB"}, "decode": {"maxRunningRequests": 32},
                    "router": {"policy": "round_robin", "requestTimeoutS": 30, "maxRetries": 3},
                    "slo": {"ttftMs": 800, "tpotMs": 40}, "kvTransfer": {"leaseSeconds": 12},
                    "routing": {"localPrefillTokens": 0, "balanceFactor": 1.5, "balanceWindow": 16, "indexCapacityBlocks": 5000},
-                   "auth": {"clusterToken": "given-token", "apiKeys": ["k1", "k2"], "redisPassword": "pw-1"}})
+                   "auth": {"clusterToken": "given-token", "apiKeys": ["k1", "k2"], "adminKeys": ["a1"], "redisPassword": "pw-1"}})
     c, _ = loaded(docs)
     assert (c.name, c.block_size, c.heartbeat_seconds, c.heartbeat_ttl_seconds, c.max_restarts) == ("llm-b", 32, 2.0, 9.0, 2)
     assert (c.model.dtype, c.model.max_model_len, c.prefill.max_prefill_chunk, c.prefill.kv_cache_memory) == ("bfloat16", 8192, 1024, 2 << 30)
@@ -221,20 +222,21 @@ def test_given_values_reach_cluster_yaml() -> None:
     r = c.routing
     assert (r.local_prefill_tokens, r.balance_factor, r.balance_window, r.index_capacity_blocks) == (0, 1.5, 16, 5000)
     assert loaded(render())[0].router.policy == "workload_aware"
-    assert (c.cluster_token, c.api_keys) == ("given-token", ["k1", "k2"]) and c.redis_url.startswith("redis://:pw-1@")
+    assert (c.cluster_token, c.api_keys, c.admin_keys) == ("given-token", ["k1", "k2"], ["a1"]) and c.redis_url.startswith("redis://:pw-1@")
+    assert c.max_replicas == 8
 
 
 def test_no_secret_is_written_into_the_configmap() -> None:
-    docs = render({"auth": {"clusterToken": "tok-123", "apiKeys": ["key-456"], "redisPassword": "pw-789", "rayToken": "ray-000"}})
+    docs = render({"auth": {"clusterToken": "tok-123", "apiKeys": ["key-456"], "adminKeys": ["adm-1"], "redisPassword": "pw-789", "rayToken": "ray-000"}})
     text = yaml.safe_dump(one(docs, "ConfigMap"))
-    assert not any(s in text for s in ("tok-123", "key-456", "pw-789", "ray-000"))
-    assert set(secret_data(docs).values()) == {"tok-123", "key-456", "pw-789", "ray-000"}
+    assert not any(s in text for s in ("tok-123", "key-456", "adm-1", "pw-789", "ray-000"))
+    assert set(secret_data(docs).values()) == {"tok-123", "key-456", "adm-1", "pw-789", "ray-000"}
 
 
 def test_the_public_api_can_be_left_open() -> None:
-    docs = render({"auth": {"generateApiKey": False}})
+    docs = render({"auth": {"generateApiKey": False, "generateAdminKey": False}})
     config, _ = loaded(docs)
-    assert config.api_keys == [] and not any(k.startswith("api-key") for k in secret_data(docs))
+    assert config.api_keys == config.admin_keys == [] and not any(k.startswith(("api-key", "admin-key")) for k in secret_data(docs))
 
 
 # ---- generated secrets are kept across upgrades ----------------------------------------------------
@@ -250,7 +252,7 @@ def test_generated_secrets_are_read_back_from_the_live_secret(tmp_path: Path) ->
         '  new: {{ include "splitserve.keptSecret" (dict "existing" (dict) "key" "cluster-token" "given" "" "length" 48) }}\n')
     secret_template = (chart / "templates" / "secret.yaml").read_text()
     assert 'lookup "v1" "Secret" .Release.Namespace (include "splitserve.secretName" .)' in secret_template  # its own live copy
-    assert secret_template.count('include "splitserve.keptSecret"') == 4  # every generated value goes through the helper
+    assert secret_template.count('include "splitserve.keptSecret"') == 5  # every generated value goes through the helper
     with helm_python.Chart.load(chart) as c:
         data = yaml.safe_load(c.render({}, name="demo")["splitserve/templates/zz-kept.yaml"])["data"]
     assert data["kept"] == live and base64.b64decode(data["given"]) == b"mine"

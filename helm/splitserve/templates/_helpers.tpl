@@ -96,9 +96,17 @@ A Secret value kept across upgrades: the given value, else what the live Secret 
 {{- end -}}
 {{- end -}}
 
-{{/* How many API keys the Secret holds (api-key-0 .. api-key-N-1). */}}
+{{/* How many keys of a kind the Secret holds: the given ones, else one generated when asked. */}}
+{{- define "splitserve.keyCount" -}}
+{{- if .given -}}{{ len .given }}{{- else if .generate -}}1{{- else -}}0{{- end -}}
+{{- end -}}
+
+{{/* API keys (api-key-0 .. api-key-N-1) and admin keys (admin-key-0 ..) in the Secret. */}}
 {{- define "splitserve.apiKeyCount" -}}
-{{- if .Values.auth.apiKeys -}}{{ len .Values.auth.apiKeys }}{{- else if .Values.auth.generateApiKey -}}1{{- else -}}0{{- end -}}
+{{- include "splitserve.keyCount" (dict "given" .Values.auth.apiKeys "generate" .Values.auth.generateApiKey) -}}
+{{- end -}}
+{{- define "splitserve.adminKeyCount" -}}
+{{- include "splitserve.keyCount" (dict "given" .Values.auth.adminKeys "generate" .Values.auth.generateAdminKey) -}}
 {{- end -}}
 
 {{/*
@@ -111,6 +119,10 @@ and the routers (the workers get what they need from the controller, through Ray
 {{- range $i, $_ := until (int (include "splitserve.apiKeyCount" .)) }}
 - name: SPLITSERVE_API_KEY_{{ $i }}
   valueFrom: {secretKeyRef: {name: {{ include "splitserve.secretName" $ }}, key: api-key-{{ $i }}}}
+{{- end }}
+{{- range $i, $_ := until (int (include "splitserve.adminKeyCount" .)) }}
+- name: SPLITSERVE_ADMIN_KEY_{{ $i }}
+  valueFrom: {secretKeyRef: {name: {{ include "splitserve.secretName" $ }}, key: admin-key-{{ $i }}}}
 {{- end }}
 {{- if .Values.redis.external.url }}
 - name: SPLITSERVE_REDIS_URL
