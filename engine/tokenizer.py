@@ -8,6 +8,7 @@ not yet form a whole character (byte-level BPE can split a UTF-8 character over 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,19 @@ from splitserve.engine.errors import CheckpointError
 # Text longer than this takes milliseconds to seconds to encode (a few MB: seconds): the router
 # encodes it on a worker thread, and the tokenizer then lets the event loop's thread run.
 LONG_TEXT_CHARS = 16_384
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback: one raw byte
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte is one printable character in a token's
+    piece (printable Latin-1 bytes stand for themselves, the others for code points from 256)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+BYTE_LEVEL_CHARS = _byte_level_chars()
+
 
 class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
@@ -58,6 +72,20 @@ class Tokenizer:
         if len(text) > LONG_TEXT_CHARS:  # the batch call lets other threads run meanwhile (encode holds the GIL throughout)
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (OpenAI's logprob `bytes`, whose concatenation rebuilds the
+        text): its text in UTF-8, or, for a token holding part of a character (its text alone is
+        U+FFFD), the raw bytes of its piece under byte-level BPE or byte fallback."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self._tok.id_to_token(token_id) or ""
+        if m := BYTE_PIECE.fullmatch(piece):
+            return bytes([int(m[1], 16)])
+        if piece and all(c in BYTE_LEVEL_CHARS for c in piece):
+            return bytes(BYTE_LEVEL_CHARS[c] for c in piece)
+        return text.encode()
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens (see `special_ids`) are left out unless asked for."""

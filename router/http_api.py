@@ -225,6 +225,7 @@ class OpenAIFrontend:
         self.special = special_tokens
         self.started = int(time.time())
         self._token_text: dict[int, str] = {}  # at most the vocabulary
+        self._token_bytes: dict[int, list[int]] = {}
 
     # ---- requests ------------------------------------------------------------------------
     async def completion_plan(self, body: CompletionRequest) -> _Plan:
@@ -366,10 +367,17 @@ class OpenAIFrontend:
             text = self._token_text[token_id] = self.orch.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
+    def _bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes: a token holding part of a character shows U+FFFD as its text,
+        but its bytes are the real ones, so that a client joining them gets the text back."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._token_bytes[token_id] = list(self.orch.tokenizer.token_bytes(token_id))
+        return raw
+
     def _chat_logprobs(self, tokens: list[int], logprobs: list[float], tops: list[TopLogprobs]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:
-            text = self._token(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": self._token(token_id), "logprob": logprob, "bytes": self._bytes(token_id)}
 
         return ChatLogprobs(content=[TokenLogprob(**entry(t, lp), top_logprobs=[TopLogprob(**entry(*alt)) for alt in alts])
                                      for t, lp, alts in zip(tokens, logprobs, tops)])

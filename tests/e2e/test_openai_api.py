@@ -61,10 +61,23 @@ def test_chat_logprobs(oai: openai.OpenAI, model: str, single: LLM, tok: Tokeniz
     assert [c.token for c in content] == [text_of(tok, t) for t in expected.token_ids]
     assert [c.logprob for c in content] == pytest.approx(expected.logprobs, abs=1e-4)
     for c, alts in zip(content, expected.top_logprobs):
-        assert c.bytes == list(c.token.encode()) and [a.token for a in c.top_logprobs] == [text_of(tok, t) for t, _ in alts]
+        assert c.bytes == list(c.token.encode()) or "\ufffd" in c.token  # a part of a character: its own bytes (below)
+        assert [a.token for a in c.top_logprobs] == [text_of(tok, t) for t, _ in alts]
         assert [a.logprob for a in c.top_logprobs] == pytest.approx([lp for _, lp in alts], abs=1e-4)
     plain = oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_logprob_bytes_of_a_token_that_is_part_of_a_character(oai: openai.OpenAI, model: str, tok: Tokenizer) -> None:
+    """A byte-level token holding the first byte of "é" (0xC3) shows U+FFFD as its text; its
+    `bytes` are [0xC3], so that joining the tokens' bytes rebuilds the text, as OpenAI's do."""
+    half = tok._tok.token_to_id("\u00c3")  # byte-level BPE's character for the byte 0xC3
+    assert half is not None and tok.decode([half], skip_special_tokens=False) == "\ufffd"
+    r = oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1, temperature=0, logprobs=True, logit_bias={str(half): 100})
+    (c,) = r.choices[0].logprobs.content
+    assert (c.token, c.bytes) == ("\ufffd", [0xC3])
+    text = "café — 世界 😀"
+    assert b"".join(tok.token_bytes(t) for t in tok.encode(text, add_special_tokens=False)) == text.encode()
 
 
 def test_n_choices_at_the_top_of_the_seed_range_wrap(oai: openai.OpenAI, model: str, single: LLM) -> None:
