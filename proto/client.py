@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 
 from splitserve.proto import public_pb2, public_pb2_grpc
+from splitserve.proto.keepalive import KEEPALIVE
 
 
 class SplitserveError(Exception):
@@ -179,7 +180,7 @@ class Client:
     def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0, tls: bool | str | Path = False) -> None:
         """`tls`: False (plaintext), True (the system's CAs) or a PEM CA file for a router serving TLS."""
         creds = _credentials(tls)
-        self.channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+        self.channel = grpc.secure_channel(address, creds, KEEPALIVE) if creds else grpc.insecure_channel(address, KEEPALIVE)
         self.stub = public_pb2_grpc.GenerationStub(self.channel)
         self.admin = public_pb2_grpc.AdminStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -254,7 +255,7 @@ class AsyncClient:
 
     def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0, tls: bool | str | Path = False) -> None:
         creds = _credentials(tls)
-        self.channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.secure_channel(address, creds, KEEPALIVE) if creds else grpc.aio.insecure_channel(address, KEEPALIVE)
         self.stub = public_pb2_grpc.GenerationStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout

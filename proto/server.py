@@ -16,20 +16,10 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from splitserve.proto.keepalive import KEEPALIVE
 from splitserve.proto.tls import TLSFiles, add_port
 
 TOKEN_HEADER = "x-splitserve-token"
-# A peer that stops answering while its connection stays up (a hung or SIGSTOPped worker: its
-# kernel still acknowledges TCP) is found by HTTP/2 pings: sent after KEEPALIVE_MS without a
-# ping, a connection whose ping has no answer within KEEPALIVE_TIMEOUT_MS is closed and its
-# calls fail UNAVAILABLE, which the router retries elsewhere where the request allows it (they
-# waited for the request's whole deadline, 600 s by default). Pings are answered by gRPC's own
-# threads, not Python's, so a busy worker still answers. Servers accept pings this often (by
-# default they answer more than one per 5 minutes on a call without data with GOAWAY). gRPC
-# waits for a ping's answer the longer of keepalive_timeout_ms and ping_timeout_ms (60 s).
-KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 5_000, 10_000
-KEEPALIVE = [("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS), ("grpc.http2.max_pings_without_data", 0),
-             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2), ("grpc.http2.max_ping_strikes", 0), ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS)]
 # HTTP/2 frames up to 16 MiB instead of 16 KiB: a KV message of 8 MiB crosses as one frame, not 512
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.max_frame_size", (1 << 24) - 1),
            *KEEPALIVE]

@@ -250,3 +250,24 @@ def test_clients_that_leave_or_abort_free_both_legs(served) -> None:
         assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], AbortedError), errors
         assert _idle(c)
         assert c.timings("abort-me").outcome == "ABORTED"
+
+
+def test_the_sdk_finds_a_router_that_stopped_answering(served) -> None:
+    """The router's process stops (SIGSTOP: its connection stays up). The SDK's keepalive pings
+    go unanswered and the call fails UNAVAILABLE instead of waiting out its 120 s deadline; once
+    the router resumes, the same client is served again."""
+    import os
+    import signal
+
+    from splitserve.proto.client import UnavailableError
+
+    with Client(served.grpc, timeout=120) as c:
+        assert c.generate("before", max_tokens=2, temperature=0).finish_reason == "length"  # connected
+        os.kill(served.popen.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(UnavailableError) as e:
+                c.generate("while it is stopped", max_tokens=2)
+            assert "ping" in str(e.value), str(e.value)
+        finally:
+            os.kill(served.popen.pid, signal.SIGCONT)
+        assert c.generate("after", max_tokens=2, temperature=0).finish_reason == "length"
