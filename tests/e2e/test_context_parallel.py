@@ -63,25 +63,31 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
-def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(spawn, long_model, prompt, decode) -> None:
-    import os
-    import signal
-
-    group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
-    (follower,) = children(group.popen.pid)
+def under_way(group, decode: WorkerStub, rid: str, prompt: list[int], transport: str) -> tuple[threading.Thread, list[BaseException]]:
+    """Start the request on a thread; return once the decode worker holds its reservation."""
     errors: list[BaseException] = []
 
     def client() -> None:
         try:
-            run_disaggregated(group.address, decode.address, "cp-kill", prompt * 2, GREEDY, transport="torch", timeout=120)
+            run_disaggregated(group.address, decode.address, rid, prompt, GREEDY, transport=transport, timeout=120)
         except BaseException as e:
             errors.append(e)
 
     t = threading.Thread(target=client)
     t.start()
     end = time.monotonic() + 60
-    while reserved(decode) == 0 and time.monotonic() < end:  # wait until the request is under way
+    while reserved(decode) == 0 and time.monotonic() < end:
         time.sleep(0.05)
+    return t, errors
+
+
+def test_a_rank_dying_mid_prefill_fails_the_request_and_frees_the_reservation(spawn, long_model, prompt, decode) -> None:
+    import os
+    import signal
+
+    group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
+    (follower,) = children(group.popen.pid)
+    t, errors = under_way(group, decode, "cp-kill", prompt * 2, "torch")
     time.sleep(0.5)
     os.kill(follower, signal.SIGKILL)
     t.join(60)
@@ -109,19 +115,7 @@ def test_the_decode_worker_dying_mid_transfer_fails_the_request_not_the_group(sp
     group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
     victim_proc = spawn("splitserve.decode_worker", "--model", str(long_model), "--dtype", "float32", "--transports", "grpc")
     victim = WorkerStub(victim_proc.address)
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        try:
-            run_disaggregated(group.address, victim.address, "cp-receiver-dies", prompt, GREEDY, transport="grpc", timeout=120)
-        except BaseException as e:
-            errors.append(e)
-
-    t = threading.Thread(target=client)
-    t.start()
-    end = time.monotonic() + 60
-    while reserved(victim) == 0 and time.monotonic() < end:  # wait until the request is under way
-        time.sleep(0.05)
+    t, errors = under_way(group, victim, "cp-receiver-dies", prompt, "grpc")
     time.sleep(0.3)
     os.kill(victim_proc.popen.pid, signal.SIGKILL)
     t.join(60)

@@ -33,6 +33,19 @@ def serving_decode_worker(c):
     return next((w for w in decode if c.stats(w).running_requests), None)
 
 
+def decoding(c, sdk, sampling: str):
+    """A stream of PROMPT 40 tokens in: (the stream, its tokens, its last chunk, the decode worker serving it)."""
+    stream = sdk.generate_stream(PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, **SAMPLING[sampling])
+    tokens: list[int] = []
+    for chunk in stream:
+        tokens += chunk.token_ids
+        if len(tokens) >= 40:
+            break
+    victim = serving_decode_worker(c)
+    assert victim is not None
+    return stream, tokens, chunk, victim
+
+
 @pytest.mark.parametrize("path", ["through a prefill worker", "prefilled on the new decode worker"])
 @pytest.mark.parametrize("sampling", sorted(SAMPLING))
 def test_grpc_stream_continues_on_another_decode_worker(make_cluster, reference, path: str, sampling: str) -> None:
@@ -40,14 +53,7 @@ def test_grpc_stream_continues_on_another_decode_worker(make_cluster, reference,
     c = make_cluster(router={"max_retries": 2}, routing={"local_prefill_tokens": local})
     c.start(("prefill", []), ("decode", []), ("decode", []))
     with c.client(timeout=120) as sdk:
-        stream = sdk.generate_stream(PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, **SAMPLING[sampling])
-        tokens: list[int] = []
-        for chunk in stream:
-            tokens += chunk.token_ids
-            if len(tokens) >= 40:
-                break
-        victim = serving_decode_worker(c)
-        assert victim is not None
+        stream, tokens, chunk, victim = decoding(c, sdk, sampling)
         victim.kill()
         rid = chunk.request_id
         for chunk in stream:
@@ -70,14 +76,7 @@ def test_a_hung_decode_worker_is_failed_over(make_cluster, reference) -> None:
     c = make_cluster(router={"max_retries": 2}, routing={"local_prefill_tokens": 0})
     c.start(("prefill", []), ("decode", []), ("decode", []))
     with c.client(timeout=120) as sdk:
-        stream = sdk.generate_stream(PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, **SAMPLING["greedy"])
-        tokens: list[int] = []
-        for chunk in stream:
-            tokens += chunk.token_ids
-            if len(tokens) >= 40:
-                break
-        victim = serving_decode_worker(c)
-        assert victim is not None
+        stream, tokens, chunk, victim = decoding(c, sdk, "greedy")
         os.kill(victim.popen.pid, signal.SIGSTOP)
         try:
             rid = chunk.request_id
