@@ -16,17 +16,18 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitserve.proto.keepalive import KEEPALIVE
+from splitserve.proto.keepalive import ACCEPT_PINGS, KEEPALIVE
 from splitserve.proto.tls import TLSFiles, add_port
 
 TOKEN_HEADER = "x-splitserve-token"
 # HTTP/2 frames up to 16 MiB instead of 16 KiB: a KV message of 8 MiB crosses as one frame, not 512
-OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.max_frame_size", (1 << 24) - 1),
-           *KEEPALIVE]
+_SIZES = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.max_frame_size", (1 << 24) - 1)]
+OPTIONS = [*_SIZES, *KEEPALIVE]  # channels
+SERVER_OPTIONS = [*_SIZES, *ACCEPT_PINGS]
 # Workers' servers take KV payloads of MiBs: reads of up to 16 MiB let a payload arrive in one
 # piece, which gRPC Python hands over without joining pieces (one copy of every byte fewer;
 # 1.5 -> 2.2 GB/s on loopback). The chunk size adapts down on connections that carry less.
-WORKER_OPTIONS = [*OPTIONS, ("grpc.experimental.tcp_read_chunk_size", 8 << 20), ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20)]
+WORKER_OPTIONS = [*SERVER_OPTIONS, ("grpc.experimental.tcp_read_chunk_size", 8 << 20), ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20)]
 # A synchronous gRPC server runs each call on a thread of its pool, and a decode worker holds a
 # call open per request twice (its token stream, and its KV stream on the gRPC transport): a
 # small pool lets waiting token streams starve the KV streams they wait for. Threads are made
@@ -86,9 +87,9 @@ async def start_aio_server(
     calls gRPC itself answers RESOURCE_EXHAUSTED."""
     from grpc_health.v1._async import HealthServicer
 
-    options = OPTIONS
+    options = SERVER_OPTIONS
     if max_message_bytes is not None:
-        options = [o for o in OPTIONS if o[0] != "grpc.max_receive_message_length"] + [("grpc.max_receive_message_length", max_message_bytes)]
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"] + [("grpc.max_receive_message_length", max_message_bytes)]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
     add_services(server)
     health_servicer = HealthServicer()

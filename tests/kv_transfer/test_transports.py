@@ -27,7 +27,6 @@ from splitserve.kv_transfer.errors import (
     WrongSecretError,
 )
 from splitserve.kv_transfer.grpc_transport import (
-    CHANNEL_OPTIONS,
     RAW_PUSH,
     GrpcSender,
     KVTransferServicer,
@@ -41,6 +40,7 @@ from splitserve.kv_transfer.state import TransferState, TransferTable
 from splitserve.kv_transfer.torch_transport import TorchKVServer
 from splitserve.kv_transfer.wire import PayloadHeader
 from splitserve.proto import kv_pb2, kv_pb2_grpc
+from splitserve.proto.server import WORKER_OPTIONS
 
 LAYERS, BLOCKS, BS, KH, D = 3, 32, 4, 2, 8
 LAYOUT = KVLayout("fp-1", "float32", BS, "L,NB,2,BS,KH,D", LAYERS, KH, D)
@@ -72,7 +72,7 @@ def receiving(kind: str, layout: KVLayout = LAYOUT, blocks: int = BLOCKS) -> Ite
         endpoint = hub.register(receiver)
     else:
         torch_server = TorchKVServer(receiver, "127.0.0.1") if kind.startswith("torch") else None
-        server = grpc.server(futures.ThreadPoolExecutor(8), options=CHANNEL_OPTIONS)
+        server = grpc.server(futures.ThreadPoolExecutor(8), options=WORKER_OPTIONS)
         servicer = KVTransferServicer(receiver, torch_server.accept if torch_server else None)
         if kind == "grpc-protobuf":
             kv_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
