@@ -118,9 +118,8 @@ class LLMEngine:
         logger.info("engine ready: %d KV blocks of %d tokens", num_blocks, config.block_size)
         if num_blocks * config.block_size < self.max_model_len:
             logger.warning(
-                "the KV cache holds %d tokens, fewer than the model's context of %d: a request needing more is refused (400 naming "
-                "max_tokens or prompt), and chat without max_tokens stops at %d tokens; raise the KV cache memory or lower max_model_len",
-                num_blocks * config.block_size, self.max_model_len, num_blocks * config.block_size)
+                "the KV cache holds %d tokens, fewer than the model's context of %d: a request needing more of it is refused (400 "
+                "naming max_tokens or prompt); raise the KV cache memory or lower max_model_len", num_blocks * config.block_size, self.max_model_len)
 
     def _blocks_for_budget(self) -> int:
         per_block = ModelRunner.block_bytes(self.model_config, self.config.block_size, self.dtype)
@@ -138,7 +137,7 @@ class LLMEngine:
         ids = self.encode_prompt(prompt)
         check_token_ids(params, self.model_config.vocab_size)
         prefix = self._check_prefix(output_prefix, params)
-        self.check_fits(len(ids), params.max_tokens)
+        self.check_fits(len(ids), params.max_tokens, len(ids) + len(prefix) if prefill_only else None)  # a prefill holds no output
         request = Request(request_id, ids, params, prefill_only=prefill_only, output_token_ids=prefix)
         self._requests[request_id] = _Tracked.of(request, self.tokenizer)
         self.scheduler.add(request)
@@ -153,12 +152,17 @@ class LLMEngine:
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int, held: int | None = None) -> None:
+        """The request must fit the model's context, and what this engine holds of it (`held`
+        tokens of KV; default prompt + max_tokens) its KV cache."""
         check_fits(num_prompt_tokens, max_tokens, self.max_model_len)
         capacity = self.pool.num_blocks * self.pool.block_size
-        if num_prompt_tokens + max_tokens > capacity:
+        if held is not None and held > capacity:
+            raise ContextLengthExceededError("prompt", f"{held} tokens to prefill exceed this engine's KV cache of {capacity} tokens")
+        if held is None and num_prompt_tokens + max_tokens > capacity:
             raise ContextLengthExceededError(
-                "max_tokens", f"prompt + max_tokens = {num_prompt_tokens + max_tokens} tokens exceeds this engine's KV cache of {capacity} tokens"
+                "prompt" if num_prompt_tokens >= capacity else "max_tokens",
+                f"prompt + max_tokens = {num_prompt_tokens + max_tokens} tokens exceeds this engine's KV cache of {capacity} tokens",
             )
 
     def abort_request(self, request_id: str) -> None:

@@ -194,26 +194,27 @@ class CPRank:
         pos = positions_of(ranges).to(self.device)
         cfg = self.config
         variant = job.variant or choose_variant(n_tokens, 0, self.world, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.dtype.itemsize, self.link)
+        pusher = None
         try:
-            pusher, unreachable = self.pushers.get(desc), None
-        except PushError as e:
-            pusher, unreachable = None, e
-        if self.agree(pusher is None):  # every rank fails the request together: none is left waiting in a collective
-            if pusher is not None:
-                pusher.abort(job.request_id, desc.secret, "another rank cannot reach the decode worker")
-            reason = unreachable or f"another rank cannot reach decode worker {desc.decode_worker_id}"
-            raise CPError(unreachable.status if unreachable else "UNAVAILABLE", str(reason), receiver_lost=True)
-        try:
+            try:
+                pusher, unreachable = self.pushers.get(desc), None
+            except Exception as e:
+                unreachable = e
+            if self.agree(unreachable is not None):  # every rank fails the request together: none is left waiting in a collective
+                lost = self.agree(isinstance(unreachable, PushError) and isinstance(unreachable.__cause__, PeerUnavailableError))
+                reason = unreachable or f"another rank cannot reach decode worker {desc.decode_worker_id}"
+                raise CPError(getattr(unreachable, "status", "UNAVAILABLE"), str(reason), receiver_lost=lost)
             first = self._forward(job, desc, ranges, pos, variant, pusher)
-            failed = False
+            failed = lost = False
             try:
                 pusher.flush(job.request_id).result(timeout=600)
             except Exception as e:
                 logger.warning("rank %d: pushing KV of %s failed: %s", self.rank, job.request_id, e)
-                failed = True
+                failed, lost = True, isinstance(e, PeerUnavailableError)
             if self.agree(failed):  # the ranks still agree: the group is fine, the transfer is not
+                lost = self.agree(lost)  # the decode worker is gone (its leg failed), or it refused the KV
                 raise CPError("UNAVAILABLE", f"a rank of the context-parallel group could not deliver its KV for {job.request_id}",
-                              receiver_lost=True)
+                              receiver_lost=lost)
             if self.rank == 0:
                 try:
                     pusher.commit(job.request_id, desc.secret, first, n_tokens).result(timeout=600)
@@ -223,10 +224,12 @@ class CPRank:
                 return first
             return None
         except CPError:
-            pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
+            if pusher is not None:
+                pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
             raise
         except Exception as e:  # a gloo error: a rank died; the group is broken
-            pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
+            if pusher is not None:
+                pusher.abort(job.request_id, desc.secret, "context-parallel prefill failed")
             raise CPError("UNAVAILABLE", f"context-parallel group failed during {job.request_id}: {str(e).splitlines()[0][:200]}",
                           group_broken=True) from e
 

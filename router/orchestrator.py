@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from splitserve.engine.block_pool import block_hashes
 from splitserve.engine.config import ModelConfig
@@ -236,11 +236,12 @@ class Orchestrator:
                 raise InvalidRequestError(name, f"must be > 0 milliseconds, got {value}")
         ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, inp.prompt)
         check_fits(len(ids), inp.params.max_tokens, self.max_model_len)
-        held = self._kv_tokens()
-        if held and len(ids) + inp.params.max_tokens > max(held):  # no decode worker could take it: say so here, naming the field
+        held = max(self._kv_tokens(), default=None)
+        if held is not None and len(ids) + inp.params.max_tokens > held:  # no decode worker could take it: say so here, naming the field
+            field = "prompt" if len(ids) >= held else "max_tokens"
             raise ContextLengthExceededError(
-                "max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({inp.params.max_tokens}) exceeds the KV cache of the largest decode "
-                f"worker ({max(held)} tokens); this model's maximum context length is {self.max_model_len} tokens, this cluster's {max(held)}")
+                field, f"prompt ({len(ids)} tokens) + max_tokens ({inp.params.max_tokens}) exceeds the KV cache of the largest decode worker "
+                f"({held} tokens): this cluster's maximum context length is {held} tokens (the model's {self.max_model_len})")
         check_token_ids(inp.params, self.model_config.vocab_size)
         return ids
 
@@ -486,8 +487,10 @@ class Orchestrator:
         end = time.monotonic() + min(self.route_wait, left())
         while True:
             snapshot = self.view.snapshot()
+            need = request.num_prompt_tokens + request.max_tokens  # a decode worker whose KV cache holds fewer would refuse it
+            small = {w.worker_id for w in snapshot.decode if 0 < w.total_blocks * self.block_size < need}
             try:
-                return self.policy.choose(snapshot, request)
+                return self.policy.choose(snapshot, replace(request, exclude=request.exclude | small) if small else request)
             except NoWorkerError as e:
                 if ((snapshot.prefill or self.colocated) and snapshot.decode) or time.monotonic() >= end:
                     stale = self.view.stale()

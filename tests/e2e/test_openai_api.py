@@ -210,21 +210,32 @@ def test_chat_without_max_tokens_runs_until_the_model_stops(oai: openai.OpenAI, 
     assert r.usage.completion_tokens == len(want.token_ids) > 16
 
 
-def test_chat_without_max_tokens_stops_where_the_kv_cache_is_full(make_cluster, tok: Tokenizer) -> None:
-    """A decode worker whose KV cache holds fewer tokens than the model's context (640 of
-    4,096 here): chat without max_tokens runs until that cache is full instead of being refused
-    for a length the client never asked for; one that asks for more is refused naming max_tokens."""
-    c = make_cluster().start(("prefill", []), ("decode", ["--num-kv-blocks", "40"]))
+def test_kv_caches_smaller_than_the_context_bound_requests_where_they_must(make_cluster, tok: Tokenizer) -> None:
+    """Decode workers whose KV caches hold fewer tokens than the model's context (640 and 3,200
+    of 4,096), and a prefill worker holding 1,280: chat without max_tokens runs until the smaller
+    decode cache is full instead of being refused for a length the client never asked for; a
+    request only the larger decode worker holds goes there (it could land on the smaller one and
+    come back 400 naming an internal address), and its prompt need not leave room for the output
+    on the prefill worker (which holds no output); one no worker holds is refused naming the field."""
+    c = make_cluster(routing={"local_prefill_tokens": 0})
+    c.start(("prefill", ["--num-kv-blocks", "80"]), ("decode", ["--num-kv-blocks", "40"]), ("decode", ["--num-kv-blocks", "200"]))
+    with c.client() as sdk:
+        (large,) = [w.worker_id for w in sdk.status().workers if w.role == "decode" and w.total_blocks == 200]
     client = openai.OpenAI(base_url=c.http + "/v1", api_key="unused", timeout=120, max_retries=0)
     card = client.models.list().data[0]
     model = card.id
-    assert card.max_model_len == 640  # vLLM's field, at what the cluster can take
+    assert card.max_model_len == 640  # vLLM's field: what any decode worker can take
     ids = tok.encode(render_chat(tok.config["chat_template"], MESSAGES, bos_token="<s>", eos_token="</s>"), add_special_tokens=False)
     r = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True})
     assert (r.choices[0].finish_reason, r.usage.prompt_tokens, r.usage.completion_tokens) == ("length", len(ids), 40 * 16 - len(ids))
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1000)
-    assert e.value.body["param"] == "max_tokens" and "largest decode worker (640 tokens)" in e.value.body["message"], e.value.body
+    for _ in range(3):
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=2000, temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 2000 and r.timings["decode_worker"] == large
+    for kwargs, field in [({"prompt": PROMPT, "max_tokens": 3500}, "max_tokens"), ({"prompt": [5] * 3300, "max_tokens": 1}, "prompt")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, **kwargs)
+        assert e.value.body["param"] == field and "largest decode worker (3200 tokens)" in e.value.body["message"], e.value.body
+    c.assert_idle()
 
 
 def test_fields_clients_send_with_their_defaults_are_accepted(oai: openai.OpenAI, model: str, served) -> None:
