@@ -50,8 +50,7 @@ from splitserve.kv_transfer.sender import KVSender
 from splitserve.kv_transfer.wire import PayloadHeader, copy_bytes_into, to_bytes
 from splitserve.proto import kv_pb2, kv_pb2_grpc
 from splitserve.proto.convert import layout_from_proto, layout_to_proto
-from splitserve.proto.server import OPTIONS as CHANNEL_OPTIONS
-from splitserve.proto.server import token_metadata
+from splitserve.proto.server import CHANNEL_OPTIONS, token_metadata
 from splitserve.proto.status import grpc_code
 from splitserve.proto.tls import TLSFiles, channel
 

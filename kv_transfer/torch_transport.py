@@ -36,6 +36,7 @@ from splitserve.kv_transfer.layout import FirstToken, KVLayout
 from splitserve.kv_transfer.receiver import KVReceiver
 from splitserve.kv_transfer.sender import KVSender
 from splitserve.kv_transfer.wire import PayloadHeader
+from splitserve.proto.server import CHANNEL_OPTIONS
 from splitserve.proto.tls import TLSFiles, channel
 
 logger = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class TorchSender(KVSender):
         self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0, token: str | None = None,
         tls: TLSFiles | None = None,
     ) -> None:
-        with channel(endpoint, tls) as ch:  # the handshake (and the pair's secret) over the worker's gRPC port, TLS included
+        with channel(endpoint, tls, CHANNEL_OPTIONS) as ch:  # the handshake (and the pair's secret) over the worker's gRPC port, TLS included
             reply = handshake(ch, sender_id, layout, "torch", handshake_timeout, token)
         host, port = reply.store_address.rsplit(":", 1)
         try:

@@ -22,7 +22,7 @@ from splitserve.proto.tls import TLSFiles, add_port
 TOKEN_HEADER = "x-splitserve-token"
 # HTTP/2 frames up to 16 MiB instead of 16 KiB: a KV message of 8 MiB crosses as one frame, not 512
 _SIZES = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.max_frame_size", (1 << 24) - 1)]
-OPTIONS = [*_SIZES, *KEEPALIVE]  # channels
+CHANNEL_OPTIONS = [*_SIZES, *KEEPALIVE]
 SERVER_OPTIONS = [*_SIZES, *ACCEPT_PINGS]
 # Workers' servers take KV payloads of MiBs: reads of up to 16 MiB let a payload arrive in one
 # piece, which gRPC Python hands over without joining pieces (one copy of every byte fewer;

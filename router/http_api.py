@@ -293,6 +293,8 @@ class OpenAIFrontend:
                 await asyncio.wait((collect, left), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 left.cancel()
+                if left.done() and not left.cancelled() and left.exception() is not None:  # its connection broke: as gone
+                    logger.debug("watching the client of %s: %r", plan.request_id, left.exception())
                 if not collect.done():  # the client left (or the server stops): closing the choices aborts their legs
                     collect.cancel()
                     await asyncio.gather(collect, return_exceptions=True)

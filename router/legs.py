@@ -24,7 +24,7 @@ import grpc.aio
 from splitserve.engine.sampling_params import SamplingParams, TopLogprobs
 from splitserve.proto import worker_pb2, worker_pb2_grpc
 from splitserve.proto.convert import params_to_proto, top_from_proto
-from splitserve.proto.server import OPTIONS, token_metadata
+from splitserve.proto.server import CHANNEL_OPTIONS, token_metadata
 from splitserve.proto.status import RECEIVER_LOST, StatusError
 from splitserve.proto.tls import TLSFiles, aio_channel
 
@@ -53,7 +53,7 @@ class WorkerClient:
         self.address = address
         self.worker_id = worker_id or address
         self.label = f"{worker_id} ({address})" if worker_id else address
-        self.channel = aio_channel(address, tls, OPTIONS)
+        self.channel = aio_channel(address, tls, CHANNEL_OPTIONS)
         self.metadata = token_metadata(token)
         self.prefill = worker_pb2_grpc.PrefillWorkerStub(self.channel)
         self.decode = worker_pb2_grpc.DecodeWorkerStub(self.channel)
