@@ -234,6 +234,8 @@ class Orchestrator:
             value = getattr(inp, name)
             if value is not None and not value > 0:
                 raise InvalidRequestError(name, f"must be > 0 milliseconds, got {value}")
+        if not isinstance(inp.prompt, str):  # too long is said before a million ids are checked one by one on the event loop
+            check_fits(len(inp.prompt), inp.params.max_tokens, self.max_model_len)
         ids = encode_prompt(self.tokenizer, self.model_config.vocab_size, inp.prompt)
         check_fits(len(ids), inp.params.max_tokens, self.max_model_len)
         held = max(self._kv_tokens(), default=None)
