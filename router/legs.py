@@ -175,6 +175,7 @@ class DecodeStream:
 async def prefill_watching(prefill: WorkerClient, stream: DecodeStream, request_id: str, prompt: list[int], params: worker_pb2.SamplingParams,
                            descriptor: worker_pb2.TransferDescriptor, timeout: float, output_prefix: list[int] = ()) -> worker_pb2.PrefillResponse:
     """Run the prefill leg while watching the decode leg; the first failure of either ends it."""
+    end = time.monotonic() + timeout
     call = prefill.start_prefill(request_id, prompt, params, descriptor, timeout, output_prefix)
     result = asyncio.ensure_future(_result(call))
     try:
@@ -184,6 +185,11 @@ async def prefill_watching(prefill: WorkerClient, stream: DecodeStream, request_
             done, _ = await asyncio.wait({result}, timeout=ROOT_CAUSE_GRACE)
             if result not in done or result.exception() is None:
                 call.cancel()  # the prefill worker aborts the job when its call is cancelled
+                if result not in done and decode_failed.status == "DEADLINE_EXCEEDED" and time.monotonic() < end - ROOT_CAUSE_GRACE:
+                    # the decode worker's lease ran out, not the request's time: the prefill worker
+                    # (stalled, or queued too long) is what failed, and another may serve it
+                    detail = f"no KV reached decode worker {stream.worker.label} within its lease ({decode_failed})"
+                    raise prefill.error(grpc.StatusCode.UNAVAILABLE, detail, "prefill", "prefill") from None
                 raise decode_failed
         try:
             return await result

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from splitserve.proto.client import (
-    DeadlineExceededError,
     FailedPreconditionError,
     ResourceExhaustedError,
     UnavailableError,
@@ -98,6 +97,8 @@ def test_decode_kv_capacity_exhausted(make_cluster) -> None:
 
 
 def test_lease_expiry_while_the_prefill_worker_is_stalled(make_cluster) -> None:
+    """No KV within the decode worker's lease while the prefill call still runs: the prefill
+    worker is what failed (UNAVAILABLE naming it, and the lease), not the decode worker."""
     c = make_cluster(router={"max_retries": 0}).start(("prefill", []), ("decode", ["--lease-seconds", "1"]))
     (p,) = [w for w in c.workers.values() if w.ready["role"] == "prefill"]
     (d,) = [w for w in c.workers.values() if w.ready["role"] == "decode"]
@@ -106,16 +107,32 @@ def test_lease_expiry_while_the_prefill_worker_is_stalled(make_cluster) -> None:
         with c.client(timeout=60) as sdk:
             start = time.monotonic()
             over_http = InThread(lambda: post(c.http, {"prompt": "a stalled prefill", "max_tokens": 4}))
-            with pytest.raises(DeadlineExceededError) as e:
+            with pytest.raises(UnavailableError) as e:
                 sdk.generate("a stalled prefill", max_tokens=4)
-            assert "lease expired" in str(e.value) and f"decode worker {d.worker_id}" in str(e.value), str(e.value)
-            assert_http_error(over_http.result(), 504, "lease expired")
+            message = str(e.value)
+            assert f"prefill worker {p.worker_id}" in message and f"decode worker {d.worker_id}" in message and "lease expired" in message, message
+            assert_http_error(over_http.result(), 503, "lease expired")
             assert time.monotonic() - start < 10  # the lease, not the request's 600 s deadline
     finally:
         os.kill(p.popen.pid, signal.SIGCONT)
     c.assert_idle()
     with c.client(timeout=60) as sdk:  # and the cluster serves again
         assert sdk.generate("after the stall", max_tokens=4, temperature=0).finish_reason == "length"
+
+
+def test_a_stalled_prefill_worker_is_retried_on_another_once_the_lease_runs_out(make_cluster) -> None:
+    c = make_cluster(router={"max_retries": 1, "policy": "round_robin"}, routing={"local_prefill_tokens": 0})
+    c.start(("prefill", []), ("prefill", []), ("decode", ["--lease-seconds", "1"]))
+    stalled = next(w for w in c.workers.values() if w.ready["role"] == "prefill")
+    os.kill(stalled.popen.pid, signal.SIGSTOP)
+    try:
+        with c.client(timeout=60) as sdk:
+            outs = [sdk.generate(f"request {i}", max_tokens=4, temperature=0) for i in range(2)]  # round robin: one meets it
+        assert all(o.finish_reason == "length" and o.timings["prefill_worker"] != stalled.worker_id for o in outs)
+        assert sorted(o.timings["retries"] for o in outs) == [0, 1]
+    finally:
+        os.kill(stalled.popen.pid, signal.SIGCONT)
+    c.assert_idle()
 
 
 def test_handshake_mismatch_between_the_pair(make_cluster) -> None:
