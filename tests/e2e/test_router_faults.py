@@ -148,31 +148,13 @@ def test_handshake_mismatch_between_the_pair(make_cluster) -> None:
 
 
 
-def test_decode_worker_killed_while_its_kv_streams_in_is_retried_on_another(make_cluster) -> None:
-    """The decode worker receiving a prompt's KV dies: the prefill worker's KV push fails, and so
-    does the router's decode stream. The decode leg is what failed: the request is retried on the
-    other decode worker with the same (only) prefill worker, which was blamed and excluded."""
-    c = make_cluster(router={"max_retries": 1}, routing={"local_prefill_tokens": 0})
-    c.start(("prefill", ["--max-prefill-chunk", "4"]), ("decode", []), ("decode", []))
-    (p,) = [w for w in c.workers.values() if w.ready["role"] == "prefill"]
-    decodes = [w for w in c.workers.values() if w.ready["role"] == "decode"]
-    with c.client(timeout=60) as sdk:
-        done = InThread(lambda: sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True))
-        wait_until(lambda: c.stats(p).running_requests and any(c.stats(d).reserved_blocks for d in decodes), 30, "the KV streaming in")
-        victim = next(d for d in decodes if c.stats(d).reserved_blocks)
-        victim.kill()
-        out = done.result()
-        assert out.timings["retries"] == 1 and out.timings["decode_worker"] != victim.worker_id and out.timings["prefill_worker"] == p.worker_id
-        again = sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
-        assert out.token_ids == again.token_ids and len(out.token_ids) == 8
-    c.assert_idle()
-
-
-def test_decode_worker_hung_while_its_kv_streams_in_frees_the_prefill_worker(make_cluster) -> None:
-    """The decode worker receiving a prompt's KV stops answering (SIGSTOP: its connections stay
-    up). Keepalive pings find it: the KV push fails, the prefill worker lets go of the prompt's
-    blocks, and the request is retried on the other decode worker, all while the hung worker is
-    still stopped (the prefill worker held the blocks, and the client waited, until it resumed)."""
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_decode_worker_lost_while_its_kv_streams_in_is_retried_on_another(make_cluster, fault: str) -> None:
+    """The decode worker receiving a prompt's KV dies, or stops answering (SIGSTOP: its
+    connections stay up, keepalive pings find it). The decode leg is what failed: the request is
+    retried on the other decode worker with the same (only) prefill worker (which was blamed and
+    excluded), and the prefill worker lets go of the prompt's blocks while a hung worker is still
+    stopped (it held them, and the client waited, until the worker resumed)."""
     c = make_cluster(router={"max_retries": 1}, routing={"local_prefill_tokens": 0})
     c.start(("prefill", ["--max-prefill-chunk", "4"]), ("decode", []), ("decode", []))
     (p,) = [w for w in c.workers.values() if w.ready["role"] == "prefill"]
@@ -181,13 +163,14 @@ def test_decode_worker_hung_while_its_kv_streams_in_frees_the_prefill_worker(mak
         done = InThread(lambda: sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True))
         wait_until(lambda: c.stats(p).running_requests and any(c.stats(d).reserved_blocks for d in decodes), 30, "the KV streaming in")
         victim = next(d for d in decodes if c.stats(d).reserved_blocks)
-        os.kill(victim.popen.pid, signal.SIGSTOP)
+        os.kill(victim.popen.pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         try:
             out = done.result()
-            assert out.timings["retries"] == 1 and out.timings["decode_worker"] != victim.worker_id
+            assert out.timings["retries"] == 1 and out.timings["decode_worker"] != victim.worker_id and out.timings["prefill_worker"] == p.worker_id
             wait_until(lambda: c.stats(p).used_blocks == 0 and c.stats(p).running_requests == 0, 30, "the prefill worker to let go")
         finally:
-            os.kill(victim.popen.pid, signal.SIGCONT)
+            if fault == "hung":
+                os.kill(victim.popen.pid, signal.SIGCONT)
         again = sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
         assert out.token_ids == again.token_ids and len(out.token_ids) == 8
     c.assert_idle()
