@@ -328,7 +328,7 @@ class OpenAIFrontend:
         out = []
         for k, ch in enumerate(choices):
             echo = plan.echo[k // plan.n]
-            logprobs = self._completion_logprobs(ch.tokens, ch.logprobs, ch.top, len(echo))[0] if plan.logprobs else None
+            logprobs = self._completion_logprobs(ch.tokens, ch.logprobs, ch.top, len(echo), self._hidden(plan, k))[0] if plan.logprobs else None
             out.append(CompletionChoice(index=k, text=echo + "".join(ch.text), finish_reason=ch.finish_reason, logprobs=logprobs))
         return CompletionResponse(id=plan.request_id, created=created, model=model, usage=usage, timings=timings, choices=out)
 
@@ -350,7 +350,7 @@ class OpenAIFrontend:
                     ch.offset += len(echo)
                     logprobs = None
                     if plan.logprobs:
-                        logprobs, ch.offset = self._completion_logprobs(c.token_ids, c.logprobs, _tops(c), ch.offset)
+                        logprobs, ch.offset = self._completion_logprobs(c.token_ids, c.logprobs, _tops(c), ch.offset, self._hidden(plan, k))
                     event = CompletionResponse(id=plan.request_id, created=created, model=model, usage=usage,
                                                choices=[CompletionChoice(index=k, text=echo + c.text, finish_reason=c.finish_reason, logprobs=logprobs)])
                 if c.finished:
@@ -384,14 +384,20 @@ class OpenAIFrontend:
         return ChatLogprobs(content=[TokenLogprob(**entry(t, lp), top_logprobs=[TopLogprob(**entry(*alt)) for alt in alts])
                                      for t, lp, alts in zip(tokens, logprobs, tops)])
 
-    def _completion_logprobs(self, tokens: list[int], logprobs: list[float], tops: list[TopLogprobs], offset: int) -> tuple[CompletionLogprobs, int]:
-        """The tokens' logprobs, and the text offset after them. Each position's dict holds the
-        most likely tokens and the chosen one (OpenAI: up to logprobs + 1 entries)."""
+    def _hidden(self, plan: _Plan, k: int) -> frozenset[int]:
+        """Token ids that choice k's text leaves out (special tokens, unless asked for)."""
+        return self.orch.tokenizer.special_ids if plan.inputs[k].params.skip_special_tokens else frozenset()
+
+    def _completion_logprobs(self, tokens: list[int], logprobs: list[float], tops: list[TopLogprobs], offset: int,
+                             hidden: frozenset[int]) -> tuple[CompletionLogprobs, int]:
+        """The tokens' logprobs, and the text offset after them (a `hidden` token takes no room
+        in the text). Each position's dict holds the most likely tokens and the chosen one
+        (OpenAI: up to logprobs + 1 entries)."""
         texts = [self._token(t) for t in tokens]
         offsets = []
-        for text in texts:
+        for token_id, text in zip(tokens, texts):
             offsets.append(offset)
-            offset += len(text)
+            offset += 0 if token_id in hidden else len(text)
         top = [{**{self._token(a): b for a, b in alts}, text: lp} for text, lp, alts in zip(texts, logprobs, tops)]
         return CompletionLogprobs(tokens=texts, token_logprobs=list(logprobs), top_logprobs=top, text_offset=offsets), offset
 

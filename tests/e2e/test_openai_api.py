@@ -53,6 +53,22 @@ def test_completion_logprobs(oai: openai.OpenAI, model: str, single: LLM, tok: T
     assert [o for c in streamed for o in c.text_offset] == lp.text_offset
 
 
+def test_completion_text_offset_skips_special_tokens(oai: openai.OpenAI, model: str, tok: Tokenizer) -> None:
+    """A special token left out of the text takes no room in it: `text_offset` points into the
+    text returned, whether or not the special tokens are shown."""
+    eos = tok._tok.token_to_id(tok.config["eos_token"])
+    assert eos in tok.special_ids
+    for skip, text in ((True, ""), (False, text_of(tok, eos) * 3)):
+        kw = {"model": model, "prompt": PROMPT, "max_tokens": 3, "temperature": 0, "logprobs": 1, "logit_bias": {str(eos): 100},
+              "extra_body": {"ignore_eos": True, "skip_special_tokens": skip}}
+        r = oai.completions.create(**kw)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text == text and lp.tokens == [text_of(tok, eos)] * 3
+        assert lp.text_offset == ([0, 0, 0] if skip else [0, len(text) // 3, 2 * len(text) // 3])
+        streamed = [c.choices[0].logprobs for c in oai.completions.create(**kw, stream=True) if c.choices]
+        assert [o for c in streamed for o in c.text_offset] == lp.text_offset
+
+
 def test_chat_logprobs(oai: openai.OpenAI, model: str, single: LLM, tok: Tokenizer) -> None:
     ids = tok.encode(render_chat(tok.config["chat_template"], MESSAGES, bos_token="<s>", eos_token="</s>"), add_special_tokens=False)
     expected = ref(single, ids, max_tokens=6, temperature=0, top_logprobs=2)
