@@ -47,6 +47,13 @@ PAIR_TIMEOUT = datetime.timedelta(hours=24)
 
 
 PAYLOAD_TIMEOUT = datetime.timedelta(minutes=10)  # one NCCL payload, once announced
+# A send, a commit's ack, or an announced payload's bytes that do not complete within this: the
+# peer hangs. A stopped process or a wedged host still has its kernel acknowledge TCP, so gloo
+# sees no error and would wait out PAIR_TIMEOUT, with the prefill engine blocked behind a full
+# push queue; instead the pair is closed (gloo closes a pair whose wait timed out) and its
+# requests fail over, as gRPC's keepalive does for that transport. Generous for one payload
+# (TorchSender caps them at 1 GiB: ~9 s at 1 Gb/s).
+STALL_TIMEOUT = datetime.timedelta(seconds=30)
 SEPARATE_DATA = {"cuda"}  # device types whose payloads take a group of their own (see above)
 
 
@@ -72,9 +79,11 @@ class _Pair:
 
     IN_FLIGHT = 4  # sends (a header and its payload are two)
 
-    def __init__(self, groups: tuple[dist.ProcessGroup, dist.ProcessGroup], peer: int, device: torch.device) -> None:
+    def __init__(self, groups: tuple[dist.ProcessGroup, dist.ProcessGroup], peer: int, device: torch.device,
+                 stall_timeout: datetime.timedelta = STALL_TIMEOUT) -> None:
         (self.ctrl, self.data), self.peer, self.device = groups, peer, device
-        self._in_flight: list[tuple[object, torch.Tensor]] = []  # (work, tensor kept alive)
+        self.stall_timeout = stall_timeout
+        self._in_flight: list[tuple[object, torch.Tensor, dist.ProcessGroup]] = []  # (work, tensor kept alive, its group)
         self._next_header: tuple[object, torch.Tensor] | None = None  # a header receive already posted
         # payloads received on a stream of their own, off the engine's (CUDA only)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -86,10 +95,11 @@ class _Pair:
         # padded in Python: torch.zeros of 64 KiB is an OpenMP region, waking (and spinning) its threads
         self._post(self.ctrl, torch.frombuffer(bytearray(data.ljust(HEADER_BYTES, b"\0")), dtype=torch.uint8))
 
-    def recv_header(self) -> dict:
+    def recv_header(self, timeout: datetime.timedelta = PAIR_TIMEOUT) -> dict:
+        """The next header; an idle pair waits for one up to PAIR_TIMEOUT."""
         work, buf = self._next_header or self._post_header_recv()
         self._next_header = None
-        work.wait()
+        work.wait(timeout)
         raw = bytes(buf.numpy())
         return json.loads(raw[: raw.index(0) if 0 in raw else len(raw)].decode())
 
@@ -103,13 +113,26 @@ class _Pair:
 
     def _post(self, group: dist.ProcessGroup, t: torch.Tensor) -> None:
         work = group.send([t.view(torch.uint8).view(-1)], self.peer, 0)
-        self._in_flight.append((work, t))
+        self._in_flight.append((work, t, group))
         while len(self._in_flight) > self.IN_FLIGHT:
-            self._in_flight.pop(0)[0].wait()
+            self._wait_oldest()
 
     def flush(self) -> None:
         while self._in_flight:
-            self._in_flight.pop(0)[0].wait()
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        work, _, group = self._in_flight.pop(0)
+        self._wait(work, group)
+
+    def _wait(self, work, group: dist.ProcessGroup) -> None:
+        """Wait for a gloo send at most the stall timeout; an NCCL one only makes the current
+        stream wait (a timeout would block this thread until the GPU is done), and NCCL's
+        watchdog ends a hung one after PAYLOAD_TIMEOUT."""
+        if isinstance(group, dist.ProcessGroupGloo):
+            work.wait(self.stall_timeout)
+        else:
+            work.wait()
 
     def recv_bytes(self, t: torch.Tensor) -> None:
         """Receive a payload into `t`; the next header's receive is posted behind it, so that
@@ -121,7 +144,7 @@ class _Pair:
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             work = self.data.recv([t.view(torch.uint8).view(-1)], self.peer, 0)
             self._next_header = self._post_header_recv()
-            work.wait()  # gloo: until the bytes are in; NCCL: makes the pair's stream wait, not this thread
+            self._wait(work, self.data)  # gloo: until the bytes are in; NCCL: makes the pair's stream wait, not this thread
         if self._stream is not None:
             self._stream.synchronize()
 
@@ -205,7 +228,7 @@ class TorchSender(KVSender):
     max_payload_blocks = 4096
     def __init__(
         self, endpoint: str, sender_id: str, layout: KVLayout, device: str = "cpu", handshake_timeout: float = 10.0, token: str | None = None,
-        tls: TLSFiles | None = None,
+        tls: TLSFiles | None = None, stall_timeout: datetime.timedelta = STALL_TIMEOUT,
     ) -> None:
         with channel(endpoint, tls, CHANNEL_OPTIONS) as ch:  # the handshake (and the pair's secret) over the worker's gRPC port, TLS included
             reply = handshake(ch, sender_id, layout, "torch", handshake_timeout, token)
@@ -216,7 +239,7 @@ class TorchSender(KVSender):
         except (RuntimeError, dist.DistStoreError) as e:
             raise PeerUnavailableError(f"torch.distributed rendezvous at {reply.store_address} failed: {e}") from e
         self._store = store  # the pair's group needs the store alive
-        self.pair = _Pair(groups, RECEIVER, torch.device(device))
+        self.pair = _Pair(groups, RECEIVER, torch.device(device), stall_timeout)
 
     def send(self, header: PayloadHeader, kv: torch.Tensor) -> None:
         meta = {"kind": "payload", "request_id": header.request_id, "layer": header.layer, "block_ids": list(header.block_ids),
@@ -227,7 +250,7 @@ class TorchSender(KVSender):
         meta = {"kind": "commit", "request_id": request_id, "secret": secret, "first": first.to_dict(), "num_tokens": num_tokens}
         self._guarded(lambda: (self.pair.send_header(meta), self.pair.flush()))
         ack: dict = {}
-        self._guarded(lambda: ack.update(self.pair.recv_header()))
+        self._guarded(lambda: ack.update(self.pair.recv_header(self.pair.stall_timeout)))
         if not ack.get("ok"):
             raise TransferError(f"KV transfer of {request_id} refused: {ack.get('reason')}", ack.get("status") or "INTERNAL")
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import os
 import platform
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,6 +27,7 @@ from splitserve.kv_transfer.errors import (
     HandshakeError,
     HandshakeRefusedError,
     PayloadError,
+    PeerUnavailableError,
     TransferError,
     WrongSecretError,
 )
@@ -315,3 +320,43 @@ def test_freed_kv_buffers_are_reused_not_faulted_in_again() -> None:
               for on in ("0", "1")}
     assert faults["0"] > 10_000, faults  # ten rounds of 24 MiB, 61,440 pages: the defaults do fault
     assert faults["1"] < faults["0"] // 100, faults
+
+
+# A torch-transport receiver in a process of its own, which the test stops (SIGSTOP) as a hung
+# decode worker or a wedged host is: its kernel still acknowledges TCP, so gloo sees no error.
+_RECEIVER = """
+import sys, time
+from splitserve.kv_transfer.layout import KVLayout
+from tests.kv_transfer.test_transports import receiving
+layout = KVLayout("fp-1", "float32", 16, "L,NB,2,BS,KH,D", 2, 8, 128)
+with receiving("torch", layout, blocks=64) as (_, rx, _):
+    print(rx.endpoint, flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX signals")
+def test_a_hung_torch_receiver_breaks_the_pair_within_the_stall_timeout() -> None:
+    """Without a bound the sender waited on gloo for PAIR_TIMEOUT (a day) and the prefill
+    engine stalled behind its full push queue; now the pusher fails over."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", _RECEIVER], stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        endpoint = proc.stdout.readline().strip()
+        layout = KVLayout("fp-1", "float32", 16, "L,NB,2,BS,KH,D", 2, 8, 128)
+        sender = torch_transport.TorchSender(endpoint, "p0", layout, stall_timeout=datetime.timedelta(seconds=1))
+        pusher = KVPusher(sender, "d0")
+        kv = torch.ones(64, *layout.block_shape)  # 8 MiB a payload
+        pusher.push("r0", SECRET, 0, list(range(64)), kv)
+        with pytest.raises(TransferError, match="refused") as e:  # nothing reserved; the pair works
+            pusher.commit("r0", SECRET, FIRST, 16).result(timeout=30)
+        assert not isinstance(e.value, PeerUnavailableError)
+        os.kill(proc.pid, signal.SIGSTOP)
+        for layer in range(32):  # far more than the sockets' buffers hold
+            pusher.push("r1", SECRET, layer % 2, list(range(64)), kv)
+        with pytest.raises(PeerUnavailableError, match="pair broke"):
+            pusher.commit("r1", SECRET, FIRST, 16).result(timeout=30)
+        assert pusher.broken is not None
+    finally:
+        proc.kill()
+        proc.wait(10)
