@@ -132,6 +132,14 @@ class RouterSection:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     send_timeout_s: float = 30.0
+    # Browser pages from these origins may call the HTTP API ("*": any); empty: no CORS headers,
+    # so browsers refuse cross-origin calls (other clients are unaffected)
+    cors_origins: list[str] = field(default_factory=list)
+
+
+def cors_origin_ok(origin: str) -> bool:
+    """An origin as browsers send it: scheme://host[:port], no path; or "*"."""
+    return origin == "*" or re.fullmatch(r"https?://[^/\s*]+", origin) is not None
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,8 @@ class ClusterConfig:
             ("decode.port", 0 <= self.decode.port < 65536, "a port in 0..65535 (0 = any free)"),
             ("decode.kv_port", self.decode.kv_port is None or 0 <= self.decode.kv_port < 65536, "null or a port in 0..65535 (0 = any free)"),
             ("decode.kv_port", not self.decode.port or self.decode.kv_port != self.decode.port, "different from decode.port (null serves KV on decode.port)"),
+            *((f"router.cors_origins[{i}]", cors_origin_ok(o), "an origin like https://app.example.com (scheme and host, no path) or *")
+              for i, o in enumerate(self.router.cors_origins)),
             *((f"api_keys[{i}]", bool(k), "a non-empty string") for i, k in enumerate(self.api_keys)),
             *((f"admin_keys[{i}]", bool(k), "a non-empty string") for i, k in enumerate(self.admin_keys)),
             ("max_replicas", self.max_replicas >= 1, ">= 1"),

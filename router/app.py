@@ -107,7 +107,7 @@ class Router:
         if config.api_keys and not config.admin_keys:
             logger.warning("admin_keys is empty: every API key can also scale, drain and shut down the cluster")
         special = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
-        self.app = build_app(OpenAIFrontend(self.orchestrator, tokenizer.config.get("chat_template"), special), self.api_keys)
+        self.app = build_app(OpenAIFrontend(self.orchestrator, tokenizer.config.get("chat_template"), special), self.api_keys, self.config.router.cors_origins)
         self._sock = socket.create_server((config.router.host, config.router.http_port if http_port is None else http_port),
                                           backlog=LISTEN_BACKLOG, reuse_port=False)
         self.http_port = self._sock.getsockname()[1]

@@ -28,6 +28,7 @@ def test_the_annotated_example_loads_with_documented_values() -> None:
     ({"model": {"path": "m"}, "router": {"grpc_port": 70000}}, "router.grpc_port", "0..65535"),
     ({"model": {"path": "m"}, "prefill": {"kv_cache_memory": "lots"}}, "prefill.kv_cache_memory", "must be int"),
     ({"model": {"path": "m"}, "api_keys": "secret"}, "api_keys", "must be a list"),
+    ({"model": {"path": "m"}, "router": {"cors_origins": ["https://ok.example", "https://app.example.com/"]}}, "router.cors_origins[1]", "no path"),
     ({"model": {"path": "m", "dtype": "int3"}}, "model.dtype", "'auto'"),
     ({}, "model.path", "is required"),
     ({"model": {"path": "m"}, "prefill": {"resources": {"num_tpus": 1}}}, "prefill.resources.num_tpus", "num_cpus, num_gpus"),

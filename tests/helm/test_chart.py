@@ -203,6 +203,7 @@ def test_the_configmaps_cluster_yaml_loads_with_splitserves_loader(name: str) ->
         else:
             assert config.redis_url == f"redis://:{secrets['redis-password']}@demo-splitserve-redis:6379/0"
         assert config.ray_address == "ray://demo-splitserve-head-svc:10001"
+        assert config.router.cors_origins == values.get("router", {}).get("corsOrigins", [])
     assert config.model.device == ("cuda" if name == "values-gpu.yaml" else "cpu")
 
 
@@ -210,7 +211,7 @@ def test_given_values_reach_cluster_yaml() -> None:
     docs = render({"cluster": {"name": "llm-b", "blockSize": 32, "heartbeatSeconds": 2, "heartbeatTtlSeconds": 9, "maxRestarts": 2, "maxReplicas": 8},
                    "model": {"path": "/models/x", "dtype": "bfloat16", "maxModelLen": 8192},
                    "prefill": {"maxPrefillChunk": 1024, "kvCacheMemory": "2GiB"}, "decode": {"maxRunningRequests": 32},
-                   "router": {"policy": "round_robin", "requestTimeoutS": 30, "maxRetries": 3},
+                   "router": {"policy": "round_robin", "requestTimeoutS": 30, "maxRetries": 3, "corsOrigins": ["https://a.example", "*"]},
                    "slo": {"ttftMs": 800, "tpotMs": 40}, "kvTransfer": {"leaseSeconds": 12},
                    "routing": {"localPrefillTokens": 0, "balanceFactor": 1.5, "balanceWindow": 16, "indexCapacityBlocks": 5000},
                    "auth": {"clusterToken": "given-token", "apiKeys": ["k1", "k2"], "adminKeys": ["a1"], "redisPassword": "pw-1"}})
@@ -224,6 +225,7 @@ def test_given_values_reach_cluster_yaml() -> None:
     assert loaded(render())[0].router.policy == "workload_aware"
     assert (c.cluster_token, c.api_keys, c.admin_keys) == ("given-token", ["k1", "k2"], ["a1"]) and c.redis_url.startswith("redis://:pw-1@")
     assert c.max_replicas == 8
+    assert c.router.cors_origins == ["https://a.example", "*"] and loaded(render())[0].router.cors_origins == []
 
 
 def test_no_secret_is_written_into_the_configmap() -> None:

@@ -124,3 +124,40 @@ def test_one_failing_choice_fails_the_request_and_closes_the_others(when: str) -
     seen, err = asyncio.run(run())
     assert err is boom and other.closed and failing.closed
     assert seen == ([] if when == "before the first token" else [0, 1])  # before: nothing reached the client
+
+
+def _app(cors: list[str], keys: frozenset[str] = frozenset({"k1"})):
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from splitserve.router.http_api import build_app
+
+    orch = SimpleNamespace(model_name="tiny", context_limit=lambda: 2048)
+    return TestClient(build_app(SimpleNamespace(orch=orch, started=0), keys, cors))
+
+
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+def test_cors_lets_the_listed_origins_call_with_their_key() -> None:
+    client = _app(["https://app.example.com"])
+    ok = client.options("/v1/chat/completions", headers={"Origin": "https://app.example.com", **PREFLIGHT})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert {"authorization", "content-type"} <= {h.strip().lower() for h in ok.headers["access-control-allow-headers"].split(",")}
+    r = client.get("/v1/models", headers={"Origin": "https://app.example.com", "Authorization": "Bearer k1"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+    # the key is still checked, and the refusal is readable by the page
+    denied = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
+    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "https://app.example.com"
+    other = client.options("/v1/chat/completions", headers={"Origin": "https://evil.example.com", **PREFLIGHT})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_without_cors_origins_no_cross_origin_headers() -> None:
+    client = _app([])
+    r = client.get("/v1/models", headers={"Origin": "https://app.example.com", "Authorization": "Bearer k1"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert client.options("/v1/chat/completions", headers={"Origin": "https://app.example.com", **PREFLIGHT}).status_code == 405
+    assert _app(["*"]).get("/v1/models", headers={"Origin": "https://x.example", "Authorization": "Bearer k1"}).headers["access-control-allow-origin"] == "*"
