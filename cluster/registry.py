@@ -75,6 +75,20 @@ class Registry:
     def request_drain(self, worker_id: str) -> None:
         self.redis.sadd(self.prefix + "drain", worker_id)
 
+    # one step: two drains of one worker (a retried call, two routers) lower the target once
+    _DRAIN_ONE = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+local n = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], math.max(0, n - 1))
+return 1
+"""
+
+    def drain_one(self, worker_id: str, role: str, default_target: int = 1) -> bool:
+        """Ask `worker_id` to drain and lower its pool's target by one, so that it is not
+        replaced; False (and nothing changed) when it was already draining."""
+        keys = [self.prefix + "drain", self.prefix + "target"]
+        return bool(self.redis.eval(self._DRAIN_ONE, len(keys), *keys, worker_id, role, default_target))
+
     def draining(self) -> set[str]:
         return {m.decode() for m in self.redis.smembers(self.prefix + "drain")}
 

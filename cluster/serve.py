@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.controller import Controller
+from splitserve.cluster.net import check_port_free
 from splitserve.cluster.ray_backend import RayBackend
 from splitserve.cluster.redis_server import EmbeddedRedis
 from splitserve.cluster.registry import Registry
@@ -53,6 +54,9 @@ class Running:
 
 
 def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, with_router: bool = True) -> Running:
+    if with_router:
+        check_port_free(config.router.host, config.router.http_port, "router.http_port")
+        check_port_free(config.router.host, config.router.grpc_port, "router.grpc_port")
     redis_server = EmbeddedRedis() if embedded_redis else None  # loopback, with a generated password
     redis_url = redis_server.url if redis_server else config.redis_url
     if not redis_url:

@@ -23,7 +23,9 @@ TOKEN_HEADER = "x-splitserve-token"
 # HTTP/2 frames up to 16 MiB instead of 16 KiB: a KV message of 8 MiB crosses as one frame, not 512
 _SIZES = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.max_frame_size", (1 << 24) - 1)]
 CHANNEL_OPTIONS = [*_SIZES, *KEEPALIVE]
-SERVER_OPTIONS = [*_SIZES, *ACCEPT_PINGS]
+# no SO_REUSEPORT (gRPC's default on Linux): a second server on a port in use must fail to bind,
+# not share the port and take a random half of the first one's calls
+SERVER_OPTIONS = [*_SIZES, *ACCEPT_PINGS, ("grpc.so_reuseport", 0)]
 # Workers' servers take KV payloads of MiBs: reads of up to 16 MiB let a payload arrive in one
 # piece, which gRPC Python hands over without joining pieces (one copy of every byte fewer;
 # 1.5 -> 2.2 GB/s on loopback). The chunk size adapts down on connections that carry less.

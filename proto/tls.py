@@ -60,9 +60,12 @@ def aio_channel(address: str, tls: TLSFiles | None, options: Options = ()) -> gr
 
 def add_port(server: grpc.Server | grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:
     """Bind `address` (port 0: any free one); returns the port, 0 when it could not bind."""
-    if tls is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, tls.server_credentials())
+    try:
+        if tls is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, tls.server_credentials())
+    except RuntimeError:  # grpcio raises "Failed to bind" where older versions returned 0
+        return 0
 
 
 # ---- command lines of processes started with the cluster's TLS ----------------------------

@@ -122,7 +122,8 @@ class Router:
         self._thread.start()
         if not self._started.wait(START_TIMEOUT) or self._failed is not None:
             self.stop()
-            raise RuntimeError(f"router did not start: {self._failed}") from self._failed
+            error = OSError if isinstance(self._failed, OSError) else RuntimeError  # a port in use is the user's to fix
+            raise error(f"router did not start: {self._failed}") from self._failed
 
     async def _serve(self) -> None:
         try:

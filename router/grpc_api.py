@@ -206,9 +206,7 @@ class AdminService(public_pb2_grpc.AdminServicer):
         record = next((w for w in workers if w.worker_id == request.worker_id), None)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, details(f"worker_id: no worker {request.worker_id!r} in cluster {self.cluster!r}"))
-        targets = await self._redis(context, self.registry.targets)
-        await self._redis(context, self.registry.set_target, record.role, max(0, targets.get(record.role, 1) - 1))  # do not replace it
-        await self._redis(context, self.registry.request_drain, record.worker_id)
+        await self._redis(context, self.registry.drain_one, record.worker_id, record.role)  # once per worker: not replaced
         return public_pb2.DrainResponse(found=True)
 
     async def Shutdown(self, request, context) -> public_pb2.ShutdownResponse:

@@ -43,3 +43,17 @@ def test_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert r.stderr.startswith("splitserve: error: config.json") and "Traceback" not in r.stderr
     r = splitserve("model", "init-tiny", str(tmp_path / "x"), "--num-heads", "4", "--num-kv-heads", "3")
     assert r.returncode == 2 and "num_kv_heads" in r.stderr
+
+
+def test_serve_on_a_port_in_use_says_which_at_once(tmp_path: Path) -> None:
+    """Before: the HTTP port was found taken only once every worker had loaded (~50 s), and the
+    gRPC port ended in a RuntimeError traceback."""
+    import socket
+
+    assert splitserve("model", "init-tiny", str(tmp_path / "m")).returncode == 0
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        for flag, other, key in (("--http-port", "--grpc-port", "router.http_port"), ("--grpc-port", "--http-port", "router.grpc_port")):
+            r = splitserve("serve", "--model", str(tmp_path / "m"), flag, port, other, "0")
+            assert r.returncode == 2 and r.stderr.startswith(f"splitserve: error: {key}: cannot listen on 127.0.0.1:{port}"), r.stderr
+            assert "Traceback" not in r.stderr

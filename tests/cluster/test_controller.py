@@ -108,3 +108,15 @@ def test_a_worker_whose_restarts_are_used_up_is_replaced(setup) -> None:
     assert first in backend.stopped and second not in backend.stopped
     decode = by_role(backend, "decode")
     assert len(decode) == 2 and first not in decode and second in decode
+
+
+def test_draining_a_worker_twice_lowers_its_pool_once(setup) -> None:
+    """A retried drain (or two routers asked at once) left the pool one worker short per call,
+    and the controller then drained healthy workers to match."""
+    controller, backend, registry = setup
+    controller.reconcile()
+    victim, other = by_role(backend, "decode")
+    assert registry.drain_one(victim, "decode") and not registry.drain_one(victim, "decode")
+    assert registry.targets()["decode"] == 1 and registry.draining() == {victim}
+    controller.reconcile()
+    assert registry.draining() == {victim} and other in backend.workers
