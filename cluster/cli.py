@@ -283,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a user's mistake: show the message, not a traceback
         print(f"splitserve: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__module__.split(".")[0] != "redis":  # redis-py's errors are not OSErrors
+            raise
+        print(f"splitserve: error: Redis: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -48,6 +49,9 @@ class Resources:
     custom: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("num_cpus", "num_gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         for name, amount in self.custom.items():
             if not name or name in RAY_BUILTIN_RESOURCES:
                 raise ConfigError(f"custom.{name}", f"is not a custom resource name (Ray's own {', '.join(RAY_BUILTIN_RESOURCES)} are set by num_cpus / num_gpus)")
@@ -170,6 +174,11 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         checks = [
             ("block_size", self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, "a power of two > 0"),
+            ("model.max_model_len", self.model.max_model_len is None or self.model.max_model_len > 0, "null or > 0"),
+            ("prefill.kv_cache_memory", self.prefill.kv_cache_memory > 0, "> 0 bytes, e.g. 4GiB"),
+            ("decode.kv_cache_memory", self.decode.kv_cache_memory > 0, "> 0 bytes, e.g. 4GiB"),
+            ("router.request_timeout_s", self.router.request_timeout_s > 0, "> 0"),
+            ("max_restarts", self.max_restarts >= 0, ">= 0"),
             ("prefill.replicas", self.prefill.replicas >= 0, ">= 0"),
             ("decode.replicas", self.decode.replicas >= 0, ">= 0"),
             ("prefill.cp_degree", self.prefill.cp_degree >= 1, ">= 1"),
@@ -203,7 +212,7 @@ class ClusterConfig:
             ("slo.tpot_ms", self.slo.tpot_ms > 0, "> 0"),
             ("slo.slack", self.slo.slack > 0, "> 0"),
             ("decode.replicas", not self.colocated or self.decode.replicas >= 1, ">= 1 when colocated (the colocated workers)"),
-            ("name", bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
+            ("name", re.fullmatch(r"[A-Za-z0-9_-]+", self.name) is not None, "ASCII letters, digits, '-' and '_'"),
             *((f"tls.{name}", False, f"a readable PEM file, got {getattr(self.tls, name)!r}") for name in (self.tls.missing() if self.tls else ())),
         ]
         for key, ok, allowed in checks:
@@ -236,10 +245,12 @@ def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in overrides.items():
         node = out
         *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else node
-            if not isinstance(node, dict):
-                raise ConfigError(dotted, "cannot override inside a non-mapping")
+        for i, p in enumerate(parents):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):  # e.g. `model: /path` in the file and --model given
+                raise ConfigError(".".join(parents[: i + 1]), f"must be a mapping, got {type(child).__name__} {child!r}")
+            node[p] = child = dict(child)
+            node = child
         node[last] = value
     return out
 
@@ -250,7 +261,7 @@ def _build(cls: type, raw: Any, prefix: str, env: Mapping[str, str]) -> Any:
         raise ConfigError(where, f"must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
+    unknown = sorted(set(raw) - set(names), key=str)
     if unknown:
         raise ConfigError(prefix + str(unknown[0]), f"unknown key; allowed keys here: {', '.join(names)}")
     kwargs = {name: _value(hints[name], raw[name], prefix + name, env) for name in names if name in raw}
@@ -289,6 +300,8 @@ def _value(hint: Any, value: Any, key: str, env: Mapping[str, str]) -> Any:
     if hint is str and isinstance(value, str):
         return _expand(value, key, env)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is int and isinstance(value, str) and value[-3:] in ("KiB", "MiB", "GiB"):
         return _bytes(value, key)
@@ -316,5 +329,5 @@ def _bytes(text: str, key: str) -> int:
     units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
     try:
         return int(float(text[:-3]) * units[text[-3:]])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 'infGiB'
         raise ConfigError(key, f"{text!r} is not a size like '512MiB'") from None

@@ -64,6 +64,7 @@ def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, w
     backend = None
     try:
         registry = Registry(redis_url, config.name, config.heartbeat_ttl_seconds)
+        registry.redis.ping()  # an unreachable Redis is said now, before Ray starts
         if fresh:
             registry.clear()  # a new run: no stale targets or workers from an earlier one
         workers = config.prefill.replicas + config.decode.replicas

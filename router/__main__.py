@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from redis.exceptions import RedisError
+
 from splitserve.cluster.config import load_cluster_config
 from splitserve.proto.server import announce
 from splitserve.router.app import Router
@@ -22,10 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grpc-port", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_cluster_config(args.file, {"redis_url": args.redis_url} if args.redis_url else None)
+    try:
+        config = load_cluster_config(args.file, {"redis_url": args.redis_url} if args.redis_url else None)
+    except (ValueError, OSError) as e:  # ConfigError names the key; a missing file
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if not config.redis_url:
         parser.error("redis_url: needed (in the file or --redis-url)")
-    router = Router(config, config.redis_url, http_port=args.http_port, grpc_port=args.grpc_port)
+    try:
+        router = Router(config, config.redis_url, http_port=args.http_port, grpc_port=args.grpc_port)
+    except (OSError, RedisError) as e:  # a port in use, Redis unreachable
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     announce(role="router", http=router.http_address, grpc=router.grpc_address)
     from splitserve.cluster.serve import wait_for_signal
 

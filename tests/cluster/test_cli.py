@@ -57,3 +57,15 @@ def test_serve_on_a_port_in_use_says_which_at_once(tmp_path: Path) -> None:
             r = splitserve("serve", "--model", str(tmp_path / "m"), flag, port, other, "0")
             assert r.returncode == 2 and r.stderr.startswith(f"splitserve: error: {key}: cannot listen on 127.0.0.1:{port}"), r.stderr
             assert "Traceback" not in r.stderr
+
+
+def test_up_and_a_lone_router_say_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    """Before: a traceback for an unreachable Redis (after Ray had started) and for a mistake in
+    the file given to `python -m splitserve.router`."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: /nonexistent}\nredis_url: redis://127.0.0.1:1/0\nrouter: {http_port: 0, grpc_port: 0}\n")
+    r = splitserve("up", "-f", str(cfg))
+    assert r.returncode == 1 and "splitserve: error: Redis: ConnectionError" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    cfg.write_text("model: {path: /m}\ncolour: blue\n")
+    r = subprocess.run([sys.executable, "-m", "splitserve.router", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("python -m splitserve.router: error: colour: unknown key") and "Traceback" not in r.stderr

@@ -31,12 +31,28 @@ def test_the_annotated_example_loads_with_documented_values() -> None:
     ({"model": {"path": "m"}, "router": {"cors_origins": ["https://ok.example", "https://app.example.com/"]}}, "router.cors_origins[1]", "no path"),
     ({"model": {"path": "m", "dtype": "int3"}}, "model.dtype", "'auto'"),
     ({}, "model.path", "is required"),
+    ({"model": {"path": "m"}, "decode": {"kv_cache_memory": "infGiB"}}, "decode.kv_cache_memory", "not a size"),
+    ({"model": {"path": "m"}, "prefill": {"kv_cache_memory": "-1GiB"}}, "prefill.kv_cache_memory", "> 0"),
+    ({"model": {"path": "m", "max_model_len": -3}}, "model.max_model_len", "> 0"),
+    ({"model": {"path": "m"}, "router": {"request_timeout_s": -5}}, "router.request_timeout_s", "> 0"),
+    ({"model": {"path": "m"}, "decode": {"resources": {"num_cpus": -2}}}, "decode.resources.num_cpus", ">= 0"),
+    ({"model": {"path": "m"}, "max_restarts": -1}, "max_restarts", ">= 0"),
+    ({"model": {"path": "m"}, "kv_transfer": {"lease_seconds": float("inf")}}, "kv_transfer.lease_seconds", "finite"),
+    ({"model": {"path": "m"}, "name": "é"}, "name", "ASCII"),
+    ({"model": {"path": "m"}, 1: 2, "foo": 3}, "1", "unknown key"),  # keys of mixed types: named, not a TypeError
     ({"model": {"path": "m"}, "prefill": {"resources": {"num_tpus": 1}}}, "prefill.resources.num_tpus", "num_cpus, num_gpus"),
 ])
 def test_errors_name_the_key_and_the_allowed_values(raw: dict, key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_cluster_config(raw)
     assert e.value.key == key and fragment in str(e.value)
+
+
+def test_an_override_inside_a_section_written_as_a_scalar_names_the_section() -> None:
+    for raw, override, key in (({"model": "/m"}, {"model.path": "/m"}, "model"), ({"model": {"path": "m"}, "prefill": 3}, {"prefill.replicas": 2}, "prefill")):
+        with pytest.raises(ConfigError, match="must be a mapping") as e:
+            parse_cluster_config(raw, override)
+        assert e.value.key == key
 
 
 def test_overrides_use_dotted_keys_and_are_validated_too() -> None:
