@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from splitserve.proto.status import StatusError
 from splitserve.router.predictors import OutputLengthModel, PrefillModel, RequestFeatures, TransferModel
 
 
@@ -156,8 +157,11 @@ def admission_refusal(route: Route, slo_ttft_s: float, slack: float) -> str | No
             f"{route.predicted_wait * 1000:.0f} ms of it is waiting for queued work")
 
 
-class NoWorkerError(Exception):
-    status = "UNAVAILABLE"
+class NoWorkerError(StatusError):
+    """No worker can take the request now (UNAVAILABLE: retry)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UNAVAILABLE", message)
 
 
 class PrefixLookup(Protocol):

@@ -126,7 +126,7 @@ def test_one_failing_choice_fails_the_request_and_closes_the_others(when: str) -
     assert seen == ([] if when == "before the first token" else [0, 1])  # before: nothing reached the client
 
 
-def _app(cors: list[str], keys: frozenset[str] = frozenset({"k1"})):
+def _app(cors: list[str], keys: frozenset[str] = frozenset({"k1"}), **frontend):
     from types import SimpleNamespace
 
     from fastapi.testclient import TestClient
@@ -134,7 +134,7 @@ def _app(cors: list[str], keys: frozenset[str] = frozenset({"k1"})):
     from splitserve.router.http_api import build_app
 
     orch = SimpleNamespace(model_name="tiny", context_limit=lambda: 2048)
-    return TestClient(build_app(SimpleNamespace(orch=orch, started=0), keys, cors))
+    return TestClient(build_app(SimpleNamespace(orch=orch, started=0, **frontend), keys, cors))
 
 
 PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
@@ -161,3 +161,17 @@ def test_without_cors_origins_no_cross_origin_headers() -> None:
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     assert client.options("/v1/chat/completions", headers={"Origin": "https://app.example.com", **PREFLIGHT}).status_code == 405
     assert _app(["*"]).get("/v1/models", headers={"Origin": "https://x.example", "Authorization": "Bearer k1"}).headers["access-control-allow-origin"] == "*"
+
+
+def test_no_worker_ready_is_a_503_that_keeps_the_connection(caplog) -> None:
+    """It took the unexpected-error path: a logged traceback and `Connection: close`, which
+    reset pooled clients' next request."""
+    from splitserve.router.policy import NoWorkerError
+
+    async def plan(body):
+        raise NoWorkerError("no decode worker is ready")
+
+    r = _app([], frozenset(), completion_plan=plan, respond=None).post("/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 503 and r.headers["retry-after"] and "connection" not in r.headers
+    assert r.json()["error"]["message"] == "no decode worker is ready"
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
