@@ -207,6 +207,22 @@ async def _client_left(request: Request) -> None:
         await asyncio.sleep(0.1)  # not expected after the body; never a busy loop
 
 
+async def _unless_client_leaves(request: Request, work: asyncio.Future, request_id: str) -> bool:
+    """Wait for `work` unless the client closes its connection first: then `work` is cancelled
+    (closing the choices' streams aborts their legs) and False is returned."""
+    left = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait((work, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if left.done() and not left.cancelled() and left.exception() is not None:  # its connection broke: as gone
+            logger.debug("watching the client of %s: %r", request_id, left.exception())
+        if not work.done():  # the client left (or the server stops)
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    return not work.cancelled()
+
+
 def _int64(n: int) -> int:
     """`n` wrapped into int64, as the seed of choice i (seed + i) must be at the top of the range."""
     return (n - INT64_MIN) % 2**64 + INT64_MIN
@@ -287,24 +303,20 @@ class OpenAIFrontend:
             streams = self.orch.generate_many(plan.inputs)  # validation errors raise here, before any byte is sent
         merged = _merged(streams, [inp.request_id for inp in plan.inputs], self.orch.discard)
         created = int(time.time())
-        if not stream:  # a stream ends when its client leaves (Starlette watches); a whole answer is watched here
+        if not stream:  # a whole answer: its client is watched until it is ready
             collect = asyncio.ensure_future(self._collect(plan, merged, created))
-            left = asyncio.ensure_future(_client_left(request))
-            try:
-                await asyncio.wait((collect, left), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                left.cancel()
-                if left.done() and not left.cancelled() and left.exception() is not None:  # its connection broke: as gone
-                    logger.debug("watching the client of %s: %r", plan.request_id, left.exception())
-                if not collect.done():  # the client left (or the server stops): closing the choices aborts their legs
-                    collect.cancel()
-                    await asyncio.gather(collect, return_exceptions=True)
-            if collect.cancelled():
+            if not await _unless_client_leaves(request, collect, plan.request_id):
                 return Response(status_code=499)  # nobody reads it
             return JSONResponse(collect.result().model_dump(exclude_none=False))
+        # a stream: its client is watched until the first event (a prompt queued or prefilling
+        # can take long), then Starlette watches it while the response is sent
         events = self._events(plan, merged, created)
         try:
-            first = await anext(events)  # a failure before the first tokens still gets its status
+            first_event = asyncio.ensure_future(anext(events))
+            if not await _unless_client_leaves(request, first_event, plan.request_id):
+                await events.aclose()
+                return Response(status_code=499)
+            first = first_event.result()  # a failure before the first tokens still gets its status
         except BaseException:
             await events.aclose()
             raise

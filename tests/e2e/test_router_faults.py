@@ -4,9 +4,12 @@ holding reserved blocks."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import time
+import urllib.parse
 
 import pytest
 
@@ -173,4 +176,25 @@ def test_decode_worker_lost_while_its_kv_streams_in_is_retried_on_another(make_c
                 os.kill(victim.popen.pid, signal.SIGCONT)
         again = sdk.generate(LONG_PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
         assert out.token_ids == again.token_ids and len(out.token_ids) == 8
+    c.assert_idle()
+
+
+def test_a_streamed_client_that_leaves_before_its_first_token_ends_its_request(make_cluster) -> None:
+    """Before the first token (here: a prefill worker that stopped) a streamed request's client
+    was not watched: it held its router slot and the decode worker's reservation until its
+    first token or its lease, long after its client had gone."""
+    c = make_cluster(router={"max_retries": 0}).start(("prefill", []), ("decode", ["--lease-seconds", "120"]))
+    (p,) = [w for w in c.workers.values() if w.ready["role"] == "prefill"]
+    (d,) = [w for w in c.workers.values() if w.ready["role"] == "decode"]
+    os.kill(p.popen.pid, signal.SIGSTOP)
+    try:
+        u = urllib.parse.urlparse(c.http)
+        body = json.dumps({"prompt": "a client that gives up", "stream": True, "max_tokens": 4}).encode()
+        with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_until(lambda: c.stats(d).reserved_blocks > 0, 20, "the decode worker reserved the prompt's blocks")
+        wait_until(lambda: c.stats(d).reserved_blocks == 0, 10, "the reservation freed once the client left (not at the 120 s lease)")
+    finally:
+        os.kill(p.popen.pid, signal.SIGCONT)
     c.assert_idle()
