@@ -256,6 +256,9 @@ class Orchestrator:
     def generate_many(self, inputs: list[GenerateInput]) -> list[AsyncIterator[Chunk]]:
         """`generate` for several requests that stand or fall together (the choices of one API
         request): all are validated and admitted, or none is."""
+        if self.max_concurrent is not None and len(inputs) > self.max_concurrent:  # never admitted: not a 'retry shortly'
+            raise InvalidRequestError("n", f"asks {len(inputs)} choices (prompts x n); this router serves at most {self.max_concurrent} "
+                                           "requests at once (router.max_concurrent_requests)")
         if self.max_concurrent is not None and len(self._legs) + len(inputs) > self.max_concurrent:
             self.metrics.refused.labels("overloaded").inc()
             raise OverloadedError(self.max_concurrent)

@@ -290,6 +290,9 @@ def test_beyond_the_concurrency_cap_both_doors_answer_unavailable_with_retry_aft
         held.close()
         sse.close()
         wait_until(lambda: c.stats(d).running_requests == 0, 30, "the held requests aborted")
+        # more choices than the cap can ever admit: a 400 naming n, not a 'retry shortly' that never succeeds
+        status, err, _ = post(c.http, {"prompt": "too many", "max_tokens": 2, "n": 3})
+        assert status == 400 and err["error"]["param"] == "n" and "at most 2 requests at once" in err["error"]["message"], err
         later = InThread(lambda: post(c.http, {"prompt": "room again", "max_tokens": 2}))
         assert sdk.generate("room again", max_tokens=2).finish_reason == "length"
         assert later.result()[0] == 200
