@@ -109,9 +109,11 @@ class GenerationService(public_pb2_grpc.GenerationServicer):
             try:
                 async for chunk in stream:  # a caller that leaves cancels this task: the stream aborts both legs
                     watch = self._watch_write(stream, dropped)
-                    yield chunk_to_public(chunk)  # resumed once the message is written
-                    if watch is not None:
-                        watch.cancel()
+                    try:
+                        yield chunk_to_public(chunk)  # resumed once the message is written
+                    finally:  # a caller that leaves meanwhile cancels this task here: the watch goes too
+                        if watch is not None:
+                            watch.cancel()
                     if dropped:
                         raise StatusError("DEADLINE_EXCEEDED", f"the caller read nothing for {self.send_timeout:g} s; its request was aborted")
             except Exception as e:
