@@ -1,18 +1,23 @@
 """A throw-away Redis server for `splitserve serve` (and tests): `redis-server` from PATH on a
-free loopback port, with a generated password, no persistence, stopped with the run."""
+free loopback port, with a generated password, no persistence, stopped with the run, and
+restarted on the same port if it dies meanwhile (`supervise`)."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import redis
 
 from splitserve.cluster.net import free_port
+
+logger = logging.getLogger(__name__)
 
 
 class EmbeddedRedis:
@@ -38,18 +43,45 @@ class EmbeddedRedis:
             lines += [f"port {self.port}"]
         conf.write_text("\n".join(lines) + "\n")
         conf.chmod(0o600)
-        self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self._argv, self._timeout = [binary, str(conf)], timeout
+        self._lock, self._stopping = threading.Lock(), threading.Event()
+        try:
+            self._launch()
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def _launch(self) -> None:
+        self.proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self._timeout
         while True:
             try:
                 if client.ping():
-                    break
+                    return
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not start on {host}:{self.port}") from None
+                    raise RuntimeError(f"redis-server did not start on {self.host}:{self.port}") from None
                 time.sleep(0.05)
+
+    def supervise(self, interval: float = 0.5) -> None:
+        """Restart redis-server (same port and password, empty) whenever it exits, until `stop`:
+        the cluster's workers re-register at their next heartbeat and the controller restores
+        the pools, as after any Redis restart; without this a `serve` whose Redis died served
+        503s until it was restarted by hand."""
+        threading.Thread(target=self._watch, args=(interval,), name="redis-supervisor", daemon=True).start()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            with self._lock:
+                code = self.proc.poll()
+                if code is None or self._stopping.is_set():
+                    continue
+                logger.warning("the embedded redis-server exited (code %s); restarting it on %s:%d", code, self.host, self.port)
+                try:
+                    self._launch()
+                except RuntimeError as e:
+                    logger.error("%s; trying again", e)
 
     @property
     def url(self) -> str:
@@ -58,10 +90,15 @@ class EmbeddedRedis:
         return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
     def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._stop_process()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _stop_process(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        shutil.rmtree(self._dir, ignore_errors=True)

@@ -58,6 +58,8 @@ def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, w
         check_port_free(config.router.host, config.router.http_port, "router.http_port")
         check_port_free(config.router.host, config.router.grpc_port, "router.grpc_port")
     redis_server = EmbeddedRedis() if embedded_redis else None  # loopback, with a generated password
+    if redis_server is not None:
+        redis_server.supervise()  # restarted if it dies: the run survives as it would a Redis restart
     redis_url = redis_server.url if redis_server else config.redis_url
     if not redis_url:
         raise ValueError("redis_url: required by `splitserve up` (an existing Redis); `splitserve serve` starts its own")

@@ -120,3 +120,33 @@ def test_draining_a_worker_twice_lowers_its_pool_once(setup) -> None:
     assert registry.targets()["decode"] == 1 and registry.draining() == {victim}
     controller.reconcile()
     assert registry.draining() == {victim} and other in backend.workers
+
+
+def test_a_supervised_embedded_redis_that_dies_comes_back_on_its_address() -> None:
+    """`serve`'s Redis killed: it stayed dead (a zombie), the registry unreachable, every request
+    a 503 until `serve` was restarted by hand."""
+    import os
+    import signal
+    import time
+
+    import redis
+
+    server = EmbeddedRedis()
+    try:
+        server.supervise(interval=0.05)
+        first = server.proc.pid
+        os.kill(first, signal.SIGKILL)
+        client = redis.Redis.from_url(server.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the embedded Redis did not come back"
+                time.sleep(0.05)
+        assert server.proc.pid != first
+    finally:
+        server.stop()
+    time.sleep(0.2)  # stopped on purpose: not restarted
+    assert server.proc.poll() is not None
