@@ -9,7 +9,9 @@
 Every call has a deadline (`timeout`, default 600 s). Failures raise a subclass of
 `SplitserveError` chosen by the gRPC status: InvalidArgumentError (bad input, naming the
 field), FailedPreconditionError, UnauthenticatedError, NotFoundError, ResourceExhaustedError, UnavailableError,
-DeadlineExceededError, AbortedError, InternalError.
+DeadlineExceededError, AbortedError, InternalError. Mistakes the SDK can see itself (an option of the
+wrong type or range, a prompt that is neither text nor token ids) are InvalidArgumentError naming
+the keyword before anything is sent; a call on a closed client is ClientClosedError.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ class InternalError(SplitserveError):
     status = "INTERNAL"
 
 
+class ClientClosedError(SplitserveError):
+    """A call on a client after its `close()` (or the end of its `with` block)."""
+
+    status = "FAILED_PRECONDITION"
+
+
 _BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, FailedPreconditionError, UnauthenticatedError, PermissionDeniedError, NotFoundError,
                                           ResourceExhaustedError, UnavailableError, DeadlineExceededError, AbortedError, InternalError)}
 _BY_STATUS["CANCELLED"] = AbortedError
@@ -115,31 +123,43 @@ class Completion:
 
 
 def _request(prompt: str | list[int], *, request_id: str | None = None, model: str = "", max_tokens: int = 16, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
              ignore_eos: bool = False, skip_special_tokens: bool = True, min_tokens: int = 0, logit_bias: dict[int, float] | None = None,
              repetition_penalty: float | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0, top_logprobs: int = 0,
              slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None) -> public_pb2.GenerateRequest:
     """The request for `prompt` (text or token ids) with these sampling options; every
-    generate method of both clients takes exactly these keywords."""
-    params = public_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos,
-                                       min_tokens=min_tokens, logit_bias=logit_bias or {}, frequency_penalty=frequency_penalty,
-                                       presence_penalty=presence_penalty, top_logprobs=top_logprobs)
-    if repetition_penalty is not None:
-        params.repetition_penalty = repetition_penalty
-    if seed is not None:
-        params.seed = seed
+    generate method of both clients takes exactly these keywords. A value of the wrong type or
+    range is an InvalidArgumentError naming its keyword, before anything is sent."""
+    if not isinstance(prompt, (str, list, tuple)):
+        raise InvalidArgumentError(f"prompt: must be text or a list of token ids, got {type(prompt).__name__}")
+    if isinstance(max_tokens, int) and max_tokens < 1:  # 0 on the wire means "the default"
+        raise InvalidArgumentError(f"max_tokens: must be >= 1, got {max_tokens}")
+    fields = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+              "stop": [stop] if isinstance(stop, str) else stop or [], "stop_token_ids": stop_token_ids or [], "ignore_eos": ignore_eos,
+              "min_tokens": min_tokens, "logit_bias": logit_bias or {}, "frequency_penalty": frequency_penalty,
+              "presence_penalty": presence_penalty, "top_logprobs": top_logprobs}
+    fields |= {k: v for k, v in (("repetition_penalty", repetition_penalty), ("seed", seed)) if v is not None}
     if not skip_special_tokens:
-        params.skip_special_tokens = False
-    req = public_pb2.GenerateRequest(request_id=request_id or "", model=model, params=params)
-    for name, value in (("slo_ttft_ms", slo_ttft_ms), ("slo_tpot_ms", slo_tpot_ms)):
-        if value is not None:
-            setattr(req, name, value)
-    if isinstance(prompt, str):
-        req.text = prompt
-    else:
-        req.token_ids.ids.extend(prompt)
-    return req
+        fields["skip_special_tokens"] = False
+    params = _message(public_pb2.SamplingParams, fields)
+    top = {"request_id": request_id or "", "model": model, "params": params}
+    top |= {k: v for k, v in (("slo_ttft_ms", slo_ttft_ms), ("slo_tpot_ms", slo_tpot_ms)) if v is not None}
+    top |= {"text": prompt} if isinstance(prompt, str) else {"token_ids": {"ids": list(prompt)}}
+    return _message(public_pb2.GenerateRequest, top)
+
+
+def _message(cls, fields: dict):
+    """`cls(**fields)`, or an InvalidArgumentError naming the first field protobuf refuses."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError):
+        for name, value in fields.items():
+            try:
+                cls(**{name: value})
+            except (TypeError, ValueError) as e:
+                shown = "the token ids" if name == "token_ids" else repr(value)
+                raise InvalidArgumentError(f"{'prompt' if name == 'token_ids' else name}: {shown} is not valid here ({e})") from None
+        raise
 
 
 def _chunk(msg: public_pb2.GenerateResponse) -> GenerateChunk:
@@ -176,7 +196,18 @@ def _credentials(tls: bool | str | Path) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=None if tls is True else Path(tls).read_bytes())
 
 
-class Client:
+class _Deadlines:
+    closed: bool
+    timeout: float
+
+    def _deadline(self, timeout: float | None) -> float:
+        """A call's deadline: its own `timeout` (0 included) or the client's."""
+        if self.closed:
+            raise ClientClosedError("this client is closed")
+        return self.timeout if timeout is None else timeout
+
+
+class Client(_Deadlines):
     def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0, tls: bool | str | Path = False) -> None:
         """`tls`: False (plaintext), True (the system's CAs) or a PEM CA file for a router serving TLS."""
         creds = _credentials(tls)
@@ -185,6 +216,7 @@ class Client:
         self.admin = public_pb2_grpc.AdminStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout
+        self.closed = False
 
     def __enter__(self) -> "Client":
         return self
@@ -193,13 +225,14 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self.closed = True
         self.channel.close()
 
     def generate_stream(self, prompt: str | list[int], *, timeout: float | None = None, **options) -> Iterator[GenerateChunk]:
         """Stream the completion of `prompt`; `options` are `_request`'s keywords (max_tokens,
         temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos, skip_special_tokens, ...)."""
         req = _request(prompt, **options)
-        call = self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata)
+        call = self.stub.Generate(req, timeout=self._deadline(timeout), metadata=self.metadata)
         try:
             for msg in call:
                 yield _chunk(msg)
@@ -213,7 +246,7 @@ class Client:
         req = _request(prompt, **options)
         done = Completion(req.request_id)
         try:
-            for msg in self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata):
+            for msg in self.stub.Generate(req, timeout=self._deadline(timeout), metadata=self.metadata):
                 _add(done, msg)
         except grpc.RpcError as e:
             raise error_from_rpc(e, req.request_id) from None
@@ -245,12 +278,12 @@ class Client:
 
     def _call(self, method, request, timeout: float = 30.0):
         try:
-            return method(request, timeout=timeout, metadata=self.metadata)
+            return method(request, timeout=self._deadline(timeout), metadata=self.metadata)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
 
 
-class AsyncClient:
+class AsyncClient(_Deadlines):
     """The asyncio twin of `Client` for generation."""
 
     def __init__(self, address: str, *, api_key: str | None = None, timeout: float = 600.0, tls: bool | str | Path = False) -> None:
@@ -259,6 +292,7 @@ class AsyncClient:
         self.stub = public_pb2_grpc.GenerationStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout
+        self.closed = False
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -267,11 +301,12 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        self.closed = True
         await self.channel.close()
 
     async def generate_stream(self, prompt: str | list[int], *, timeout: float | None = None, **options) -> AsyncIterator[GenerateChunk]:
         req = _request(prompt, **options)
-        call = self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata)
+        call = self.stub.Generate(req, timeout=self._deadline(timeout), metadata=self.metadata)
         try:
             async for msg in call:
                 yield _chunk(msg)
@@ -288,7 +323,7 @@ class AsyncClient:
 
     async def _call(self, method, request, timeout: float = 30.0):
         try:
-            return await method(request, timeout=timeout, metadata=self.metadata)
+            return await method(request, timeout=self._deadline(timeout), metadata=self.metadata)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
 
@@ -296,7 +331,7 @@ class AsyncClient:
         req = _request(prompt, **options)
         done = Completion(req.request_id)
         try:
-            async for msg in self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata):
+            async for msg in self.stub.Generate(req, timeout=self._deadline(timeout), metadata=self.metadata):
                 _add(done, msg)
         except grpc.RpcError as e:
             raise error_from_rpc(e, req.request_id) from None

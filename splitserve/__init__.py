@@ -24,7 +24,7 @@ if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "engine" / "__init_
     __path__.append(str(_CHECKOUT))
 
 _SDK = ("Client", "AsyncClient", "Completion", "GenerateChunk", "SplitserveError", "InvalidArgumentError", "FailedPreconditionError", "UnauthenticatedError", "PermissionDeniedError",
-        "NotFoundError", "ResourceExhaustedError", "UnavailableError", "DeadlineExceededError", "AbortedError", "InternalError")
+        "NotFoundError", "ResourceExhaustedError", "UnavailableError", "DeadlineExceededError", "AbortedError", "InternalError", "ClientClosedError")
 __all__ = list(_SDK)
 
 
