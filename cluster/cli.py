@@ -16,6 +16,7 @@ import logging
 import secrets
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from splitserve.engine.errors import EngineError
 from splitserve.engine.tiny_checkpoint import ARCHS, TinySpec
@@ -42,8 +43,9 @@ def _init_tiny(args: argparse.Namespace) -> int:
         seed=args.seed,
         shard_size=args.shard_size,
     )
-    out = write_tiny_checkpoint(args.dir, spec)
-    print(f"wrote {args.arch} checkpoint to {out}")
+    existed = Path(args.dir).exists() and any(Path(args.dir).iterdir())
+    out = write_tiny_checkpoint(args.dir, spec, overwrite=args.force)
+    print(f"{'kept the same' if existed and not args.force else 'wrote'} {args.arch} checkpoint {'in' if existed and not args.force else 'to'} {out}")
     return 0
 
 
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d.dtype)
     tiny.add_argument("--seed", type=int, default=d.seed)
     tiny.add_argument("--shard-size", type=int, default=None, help="bytes per safetensors shard")
+    tiny.add_argument("--force", action="store_true", help="write into a folder that holds something else (replacing its checkpoint)")
     tiny.set_defaults(func=_init_tiny)
 
     serve = sub.add_parser("serve", help="run a whole cluster on this machine (embedded Redis and Ray)")

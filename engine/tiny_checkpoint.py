@@ -9,6 +9,7 @@ and seed always give the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -68,6 +69,14 @@ class TinySpec:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("head_dim", "sliding_window"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sliding_window is not None and self.arch != "mistral":
+            raise ValueError(f"sliding_window is for arch mistral only (the others' configs have none), got arch {self.arch!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         if self.rope_scaling not in (None, "llama3"):
@@ -76,8 +85,15 @@ class TinySpec:
             raise ValueError(f"vocab_size must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
 
 
-def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec(), overwrite: bool = True) -> Path:
+    """Write the checkpoint into `out_dir`. With `overwrite` False a folder that holds anything
+    else is refused (FileExistsError), so that a real checkpoint is never replaced by mistake;
+    one that holds this very checkpoint (same spec and seed) is left as it is."""
     out = Path(out_dir)
+    if not overwrite and out.exists() and any(out.iterdir()):
+        if _same_checkpoint(out, spec):
+            return out
+        raise FileExistsError(f"{out} is not empty: choose a new folder, or pass --force to overwrite what is there")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(spec.vocab_size)
     tokenizer.save(str(out / "tokenizer.json"))
@@ -101,6 +117,7 @@ def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> P
     )
     (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}, indent=2) + "\n")
     _save_weights(out, _weights(spec, config), spec.shard_size)
+    (out / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")  # last: a folder with it is whole
     return out
 
 
@@ -121,6 +138,16 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
     return tok
+
+
+SPEC_FILE = "splitserve_tiny.json"  # the spec a folder was written from: a rerun can tell it is the same
+
+
+def _same_checkpoint(out: Path, spec: TinySpec) -> bool:
+    try:
+        return json.loads((out / SPEC_FILE).read_text()) == dataclasses.asdict(spec)
+    except (OSError, ValueError):
+        return False
 
 
 def _config(spec: TinySpec, bos: int, eos: int) -> dict:

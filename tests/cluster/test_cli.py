@@ -69,3 +69,28 @@ def test_up_and_a_lone_router_say_what_is_wrong_in_one_line(tmp_path: Path) -> N
     cfg.write_text("model: {path: /m}\ncolour: blue\n")
     r = subprocess.run([sys.executable, "-m", "splitserve.router", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("python -m splitserve.router: error: colour: unknown key") and "Traceback" not in r.stderr
+
+
+def test_init_tiny_never_replaces_a_folder_it_did_not_write_without_force(tmp_path: Path) -> None:
+    """It replaced config.json and the weights of whatever checkpoint the folder held."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 32}')
+    r = splitserve("model", "init-tiny", str(real))
+    assert r.returncode == 2 and "is not empty" in r.stderr and "--force" in r.stderr
+    assert (real / "config.json").read_text() == '{"model_type": "llama", "num_hidden_layers": 32}'
+    tiny = tmp_path / "tiny"
+    assert splitserve("model", "init-tiny", str(tiny)).returncode == 0
+    r = splitserve("model", "init-tiny", str(tiny))  # the same again (a rerun quick start, a restarted init container)
+    assert r.returncode == 0 and r.stdout.startswith("kept the same")
+    assert splitserve("model", "init-tiny", str(tiny), "--seed", "7").returncode == 2  # another checkpoint: not over this one
+    assert splitserve("model", "init-tiny", str(tiny), "--seed", "7", "--force").returncode == 0
+    assert json.loads((tiny / "splitserve_tiny.json").read_text())["seed"] == 7
+
+
+def test_init_tiny_refuses_sizes_and_options_it_cannot_honour(tmp_path: Path) -> None:
+    for args, named in ((["--num-layers", "-1"], "num_layers"), (["--hidden-size", "0"], "hidden_size"),
+                        (["--sliding-window", "8"], "sliding_window is for arch mistral only")):
+        r = splitserve("model", "init-tiny", str(tmp_path / "x"), *args)
+        assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert splitserve("model", "init-tiny", str(tmp_path / "m"), "--arch", "mistral", "--sliding-window", "8").returncode == 0
