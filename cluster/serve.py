@@ -63,7 +63,7 @@ def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, w
     redis_url = redis_server.url if redis_server else config.redis_url
     if not redis_url:
         raise ValueError("redis_url: required by `splitserve up` (an existing Redis); `splitserve serve` starts its own")
-    backend = None
+    backend = controller = None
     try:
         registry = Registry(redis_url, config.name, config.heartbeat_ttl_seconds)
         registry.redis.ping()  # an unreachable Redis is said now, before Ray starts
@@ -81,6 +81,8 @@ def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, w
 
             router = Router(config, redis_url)
     except BaseException:
+        if controller is not None:  # first: its loop would start workers (and a local Ray) again
+            controller.stop()
         if backend is not None:
             backend.shutdown()
         if redis_server is not None:

@@ -150,3 +150,25 @@ def test_a_supervised_embedded_redis_that_dies_comes_back_on_its_address() -> No
         server.stop()
     time.sleep(0.2)  # stopped on purpose: not restarted
     assert server.proc.poll() is not None
+
+
+def test_a_start_that_fails_stops_its_controller(redis_url, monkeypatch) -> None:
+    """The router failing to start (a port taken meanwhile) left the controller's loop running:
+    it kept starting workers, and a second local Ray, in a process that was exiting."""
+    import threading
+
+    import splitserve.router.app
+    from splitserve.cluster import serve
+
+    config = parse_cluster_config({"name": "failed-start", "model": {"path": "m"}, "redis_url": redis_url, "router": {"http_port": 0, "grpc_port": 0}})
+    backends: list[FakeBackend] = []
+    monkeypatch.setattr(serve, "RayBackend", lambda *a, **k: backends.append(FakeBackend(Registry(redis_url, config.name))) or backends[-1])
+    monkeypatch.setattr(FakeBackend, "shutdown", lambda self: self.workers.clear(), raising=False)
+
+    def router(*a, **k):
+        raise OSError("router did not start: port taken")
+
+    monkeypatch.setattr(splitserve.router.app, "Router", router)
+    with pytest.raises(OSError, match="port taken"):
+        serve.start_cluster(config, embedded_redis=False, fresh=True)
+    assert not [t for t in threading.enumerate() if t.name == "controller" and t.is_alive()]
