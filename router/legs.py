@@ -64,6 +64,8 @@ class WorkerClient:
 
     def error(self, code: grpc.StatusCode | None, detail: str, leg: str, what: str) -> LegError:
         status = "UNAVAILABLE" if code in _LOST else code.name if code is not None else "UNAVAILABLE"
+        if status in ("UNAUTHENTICATED", "PERMISSION_DENIED"):  # the worker refused this router, not the client
+            status, detail = "INTERNAL", f"{detail} (the router's cluster_token is refused: routers and workers must share one)"
         return LegError(status, f"{what} on {leg} worker {self.label}: {detail}", leg, self.worker_id)
 
     def rpc_error(self, e: grpc.aio.AioRpcError, leg: str, what: str) -> LegError:
