@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import secrets
 import sys
 from collections.abc import Sequence
@@ -148,8 +149,8 @@ def _scale(args: argparse.Namespace) -> int:
     wanted: dict[str, int] = {}
     for item in args.pools:
         role, _, n = item.partition("=")
-        if role not in ("prefill", "decode") or not n.isdigit():
-            print(f"splitserve: error: {item!r}: expected prefill=N or decode=N", file=sys.stderr)
+        if role not in ("prefill", "decode") or not re.fullmatch(r"[0-9]{1,9}", n) or role in wanted:
+            print(f"splitserve: error: {item!r}: expected prefill=N or decode=N (a count, each pool once)", file=sys.stderr)
             return 2
         wanted[role] = int(n)
     with _client(args) as c:

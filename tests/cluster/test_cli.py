@@ -94,3 +94,10 @@ def test_init_tiny_refuses_sizes_and_options_it_cannot_honour(tmp_path: Path) ->
         r = splitserve("model", "init-tiny", str(tmp_path / "x"), *args)
         assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert splitserve("model", "init-tiny", str(tmp_path / "m"), "--arch", "mistral", "--sliding-window", "8").returncode == 0
+
+
+def test_scale_names_a_count_it_cannot_take() -> None:
+    """A count beyond int32 was 'Value out of range', '²' passed isdigit and failed in int()."""
+    for args in (["prefill=99999999999"], ["prefill=²"], ["prefill=1", "prefill=2"], ["gpu=1"]):
+        r = splitserve("scale", *args, "--router", "127.0.0.1:1")
+        assert r.returncode == 2 and "expected prefill=N or decode=N" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
