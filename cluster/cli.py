@@ -162,7 +162,8 @@ def _scale(args: argparse.Namespace) -> int:
 def _drain(args: argparse.Namespace) -> int:
     with _client(args) as c:
         c.drain(args.worker)
-    print(f"draining {args.worker}: it takes no new requests, finishes its running ones, then stops")
+    print(f"draining {args.worker}: it takes no new requests, finishes its running ones, then stops; "
+          "its pool's target is one lower, so it is not replaced (`splitserve scale` to restore it)")
     return 0
 
 
