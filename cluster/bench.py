@@ -116,6 +116,7 @@ def summarize(records: Sequence[RequestRecord], duration: float, slo_ttft_ms: fl
 
     s = {
         "requests": len(records), "completed": len(ok), "failed": sum(failed.values()), "failed_by_status": dict(sorted(failed.items())),
+        "first_error_by_status": {st: next(r.error for r in records if not r.ok and r.status == st) for st in sorted(failed)},
         "duration_s": duration, "input_tokens": inp, "output_tokens": out, "request_throughput": per_s(len(ok)),
         "output_throughput": per_s(out), "total_token_throughput": per_s(inp + out),
         "ttft_ms": _dist_ms([r.ttft for r in ok if r.ttft is not None]), "tpot_ms": _dist_ms([r.tpot for r in ok if r.tpot is not None]),
@@ -380,7 +381,8 @@ def summary_table(s: dict, title: str) -> Table:
         return "-" if v is None else f"{v:.2f}"
 
     rows = [("Successful requests", s["completed"]), ("Failed requests", s["failed"])]
-    rows += [(f"  {status}", n) for status, n in s["failed_by_status"].items()]
+    first = s.get("first_error_by_status", {})
+    rows += [(f"  {status}", f"{n}  (first: {first[status][:120]})" if first.get(status) else n) for status, n in s["failed_by_status"].items()]
     rows += [("Duration (s)", num(s["duration_s"])), ("Input tokens", s["input_tokens"]), ("Output tokens", s["output_tokens"]),
              ("Request throughput (req/s)", num(s["request_throughput"])), ("Output token throughput (tok/s)", num(s["output_throughput"])),
              ("Total token throughput (tok/s)", num(s["total_token_throughput"]))]

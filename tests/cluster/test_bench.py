@@ -212,6 +212,7 @@ def test_bench_grpc_counts_failures_by_status(grpc_server: Callable, tmp_path: P
     assert main(["bench", "--address", address, "--dataset", str(data), "--num-prompts", "4", "--output", str(out)]) == 0
     s = json.loads(out.read_text())["summary"]
     assert s["completed"] == 2 and s["failed_by_status"] == {"RESOURCE_EXHAUSTED": 2}
+    assert s["first_error_by_status"]["RESOURCE_EXHAUSTED"] == "no room"  # what went wrong, not only how often
 
 
 def test_bench_ctrl_c_cancels_in_flight_and_still_reports(grpc_server: Callable, tmp_path: Path) -> None:
