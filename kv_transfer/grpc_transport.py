@@ -13,15 +13,20 @@ into or out of a protobuf. `KVTransfer/Push` (the .proto's method, with the byte
 `KVPayload.data`) stays for peers that lack the raw method; a sender falls back to it when
 the raw method is UNIMPLEMENTED. `add_kv_transfer_service` registers both.
 
-What limits the raw stream (measured, 512 MiB on 2 cores: ~2 GB/s, about half of one raw
-gloo send of the same bytes): gRPC Python copies every message twice on the way, once into
-a gRPC slice on send and once out of its receive buffer into a new bytes object (more when a
-message arrives in pieces: worker servers read up to 16 MiB at a time, see
-`proto.server.WORKER_OPTIONS`), and this transport copies the tensor into bytes before and
-the bytes into the cache after; gloo copies none of them. Each of those buffers is a fresh
-multi-MiB allocation: with glibc's defaults it is mmapped or trimmed back to the OS when
-freed, so the next one page-faults in zeroed memory (~30 % of the receiver's CPU, 90,000
-faults per 512 MiB); `keep_freed_buffers` makes such buffers reusable.
+What limits the raw stream (measured, 512 MiB on 2 cores; raw gloo 2.8-4 GB/s): gRPC Python
+itself. With no tensor, no cache and no protocol of ours (prebuilt bytes, thrown away on
+arrival), grpcio moves 1.0-1.7 GB/s on one host and 1.8-2.5 on another; this transport reaches
+0.9-1.1 and 1.3-1.8 there. On the receiver every message is copied out of gRPC's buffers by the
+server's one completion-queue thread while it holds the GIL, twice when the message arrived in
+more than one read (reads stop at 4 MiB in grpcio 1.85, whatever the read-size options say, so
+8 MiB payloads always do; smaller messages cost more per message than the copy saves); on the
+sender grpcio copies each message into a slice, and this transport copies the tensor into bytes
+before and the bytes into the cache after. gloo copies none of them. Removing this transport's
+sender copy (payload tensors backed by the bytes object) measured no faster: the two cores are
+spent on five to seven copies of every byte where gloo makes two. Each of those buffers is a fresh multi-MiB allocation: with
+glibc's defaults it is mmapped or trimmed back to the OS when freed, so the next one page-faults
+in zeroed memory (~30 % of the receiver's CPU, 90,000 faults per 512 MiB); `keep_freed_buffers`
+makes such buffers reusable.
 """
 
 from __future__ import annotations
