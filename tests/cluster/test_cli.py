@@ -45,59 +45,69 @@ def test_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert r.returncode == 2 and "num_kv_heads" in r.stderr
 
 
-def test_serve_on_a_port_in_use_says_which_at_once(tmp_path: Path) -> None:
+def cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The CLI's `main` in this process (no interpreter and torch import per call): exit code,
+    stdout and stderr as `splitserve` gives them."""
+    from splitserve.cluster.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_serve_on_a_port_in_use_says_which_at_once(tmp_path: Path, capsys) -> None:
     """Before: the HTTP port was found taken only once every worker had loaded (~50 s), and the
     gRPC port ended in a RuntimeError traceback."""
     import socket
 
-    assert splitserve("model", "init-tiny", str(tmp_path / "m")).returncode == 0
+    assert cli(capsys, "model", "init-tiny", str(tmp_path / "m")).returncode == 0
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = str(taken.getsockname()[1])
         for flag, other, key in (("--http-port", "--grpc-port", "router.http_port"), ("--grpc-port", "--http-port", "router.grpc_port")):
-            r = splitserve("serve", "--model", str(tmp_path / "m"), flag, port, other, "0")
+            r = cli(capsys, "serve", "--model", str(tmp_path / "m"), flag, port, other, "0")
             assert r.returncode == 2 and r.stderr.startswith(f"splitserve: error: {key}: cannot listen on 127.0.0.1:{port}"), r.stderr
             assert "Traceback" not in r.stderr
 
 
-def test_up_and_a_lone_router_say_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+def test_up_and_a_lone_router_say_what_is_wrong_in_one_line(tmp_path: Path, capsys) -> None:
     """Before: a traceback for an unreachable Redis (after Ray had started) and for a mistake in
     the file given to `python -m splitserve.router`."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {path: /nonexistent}\nredis_url: redis://127.0.0.1:1/0\nrouter: {http_port: 0, grpc_port: 0}\n")
-    r = splitserve("up", "-f", str(cfg))
+    r = cli(capsys, "up", "-f", str(cfg))
     assert r.returncode == 1 and "splitserve: error: Redis: ConnectionError" in r.stderr and "Traceback" not in r.stderr, r.stderr
     cfg.write_text("model: {path: /m}\ncolour: blue\n")
     r = subprocess.run([sys.executable, "-m", "splitserve.router", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("python -m splitserve.router: error: colour: unknown key") and "Traceback" not in r.stderr
 
 
-def test_init_tiny_never_replaces_a_folder_it_did_not_write_without_force(tmp_path: Path) -> None:
+def test_init_tiny_never_replaces_a_folder_it_did_not_write_without_force(tmp_path: Path, capsys) -> None:
     """It replaced config.json and the weights of whatever checkpoint the folder held."""
     real = tmp_path / "real"
     real.mkdir()
     (real / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 32}')
-    r = splitserve("model", "init-tiny", str(real))
+    r = cli(capsys, "model", "init-tiny", str(real))
     assert r.returncode == 2 and "is not empty" in r.stderr and "--force" in r.stderr
     assert (real / "config.json").read_text() == '{"model_type": "llama", "num_hidden_layers": 32}'
     tiny = tmp_path / "tiny"
-    assert splitserve("model", "init-tiny", str(tiny)).returncode == 0
-    r = splitserve("model", "init-tiny", str(tiny))  # the same again (a rerun quick start, a restarted init container)
+    assert cli(capsys, "model", "init-tiny", str(tiny)).returncode == 0
+    r = cli(capsys, "model", "init-tiny", str(tiny))  # the same again (a rerun quick start, a restarted init container)
     assert r.returncode == 0 and r.stdout.startswith("kept the same")
-    assert splitserve("model", "init-tiny", str(tiny), "--seed", "7").returncode == 2  # another checkpoint: not over this one
-    assert splitserve("model", "init-tiny", str(tiny), "--seed", "7", "--force").returncode == 0
+    assert cli(capsys, "model", "init-tiny", str(tiny), "--seed", "7").returncode == 2  # another checkpoint: not over this one
+    assert cli(capsys, "model", "init-tiny", str(tiny), "--seed", "7", "--force").returncode == 0
     assert json.loads((tiny / "splitserve_tiny.json").read_text())["seed"] == 7
 
 
-def test_init_tiny_refuses_sizes_and_options_it_cannot_honour(tmp_path: Path) -> None:
+def test_init_tiny_refuses_sizes_and_options_it_cannot_honour(tmp_path: Path, capsys) -> None:
     for args, named in ((["--num-layers", "-1"], "num_layers"), (["--hidden-size", "0"], "hidden_size"),
                         (["--sliding-window", "8"], "sliding_window is for arch mistral only")):
-        r = splitserve("model", "init-tiny", str(tmp_path / "x"), *args)
+        r = cli(capsys, "model", "init-tiny", str(tmp_path / "x"), *args)
         assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert splitserve("model", "init-tiny", str(tmp_path / "m"), "--arch", "mistral", "--sliding-window", "8").returncode == 0
+    assert cli(capsys, "model", "init-tiny", str(tmp_path / "m"), "--arch", "mistral", "--sliding-window", "8").returncode == 0
 
 
-def test_scale_names_a_count_it_cannot_take() -> None:
+def test_scale_names_a_count_it_cannot_take(capsys) -> None:
     """A count beyond int32 was 'Value out of range', '²' passed isdigit and failed in int()."""
     for args in (["prefill=99999999999"], ["prefill=²"], ["prefill=1", "prefill=2"], ["gpu=1"]):
-        r = splitserve("scale", *args, "--router", "127.0.0.1:1")
+        r = cli(capsys, "scale", *args, "--router", "127.0.0.1:1")
         assert r.returncode == 2 and "expected prefill=N or decode=N" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

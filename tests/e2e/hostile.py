@@ -19,7 +19,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from splitserve.proto import public_pb2
-from splitserve.proto.client import _request
+from splitserve.proto.client import InvalidArgumentError, _request
 
 COMPLETION = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
@@ -323,7 +323,8 @@ def sdk_cases() -> list[GRPCCase]:
                 options[name] = value
             try:
                 req = _request(prompt, **options)
-            except ValueError:  # the SDK refuses it before sending (e.g. beyond int32)
+            except InvalidArgumentError as e:  # the SDK refuses it before sending (the HTTP cases send it), naming it
+                assert str(e).startswith(f"{name}: "), (name, value, str(e))
                 continue
             cases.append(GRPCCase("bad parameters (SDK)", "/splitserve.v1.Generation/Generate", req.SerializeToString(), True, name))
     for method, msg, name in [("Admin/Scale", public_pb2.ScaleRequest(prefill=-1), "prefill"), ("Admin/Scale", public_pb2.ScaleRequest(decode=-(2**31)), "decode"),
