@@ -37,7 +37,7 @@ from splitserve.proto.server import add_checked_service, start_aio_server
 from splitserve.router.cluster_view import ClusterView
 from splitserve.router.grpc_api import AdminService, GenerationService
 from splitserve.router.http_api import OpenAIFrontend, build_app
-from splitserve.router.http_limits import BodyLimits, HTTPLimits, http_protocol
+from splitserve.router.http_limits import HTTPLimits, front_door, http_protocol
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.orchestrator import Orchestrator
 from splitserve.router.policy import make_policy
@@ -107,7 +107,7 @@ class Router:
         if config.api_keys and not config.admin_keys:
             logger.warning("admin_keys is empty: every API key can also scale, drain and shut down the cluster")
         special = {k: v for k, v in tokenizer.config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
-        self.app = build_app(OpenAIFrontend(self.orchestrator, tokenizer.config.get("chat_template"), special), self.api_keys, self.config.router.cors_origins)
+        self.app = build_app(OpenAIFrontend(self.orchestrator, tokenizer.config.get("chat_template"), special), self.api_keys)
         self._sock = socket.create_server((config.router.host, config.router.http_port if http_port is None else http_port),
                                           backlog=LISTEN_BACKLOG, reuse_port=False)
         self.http_port = self._sock.getsockname()[1]
@@ -143,7 +143,7 @@ class Router:
             self.grpc, self.grpc_port = await start_aio_server(rc.host, self._grpc_port, add, names, max_message_bytes=rc.max_request_bytes,
                                                                max_concurrent_rpcs=backstop, tls=self.config.tls)
             limits = HTTPLimits(rc.max_request_bytes, rc.max_header_bytes, rc.header_timeout_s, rc.body_timeout_s, rc.send_timeout_s)
-            config = uvicorn.Config(BodyLimits(self.app, limits), http=http_protocol(limits), ws="none", limit_concurrency=backstop,
+            config = uvicorn.Config(front_door(self.app, limits, rc.cors_origins), http=http_protocol(limits), ws="none", limit_concurrency=backstop,
                                     log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
                                     **({"ssl_certfile": self.config.tls.cert, "ssl_keyfile": self.config.tls.key} if self.config.tls else {}))
             self.http = uvicorn.Server(config)

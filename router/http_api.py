@@ -30,7 +30,6 @@ import jinja2
 import jinja2.sandbox
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -502,18 +501,15 @@ async def _sse(first: str, events: AsyncIterator[str]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str], cors_origins: list[str] | tuple[str, ...] = ()) -> FastAPI:
-    """The HTTP API; `cors_origins` (router.cors_origins) lets browser pages from those origins
-    call it, API key in the Authorization header as from any client."""
+def build_app(frontend: OpenAIFrontend, api_keys: frozenset[str]) -> FastAPI:
+    """The HTTP API, API key in the Authorization header; router/http_limits.py's `front_door`
+    puts the body limits and CORS around it."""
     orch = frontend.orch
     # no redirect of /v1/completions/ to /v1/completions: it answered 307 to whatever host the
     # Host header named, without a body; an unknown path is a 404 in OpenAI's error shape
     app = FastAPI(title="splitserve", summary="OpenAI-compatible API of a disaggregated prefill/decode cluster", version="1",
                   redirect_slashes=False)
     app.router.route_class = JSONBodyRoute
-    if cors_origins:  # answers preflights itself, before any route or key check
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], expose_headers=["x-request-id", "Retry-After"], max_age=600)
 
     async def check_key(request: Request) -> None:
         header = request.headers.get("authorization", "")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -185,6 +186,20 @@ async def _respond(send, code: int, status: str, message: str, extra: list[tuple
 def http_protocol(limits: HTTPLimits) -> type[LimitedHttpProtocol]:
     """The protocol class for `uvicorn.Config(http=...)`, with these limits."""
     return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
+
+
+def front_door(app, limits: HTTPLimits, cors_origins: list[str] | tuple[str, ...] = ()):
+    """The ASGI app a router serves: `app` behind the body limits, and, when `cors_origins`
+    (router.cors_origins) lists any, CORS around both, so that a browser page from those origins
+    can read every answer: the app's, the body limits' 413 and 408, and the 500 of an unexpected
+    error (Starlette answers that one outside the app's own middleware). Preflights are answered
+    here, before any route or key check. The protocol's own 431 and 408 (headers too large or
+    too slow) come before any header is known and carry none."""
+    app = BodyLimits(app, limits)
+    if not cors_origins:
+        return app
+    return CORSMiddleware(app, allow_origins=list(cors_origins), allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                          expose_headers=["x-request-id", "Retry-After"], max_age=600)
 
 
 class _TooLarge(Exception):

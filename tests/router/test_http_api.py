@@ -126,15 +126,18 @@ def test_one_failing_choice_fails_the_request_and_closes_the_others(when: str) -
     assert seen == ([] if when == "before the first token" else [0, 1])  # before: nothing reached the client
 
 
-def _app(cors: list[str], keys: frozenset[str] = frozenset({"k1"}), **frontend):
+def _app(cors: list[str], keys: frozenset[str] = frozenset({"k1"}), limits=None, raise_server_exceptions: bool = True, **frontend):
+    """The router's HTTP front door (body limits, CORS, the app) over a stand-in frontend."""
     from types import SimpleNamespace
 
     from fastapi.testclient import TestClient
 
     from splitserve.router.http_api import build_app
+    from splitserve.router.http_limits import HTTPLimits, front_door
 
     orch = SimpleNamespace(model_name="tiny", context_limit=lambda: 2048)
-    return TestClient(build_app(SimpleNamespace(orch=orch, started=0, **frontend), keys, cors))
+    app = build_app(SimpleNamespace(orch=orch, started=0, **frontend), keys)
+    return TestClient(front_door(app, limits or HTTPLimits(), cors), raise_server_exceptions=raise_server_exceptions)
 
 
 PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
@@ -153,6 +156,26 @@ def test_cors_lets_the_listed_origins_call_with_their_key() -> None:
     assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "https://app.example.com"
     other = client.options("/v1/chat/completions", headers={"Origin": "https://evil.example.com", **PREFLIGHT})
     assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_cors_headers_on_the_answers_outside_the_app() -> None:
+    """The body limits' 413 and an unexpected error's 500 are answered outside FastAPI's own
+    middleware: with CORS added there, a browser page saw them as network errors."""
+    from splitserve.router.http_limits import HTTPLimits
+
+    origin = {"Origin": "https://app.example.com"}
+    client = _app(["https://app.example.com"], frozenset(), limits=HTTPLimits(max_request_bytes=64))
+    big = client.post("/v1/completions", content=b"x" * 100, headers={**origin, "Content-Type": "application/json"})
+    assert big.status_code == 413 and big.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "100 bytes" in big.json()["error"]["message"]
+
+    async def plan(body):
+        raise RuntimeError("boom")
+
+    broken = _app(["https://app.example.com"], frozenset(), raise_server_exceptions=False, completion_plan=plan, respond=None)
+    r = broken.post("/v1/completions", json={"prompt": "hi"}, headers=origin)
+    assert r.status_code == 500 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert r.json()["error"]["message"] == "boom"
 
 
 def test_without_cors_origins_no_cross_origin_headers() -> None:
