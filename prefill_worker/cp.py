@@ -147,31 +147,44 @@ class CPRank:
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     # ---- the group's control channel (rank 0 -> everyone) ---------------------------------
-    def broadcast(self, text: str | None = None, wait: datetime.timedelta = GROUP_TIMEOUT) -> str:
-        """Rank 0 sends `text` to every rank; the others receive it, waiting up to `wait`."""
+    def broadcast(self, text: str | None = None, wait: datetime.timedelta = GROUP_TIMEOUT, root: int = 0) -> str:
+        """Rank `root` sends `text` to every rank; the others receive it, waiting up to `wait`."""
         n = torch.tensor([len(text.encode()) if text else 0], dtype=torch.int64)
-        self._bcast(n, wait)
-        if self.rank == 0 and text:
+        self._bcast(n, wait, root)
+        if self.rank == root and text:
             data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
         else:
             data = torch.empty(int(n.item()), dtype=torch.uint8)
         if data.numel():
-            self._bcast(data, GROUP_TIMEOUT)
+            self._bcast(data, GROUP_TIMEOUT, root)
         return bytes(data.numpy()).decode() if data.numel() else ""
 
-    def _bcast(self, t: torch.Tensor, wait: datetime.timedelta) -> None:
+    def _bcast(self, t: torch.Tensor, wait: datetime.timedelta, root: int) -> None:
         opts = dist.BroadcastOptions()
-        opts.rootRank = 0
+        opts.rootRank = root
         opts.timeout = wait
         self.ctrl.broadcast([t], opts).wait()
 
+    def _allreduce(self, value: int, op: dist.ReduceOp) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = op
+        self.ctrl.allreduce([t], opts).wait()
+        return int(t.item())
+
     def agree(self, flag: bool) -> bool:
         """True on every rank if any rank passed True (failure or abort is everyone's)."""
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-        opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MAX
-        self.ctrl.allreduce([t], opts).wait()
-        return bool(t.item())
+        return bool(self._allreduce(int(flag), dist.ReduceOp.MAX))
+
+    def first_failure(self, status: str | None, message: str = "") -> tuple[str, str] | None:
+        """None on every rank when every rank passed status None; else, on every rank, the
+        status and message of the lowest rank that failed (its message prefixed "rank R: "),
+        so that rank 0, which answers the request, says what the failing rank saw."""
+        root = self._allreduce(self.world if status is None else self.rank, dist.ReduceOp.MIN)
+        if root == self.world:
+            return None
+        status, message = json.loads(self.broadcast(json.dumps([status, message]) if self.rank == root else None, root=root))
+        return status, f"rank {root}: {message}"
 
     def follow(self) -> None:
         """Ranks > 0: run every job rank 0 broadcasts, until it broadcasts the end."""
@@ -200,21 +213,23 @@ class CPRank:
                 pusher, unreachable = self.pushers.get(desc), None
             except Exception as e:
                 unreachable = e
-            if self.agree(unreachable is not None):  # every rank fails the request together: none is left waiting in a collective
+            # every rank fails the request together (none is left waiting in a collective), with
+            # the failing rank's reason: a misconfigured rank is named, not hidden behind rank 0
+            failure = self.first_failure(unreachable and getattr(unreachable, "status", "UNAVAILABLE"), str(unreachable or ""))
+            if failure is not None:
                 lost = self.agree(isinstance(unreachable, PushError) and isinstance(unreachable.__cause__, PeerUnavailableError))
-                reason = unreachable or f"another rank cannot reach decode worker {desc.decode_worker_id}"
-                raise CPError(getattr(unreachable, "status", "UNAVAILABLE"), str(reason), receiver_lost=lost)
+                raise CPError(*failure, receiver_lost=lost)
             first = self._forward(job, desc, ranges, pos, variant, pusher)
-            failed = lost = False
+            undelivered = None
             try:
                 pusher.flush(job.request_id).result(timeout=600)
             except Exception as e:
                 logger.warning("rank %d: pushing KV of %s failed: %s", self.rank, job.request_id, e)
-                failed, lost = True, isinstance(e, PeerUnavailableError)
-            if self.agree(failed):  # the ranks still agree: the group is fine, the transfer is not
-                lost = self.agree(lost)  # the decode worker is gone (its leg failed), or it refused the KV
-                raise CPError("UNAVAILABLE", f"a rank of the context-parallel group could not deliver its KV for {job.request_id}",
-                              receiver_lost=lost)
+                undelivered = e
+            failure = self.first_failure(undelivered and "UNAVAILABLE", f"could not deliver its KV of {job.request_id}: {undelivered}")
+            if failure is not None:  # the ranks still agree: the group is fine, the transfer is not
+                lost = self.agree(isinstance(undelivered, PeerUnavailableError))  # the decode worker is gone (its leg failed), or it refused the KV
+                raise CPError(*failure, receiver_lost=lost)
             if self.rank == 0:
                 try:
                     pusher.commit(job.request_id, desc.secret, first, n_tokens).result(timeout=600)

@@ -77,3 +77,48 @@ def test_a_rank_lost_while_idle_marks_the_group_broken_at_the_next_keep_alive(ll
         assert group.broken is not None and "lost a rank while idle" in group.broken
     finally:
         group.close()
+
+
+def test_a_rank_that_cannot_reach_the_decode_worker_fails_the_request_on_every_rank(llama_dir: Path) -> None:
+    """Rank 1 cannot open a sender to the decode worker (here: the in-process transport, with
+    no hub on its side); rank 0 can. Both must fail the request at once, naming why, instead of
+    rank 0 waiting in the first layer's collective for a rank that left; rank 0 aborts the
+    reservation it reached (nothing held on the decode side), and the group stays usable."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from splitserve.decode_worker.worker import DecodeWorker
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.kv_transfer.local import LocalHub
+    from splitserve.prefill_worker.cp import CPError, CPJob, descriptor_to_dict
+    from splitserve.prefill_worker.pushers import PusherPool
+
+    hub = LocalHub()
+    decode = DecodeWorker(LLMEngine(EngineConfig(model=str(llama_dir), dtype="float32")), "d-cp", transports=("local",),
+                          default_transport="local", hub=hub)
+    store = f"127.0.0.1:{free_port()}"
+    with ThreadPoolExecutor(2) as pool:
+        ranks = list(pool.map(lambda r: CPRank(str(llama_dir), rank=r, world=2, store=store, block_size=16, sender_id="cp-agree", dtype="float32"),
+                              range(2)))
+        try:
+            ranks[0].pushers = PusherPool("cp-agree-r0", ranks[0].layout, hub=hub)  # rank 1 keeps its pool without a hub
+            params = SamplingParams(temperature=0.0, max_tokens=4)
+            desc = decode.reserve("cp-agree-1", list(range(1, 41)), params, "local")
+            assert decode.stats()["reserved_blocks"] > 0
+            job = CPJob("cp-agree-1", list(range(1, 41)), {"temperature": 0.0, "max_tokens": 4}, descriptor_to_dict(desc))
+            runs = [pool.submit(rank.run, job) for rank in ranks]
+            errors = [r.exception(timeout=60) for r in runs]  # a rank left waiting in a collective would time out here
+            # both give the status and reason rank 1 saw (a misconfiguration: INTERNAL); rank 0 answers the request
+            assert all(isinstance(e, CPError) and e.status == "INTERNAL" and not e.group_broken and not e.receiver_lost for e in errors), errors
+            assert all(str(e).startswith("rank 1: cannot reach decode worker d-cp") and "no LocalHub here" in str(e) for e in errors), errors
+            end = time.monotonic() + 10
+            while (held := decode.stats())["reserved_blocks"] and time.monotonic() < end:
+                time.sleep(0.05)
+            assert held["reserved_blocks"] == 0 and held["active_transfers"] == 0
+            assert list(pool.map(lambda rank: rank.agree(rank.rank == 1), ranks)) == [True, True]  # the group still meets
+        finally:
+            for rank in ranks:
+                rank.close()
+            decode.close()
