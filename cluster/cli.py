@@ -61,7 +61,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_cluster(config, embedded_redis: bool, with_router: bool = True) -> int:
+def _run_cluster(config, embedded_redis: bool, with_router: bool = True, keep_workers: bool = False) -> int:
     from splitserve.cluster.config import ConfigError
     from splitserve.cluster.serve import start_cluster, wait_for_signal
 
@@ -74,14 +74,15 @@ def _run_cluster(config, embedded_redis: bool, with_router: bool = True) -> int:
             logging.getLogger("splitserve").warning("cluster_token is not set: the workers' RPC and KV ports accept calls from anyone who "
                                                     "can reach them; set cluster_token (e.g. cluster_token: ${SPLITSERVE_CLUSTER_TOKEN})")
 
-    running = start_cluster(config, embedded_redis=embedded_redis, fresh=embedded_redis, with_router=with_router)
+    running = start_cluster(config, embedded_redis=embedded_redis, fresh=embedded_redis, with_router=with_router, keep_workers=keep_workers)
     try:
         r = running.router
+        adopted = f"; adopted {len(running.adopted)} running workers: {', '.join(running.adopted)}" if running.adopted else ""
         if r is None:
-            print(f"splitserve ready: controller only (model {config.model.path}, {pools(config)}); routers: python -m splitserve.router -f FILE",
-                  flush=True)
+            print(f"splitserve ready: controller only (model {config.model.path}, {pools(config)}{adopted}); "
+                  "routers: python -m splitserve.router -f FILE", flush=True)
         else:
-            print(f"splitserve ready: http {r.http_address}  grpc {r.grpc_address}  (model {config.model.path}, {pools(config)})", flush=True)
+            print(f"splitserve ready: http {r.http_address}  grpc {r.grpc_address}  (model {config.model.path}, {pools(config)}{adopted})", flush=True)
         wait_for_signal()
         print("splitserve: shutting down", flush=True)
     finally:
@@ -117,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from splitserve.cluster.config import load_cluster_config
 
-    return _run_cluster(load_cluster_config(args.file), embedded_redis=False, with_router=not args.no_router)
+    return _run_cluster(load_cluster_config(args.file), embedded_redis=False, with_router=not args.no_router, keep_workers=args.keep_workers)
 
 
 def _client(args: argparse.Namespace):
@@ -231,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the controller and a router for cluster.yaml on an existing Ray cluster and Redis")
     up.add_argument("-f", "--file", required=True)
     up.add_argument("--no-router", action="store_true", help="run only the controller (routers run as `python -m splitserve.router -f FILE`)")
+    up.add_argument("--keep-workers", action="store_true",
+                    help="leave the workers serving when this controller stops or dies (Ray detached actors; needs ray_address); "
+                         "the next `up --keep-workers` adopts them, replacing those whose settings cluster.yaml changed. "
+                         "`splitserve down` still stops them")
     up.set_defaults(func=_up)
 
     def admin(name: str, help: str, func) -> argparse.ArgumentParser:

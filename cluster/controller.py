@@ -61,6 +61,23 @@ class Controller:
         r = (self.config.prefill if role == "prefill" else self.config.decode).resources
         return dataclasses.replace(r, num_gpus=r.num_gpus or (1.0 if self.device == "cuda" else 0.0))  # a GPU worker asks for its GPU
 
+    def adopt(self) -> list[str]:
+        """Take over the workers an earlier controller left running (detached workers; see
+        RayBackend). Those started with the settings this controller would start them with
+        serve on; those whose settings cluster.yaml has since changed (model, pool sizes of
+        their caches, token, ...) are stopped, and replaced by the next reconcile. The ids adopted."""
+        adopted = []
+        for spec in self.backend.adopt():
+            want = worker_spec(self.config, spec.role, spec.worker_id, self.redis_url, self.device)
+            changed = [f.name for f in dataclasses.fields(want) if f.name != "cp_followers" and getattr(spec, f.name) != getattr(want, f.name)]
+            if not changed:
+                adopted.append(spec.worker_id)
+                continue
+            logger.warning("replacing %s worker %s: cluster.yaml changed its %s", spec.role, spec.worker_id, ", ".join(changed))
+            self.backend.stop(spec.worker_id)
+            self.registry.forget(spec.worker_id)
+        return adopted
+
     def reconcile(self) -> None:
         alive = self.backend.alive()
         records = {r.worker_id: r for r in self.registry.workers()}

@@ -47,7 +47,10 @@ class WorkerBackend(Protocol):
     def dead(self, worker_ids: list[str]) -> list[str]:
         """Of these workers, those whose process is gone for good (no restart is coming)."""
 
-    def shutdown(self) -> None: ...
+    def adopt(self) -> list[WorkerSpec]:
+        """Take over the workers an earlier controller left running (see RayBackend.adopt)."""
+
+    def shutdown(self, keep_workers: bool = False) -> None: ...
 
 
 class WorkerActor:
@@ -60,6 +63,7 @@ class WorkerActor:
         from splitserve.cluster.worker_runtime import WorkerRuntime
 
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.spec_json = spec_json
         spec = WorkerSpec(**json.loads(spec_json))
         if not spec.host:  # on a multi-node cluster: the address Ray knows this node by, which peers can reach
             spec = dataclasses.replace(spec, host=ray.util.get_node_ip_address())
@@ -67,6 +71,10 @@ class WorkerActor:
 
     def info(self) -> dict:
         return self.runtime.info()
+
+    def spec(self) -> str:
+        """The spec it was started with, for a controller that adopts it."""
+        return self.spec_json
 
     def stop(self) -> None:
         self.runtime.stop()
@@ -110,11 +118,21 @@ def connect(ray, address: str | None, timeout: float, **init_kwargs) -> None:
             time.sleep(CONNECT_RETRY_SECONDS)
 
 
+def follower_name(worker_id: str, rank: int) -> str:
+    return f"{worker_id}/rank{rank}"  # worker ids have no '/' (cluster names are [A-Za-z0-9_-])
+
+
 class RayBackend:
-    def __init__(self, address: str | None, namespace: str, *, num_cpus: int | None = None, max_restarts: int = 5, start_timeout: float = 300.0) -> None:
+    """`detached`: the workers outlive this backend's process (Ray's detached actors, on an
+    existing Ray cluster), so that a controller that stops or crashes does not take the
+    serving workers with it; the next one adopts them (`adopt`)."""
+
+    def __init__(self, address: str | None, namespace: str, *, num_cpus: int | None = None, max_restarts: int = 5, start_timeout: float = 300.0,
+                 detached: bool = False) -> None:
         import ray
 
         self._ray = ray
+        self._detached = detached
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             connect(ray, address, start_timeout, namespace=namespace, num_cpus=num_cpus, include_dashboard=False,
@@ -136,19 +154,22 @@ class RayBackend:
 
         group, followers = None, []
         options = ray_options(resources)
+        lifetime = {"lifetime": "detached"} if self._detached else {}
         if spec.role == "prefill" and spec.cp_degree > 1:
-            group = placement_group([bundle(resources)] * spec.cp_degree, strategy="STRICT_PACK", name=f"{spec.worker_id}-cp")
+            group = placement_group([bundle(resources)] * spec.cp_degree, strategy="STRICT_PACK", name=f"{spec.worker_id}-cp", **lifetime)
             self._ray.get(group.ready(), timeout=self._start_timeout)
             spec = dataclasses.replace(spec, cp_followers="placed")
             placed = lambda i: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)  # noqa: E731
             # a lost rank breaks the group for good: rank 0 reports it broken and the controller replaces the group
-            followers = [self._rank_cls.options(scheduling_strategy=placed(r), max_restarts=0, **options).remote(spec.to_json(), r)
+            followers = [self._rank_cls.options(scheduling_strategy=placed(r), max_restarts=0, name=follower_name(spec.worker_id, r), **lifetime,
+                                                **options).remote(spec.to_json(), r)
                          for r in range(1, spec.cp_degree)]
             options["scheduling_strategy"] = placed(0)
         actor = self._actor_cls.options(
             name=spec.worker_id,
             max_restarts=0 if group else self._max_restarts,
             max_concurrency=4,  # info/stop calls must not queue behind a slow __init__ forever
+            **lifetime,
             **options,
         ).remote(spec.to_json())
         self._actors[spec.worker_id] = (spec.role, actor)
@@ -203,8 +224,42 @@ class RayBackend:
                 logger.debug("liveness of %s: %s", wid, e)
         return dead
 
-    def shutdown(self) -> None:
-        for wid in list(self._actors):
-            self.stop(wid)
+    def adopt(self) -> list[WorkerSpec]:
+        """Take over the workers of this namespace that an earlier controller left running
+        (detached ones; after a restart, an upgrade, a crash); their specs as started. One that
+        does not answer within the start timeout is stopped: the controller replaces it."""
+        from ray.util import list_named_actors
+
+        names = [n for n in list_named_actors() if n not in self._actors]
+        adopted = []
+        for name in [n for n in names if "/" not in n]:  # a CP group's followers come with their rank 0
+            actor = self._ray.get_actor(name)
+            self._groups[name] = (self._placement_group(f"{name}-cp"), [self._ray.get_actor(n) for n in names if n.startswith(name + "/")])
+            try:
+                spec = WorkerSpec(**json.loads(self._ray.get(actor.spec.remote(), timeout=self._start_timeout)))
+            except Exception as e:
+                logger.warning("worker %s left by an earlier controller does not answer (%s): stopping it", name, str(e).splitlines()[0][:200])
+                self._actors[name] = ("", actor)
+                self.stop(name)
+                continue
+            self._actors[name] = (spec.role, actor)
+            adopted.append(spec)
+        return adopted
+
+    @staticmethod
+    def _placement_group(name: str):
+        from ray.util.placement_group import get_placement_group
+
+        try:
+            return get_placement_group(name)
+        except ValueError:  # none by that name: not a CP group
+            return None
+
+    def shutdown(self, keep_workers: bool = False) -> None:
+        """Stop every worker (with `keep_workers`: leave them to the next controller), then
+        Ray if this backend started it."""
+        if not keep_workers:
+            for wid in list(self._actors):
+                self.stop(wid)
         if self._owns_ray:
             self._ray.shutdown()

@@ -4,7 +4,9 @@ Ray, the pools and the router) and `splitserve up` (an existing Ray cluster and 
 
 Life cycle: start Redis if needed -> Ray -> controller (starts the pools, then keeps them at
 their targets) -> router -> print the ready line -> wait for SIGINT/SIGTERM -> stop the router,
-the controller and every worker, Ray and Redis, in that order.
+the controller and every worker, Ray and Redis, in that order. With `up --keep-workers` (as the
+Helm chart runs the controller) the workers are left serving instead, and the next controller
+adopts them: a controller's restart, upgrade or crash is not an outage.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.config import ClusterConfig, ConfigError
 from splitserve.cluster.controller import Controller
 from splitserve.cluster.net import check_port_free
 from splitserve.cluster.ray_backend import RayBackend
@@ -39,9 +41,11 @@ class Running:
     backend: RayBackend
     controller: Controller
     router: object | None  # None: `splitserve up --no-router` (routers run as their own processes)
+    keep_workers: bool = False  # the workers outlive this process (detached), for the next controller
+    adopted: tuple[str, ...] = ()  # the workers an earlier controller left, serving on
 
     def stop(self) -> None:
-        steps = [("controller", self.controller.stop), ("workers and Ray", self.backend.shutdown)]
+        steps = [("controller", self.controller.stop), ("workers and Ray", lambda: self.backend.shutdown(self.keep_workers))]
         if self.router is not None:
             steps.insert(0, ("router", self.router.stop))
         for step, fn in steps:
@@ -53,7 +57,11 @@ class Running:
             self.redis.stop()
 
 
-def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, with_router: bool = True) -> Running:
+def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, with_router: bool = True, keep_workers: bool = False) -> Running:
+    """`keep_workers`: the workers are detached and outlive this process (needs an existing
+    Ray cluster, `ray_address`); this controller adopts those an earlier one left running."""
+    if keep_workers and not config.ray_address:
+        raise ConfigError("ray_address", "keeping the workers past the controller needs an existing Ray cluster (a local Ray ends with this process)")
     if with_router:
         check_port_free(config.router.host, config.router.http_port, "router.http_port")
         check_port_free(config.router.host, config.router.grpc_port, "router.grpc_port")
@@ -71,8 +79,9 @@ def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, w
             registry.clear()  # a new run: no stale targets or workers from an earlier one
         workers = config.prefill.replicas + config.decode.replicas
         backend = RayBackend(config.ray_address, f"splitserve-{config.name}", num_cpus=None if config.ray_address else max(4, 2 * workers),
-                             max_restarts=config.max_restarts)
+                             max_restarts=config.max_restarts, detached=keep_workers)
         controller = Controller(config, backend, registry, redis_url, resolve_device(config.model.device))
+        adopted = controller.adopt() if keep_workers else []
         controller.reconcile()  # the first pools, before the router takes traffic
         controller.start()
         router = None
@@ -88,7 +97,7 @@ def start_cluster(config: ClusterConfig, *, embedded_redis: bool, fresh: bool, w
         if redis_server is not None:
             redis_server.stop()
         raise
-    return Running(config, redis_server, backend, controller, router)
+    return Running(config, redis_server, backend, controller, router, keep_workers, tuple(adopted))
 
 
 def wait_for_signal() -> None:

@@ -18,9 +18,12 @@ class FakeBackend:
         self.workers: dict[str, str] = {}
         self.stopped: list[str] = []
         self.gone: set[str] = set()  # processes that died for good (restarts used up)
+        self.specs: dict[str, object] = {}  # as started
+        self.left: list = []  # the specs of the workers an earlier controller left running
 
     def start(self, spec, resources) -> None:
         self.workers[spec.worker_id] = spec.role
+        self.specs[spec.worker_id] = spec
         self.registry.publish(WorkerRecord(spec.worker_id, spec.role, "addr"))
 
     def stop(self, worker_id: str) -> None:
@@ -33,7 +36,11 @@ class FakeBackend:
     def dead(self, worker_ids: list[str]) -> list[str]:
         return [w for w in worker_ids if w in self.gone]
 
-    def shutdown(self) -> None:
+    def adopt(self) -> list:
+        self.workers.update({spec.worker_id: spec.role for spec in self.left})
+        return list(self.left)
+
+    def shutdown(self, keep_workers: bool = False) -> None:
         self.workers.clear()
 
 
@@ -64,6 +71,34 @@ def test_reconcile_starts_the_configured_pools_and_is_idempotent(setup) -> None:
     before = dict(backend.workers)
     controller.reconcile()
     assert backend.workers == before
+
+
+def test_a_new_controller_adopts_the_workers_left_running_and_replaces_those_whose_settings_changed(setup, redis_url) -> None:
+    """`up --keep-workers` (the Helm chart's controller): its replacement takes over the
+    running workers; only the pool whose worker settings cluster.yaml changed is replaced."""
+    import dataclasses
+
+    controller, backend, registry = setup
+    controller.reconcile()
+    prefill, decode = by_role(backend, "prefill"), by_role(backend, "decode")
+    config = controller.config
+    changed = dataclasses.replace(config, decode=dataclasses.replace(config.decode, kv_cache_memory=config.decode.kv_cache_memory // 2))
+    successor = FakeBackend(registry)
+    successor.left = list(backend.specs.values())
+    second = Controller(changed, successor, registry, redis_url)
+    assert second.adopt() == prefill
+    assert sorted(successor.stopped) == sorted(decode) and not {r.worker_id for r in registry.workers()} & set(decode)
+    second.reconcile()
+    assert by_role(successor, "prefill") == prefill and len(by_role(successor, "decode")) == 2 and not set(decode) & set(successor.workers)
+
+
+def test_keeping_the_workers_needs_an_existing_ray_cluster() -> None:
+    from splitserve.cluster.config import ConfigError
+    from splitserve.cluster.serve import start_cluster
+
+    with pytest.raises(ConfigError, match="ray_address"):
+        start_cluster(parse_cluster_config({"model": {"path": "m"}, "redis_url": "redis://127.0.0.1:1"}), embedded_redis=False, fresh=False,
+                      with_router=False, keep_workers=True)
 
 
 def test_scale_down_drains_the_newest_then_stops_it_once_drained(setup) -> None:

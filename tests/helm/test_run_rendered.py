@@ -47,6 +47,7 @@ from tests.helm.rendered import (
 pytestmark = pytest.mark.slow
 RELEASE, NAMESPACE = "demo", "splitserve"
 READY_TIMEOUT = 300.0
+RAY_CLIENT_GRACE_S = 3
 
 
 _GIVEN: set[int] = set()
@@ -262,11 +263,15 @@ def _run(docs: list[dict], secrets: dict[str, str], folder: Path, pods: Pods, st
     (folder / "cluster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     assert "${SPLITSERVE_CLUSTER_TOKEN}" in (folder / "cluster.yaml").read_text()  # secrets still come from the environment
 
-    # ---- the controller and the router, as their Deployments say
+    # ---- the controller and the router, as their Deployments say. The controller's Ray client
+    # gives up a lost session after 3 s instead of 30 (the only change): what a crash would take
+    # with it is gone by the time this test looks
+    deployments = {}
     for name, suffix in (("controller", "-controller"), ("router", "-router")):
         c = container(one(docs, "Deployment", suffix))
-        env = {**base, **container_env(docs, c)}
-        pods.start(name, remap(command(c, env), paths), env)
+        env = {**base, **container_env(docs, c), **({"RAY_CLIENT_RECONNECT_GRACE_PERIOD": str(RAY_CLIENT_GRACE_S)} if name == "controller" else {})}
+        deployments[name] = (remap(command(c, env), paths), env)
+        pods.start(name, *deployments[name])
     wait_for(lambda: "splitserve ready: controller only" in pods.log("controller"), READY_TIMEOUT, "the controller's workers", pods)
     wait_for(lambda: health(http_port), READY_TIMEOUT, "the router to see a prefill and a decode worker", pods)
 
@@ -284,7 +289,30 @@ def _run(docs: list[dict], secrets: dict[str, str], folder: Path, pods: Pods, st
     assert post(http_port, body, None)[0] == 401, "the public API must want the generated API key"
     _check_the_same_tokens_as_one_engine(config["model"]["path"], config["model"]["dtype"], body, reply)
     _check_each_pool_holds_its_groups_resources(gcs_port, head_env, ray)
+    _check_the_workers_outlive_their_controller(pods, deployments["controller"], http_port, body, secrets["api-key-0"], reply)
     print(f"the rendered cluster served a completion {time.monotonic() - started:.0f} s after the render")
+
+
+def _check_the_workers_outlive_their_controller(pods: Pods, controller: tuple[list[str], dict], http_port: int, body: dict, key: str,
+                                               first: dict) -> None:
+    """The controller's pod dies (an OOM kill, an eviction, a node lost; an upgrade ends it with
+    SIGTERM, which leaves them too): its workers keep serving, and its replacement adopts them
+    instead of starting new ones. Before, they were its Ray session's actors and died with it:
+    every such event was an outage of several model loads."""
+    workers = {first["timings"]["prefill_worker"], first["timings"]["decode_worker"]}
+
+    def served_by_them(n: int) -> None:  # a prompt of its own: a repeated one would be decoded from the decode worker's cache alone
+        status, reply = post(http_port, {**body, "prompt": f"{n}: {body['prompt']}"}, key)
+        assert status == 200 and {reply["timings"]["prefill_worker"], reply["timings"]["decode_worker"]} == workers, (reply, pods.logs())
+
+    _signal_group(pods.procs.pop("controller"), signal.SIGKILL)
+    time.sleep(RAY_CLIENT_GRACE_S + 5)  # the dead session's own actors would be gone by now
+    served_by_them(1)
+    pods.start("controller-2", *controller)
+    wait_for(lambda: "splitserve ready: controller only" in pods.log("controller-2"), READY_TIMEOUT, "the second controller", pods)
+    ready = next(line for line in pods.log("controller-2").splitlines() if line.startswith("splitserve ready"))
+    assert ready.split("adopted ")[1].startswith(f"{len(workers)} running workers: ") and all(w in ready for w in workers), ready
+    served_by_them(2)
 
 
 def _check_the_same_tokens_as_one_engine(model: str, dtype: str, body: dict, reply: dict) -> None:
