@@ -163,6 +163,14 @@ def test_the_monitors_select_what_exists() -> None:
     ({"decode": {"worker": {"cpus": 1, "gpus": 2}, "resources": {"cpu": 2, "memory": "8Gi", "gpu": 1}}}, ["decode.worker.gpus=2", "decode.resources.gpu is 1"]),
     ({"model": {"path": "/data/m"}}, ["model.path=/data/m", "model.source.mountPath=/models"]),
     ({"workers": {"rpcPort": 20001, "kvPort": 20001}}, ["workers.kvPort=20001"]),
+    ({"router": {"httpPort": 9000, "grpcPort": 9000}}, ["router.grpcPort=9000"]),
+    ({"decode": {"replicas": 65}}, ["decode.replicas=65", "cluster.maxReplicas=64"]),
+    ({"prefill": {"kvCacheMemory": "0GiB"}}, ["/prefill/kvCacheMemory", "0GiB"]),
+    # on CUDA the controller gives a worker that asks for no GPU one: the pods must have them
+    ({"model": {"device": "cuda"}}, ["model.device is cuda", "prefill.resources.gpu is 0"]),
+    ({"prefill": {"resources": {"cpu": 4, "memory": "8Gi", "gpu": 1}}}, ["model.device is cuda", "decode.resources.gpu is 0"]),
+    ({"prefill": {"cpDegree": 2, "rank": {"cpus": 1, "gpus": 0}, "resources": {"cpu": 4, "memory": "8Gi", "gpu": 1}},
+      "decode": {"resources": {"cpu": 2, "memory": "8Gi", "gpu": 1}}}, ["2 ranks of a prefill instance", "(2 in all)", "prefill.resources.gpu is 1"]),
 ])
 def test_bad_values_fail_naming_the_value(values: dict, fragments: list[str]) -> None:
     with pytest.raises((helm_python.HelmValuesError, helm_python.HelmRenderError)) as e:
@@ -171,7 +179,8 @@ def test_bad_values_fail_naming_the_value(values: dict, fragments: list[str]) ->
 
 
 def test_cp_degree_that_fits_exactly_renders() -> None:
-    docs = render({"prefill": {"cpDegree": 4, "rank": {"cpus": 2, "gpus": 1}, "resources": {"cpu": 8, "memory": "8Gi", "gpu": 4}}})
+    docs = render({"prefill": {"cpDegree": 4, "rank": {"cpus": 2, "gpus": 1}, "resources": {"cpu": 8, "memory": "8Gi", "gpu": 4}},
+                   "decode": {"resources": {"cpu": 2, "memory": "8Gi", "gpu": 1}}})  # CUDA for both pools: decode pods need a GPU too
     prefill = one(docs, "RayCluster")["spec"]["workerGroupSpecs"][0]
     assert ray_resources(prefill["rayStartParams"]) == {"splitserve_prefill": 4.0}
 
@@ -261,6 +270,29 @@ def test_generated_secrets_are_read_back_from_the_live_secret(tmp_path: Path) ->
     assert len(base64.b64decode(data["new"])) == 48 and data["new"] != live
 
 
+def test_a_rotated_secret_rolls_the_pods_that_read_it() -> None:
+    """Pods read the Secret at start: without a checksum of it, a rotated key or password reached
+    only pods started later (Redis's password then differed from the routers')."""
+    def checksums(values: dict) -> dict[str, str]:
+        docs = render(values)
+        return {d["metadata"]["name"].rsplit("-", 1)[1]: d["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+                for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+
+    before = checksums({})
+    assert sorted(before) == ["controller", "redis", "router"] and checksums({}) == before  # generated secrets: stable across renders
+    for rotated, rolled in (({"redisPassword": "new-password"}, {"controller", "redis", "router"}), ({"apiKeys": ["k2"]}, {"controller", "router"}),
+                            ({"clusterToken": "t2"}, {"controller", "router"})):
+        after = checksums({"auth": rotated})
+        assert {name for name in after if after[name] != before[name]} == rolled, rotated
+
+
+def test_a_host_path_is_one_quoted_value() -> None:
+    path = "/mnt/models, type: File"
+    docs = render({"model": {"path": "/models/m", "source": {"type": "hostPath", "hostPath": path, "mountPath": "/models"}}})
+    group = one(docs, "RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert next(v for v in group["volumes"] if v["name"] == "model")["hostPath"] == {"path": path, "type": "Directory"}
+
+
 def test_each_install_generates_different_secrets() -> None:
     assert secret_data(render())["cluster-token"] != secret_data(render())["cluster-token"]
 
@@ -343,8 +375,9 @@ def test_every_pod_runs_as_the_images_non_root_user() -> None:
     specs = [pod_spec(d) for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     ray = one(docs, "RayCluster")["spec"]
     specs += [g["template"]["spec"] for g in [ray["headGroupSpec"], *ray["workerGroupSpecs"]]]
-    for spec in specs:
+    for spec in specs:  # Pod Security "restricted": non-root, the runtime's seccomp profile, no escalation
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         for c in [*spec["containers"], *spec.get("initContainers", [])]:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
     shm = [v for g in [ray["headGroupSpec"], *ray["workerGroupSpecs"]] for v in g["template"]["spec"]["volumes"] if v["name"] == "dshm"]

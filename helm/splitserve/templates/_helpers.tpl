@@ -58,12 +58,27 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "splitserve.clusterYamlPath" -}}/etc/splitserve/cluster.yaml{{- end -}}
 
-{{/* Every splitserve process runs as the image's non-root user. */}}
+{{/* Every splitserve process runs as the image's non-root user, under the runtime's default
+seccomp profile (what Pod Security "restricted" asks). */}}
 {{- define "splitserve.podSecurity" -}}
 runAsNonRoot: true
 runAsUser: 1000
 runAsGroup: 1000
 fsGroup: 1000
+seccompProfile: {type: RuntimeDefault}
+{{- end -}}
+
+{{/*
+Pod annotations that roll a component when what it reads changes: cluster.yaml, and the secret
+values given in the values (rotated keys, token, passwords; generated ones never change).
+*/}}
+{{- define "splitserve.checksums" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/secret: {{ include "splitserve.secretInputs" . | sha256sum }}
+{{- end -}}
+
+{{- define "splitserve.secretInputs" -}}
+{{ toJson (list .Values.auth .Values.redis.external.url .Values.ray.auth) }}
 {{- end -}}
 
 {{- define "splitserve.containerSecurity" -}}
@@ -153,7 +168,7 @@ and the routers (the workers get what they need from the controller, through Ray
 {{- if eq $s.type "persistentVolumeClaim" }}
   persistentVolumeClaim: {claimName: {{ $s.claimName }}, readOnly: true}
 {{- else if eq $s.type "hostPath" }}
-  hostPath: {path: {{ $s.hostPath }}, type: Directory}
+  hostPath: {path: {{ $s.hostPath | quote }}, type: Directory}
 {{- else }}
   emptyDir: {}
 {{- end }}
@@ -230,6 +245,25 @@ names the value to change.
 {{- end -}}
 {{- if and (eq $s.type "hostPath") (not $s.hostPath) -}}
 {{- fail "model.source.hostPath: required with model.source.type hostPath" -}}
+{{- end -}}
+{{- if eq (int .Values.router.httpPort) (int .Values.router.grpcPort) -}}
+{{- fail (printf "router.grpcPort=%v must differ from router.httpPort" .Values.router.grpcPort) -}}
+{{- end -}}
+{{- range $pool := list "prefill" "decode" -}}
+{{- if gt (int (index $.Values $pool).replicas) (int $.Values.cluster.maxReplicas) -}}
+{{- fail (printf "%s.replicas=%v is above cluster.maxReplicas=%v (raise cluster.maxReplicas)" $pool (index $.Values $pool).replicas $.Values.cluster.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- /* on CUDA a worker that asks for no GPU is given one (the controller does that): count it */ -}}
+{{- if eq (include "splitserve.device" .) "cuda" -}}
+{{- $rankGpus := ternary 1.0 (float64 $p.rank.gpus) (eq (float64 $p.rank.gpus) 0.0) -}}
+{{- if gt (mulf $cp $rankGpus) (float64 $p.resources.gpu) -}}
+{{- fail (printf "model.device is cuda: each of the %v ranks of a prefill instance takes at least one GPU (%v in all), but prefill.resources.gpu is %v (raise prefill.resources.gpu, or lower prefill.cpDegree)" $p.cpDegree (mulf $cp $rankGpus) $p.resources.gpu) -}}
+{{- end -}}
+{{- $workerGpus := ternary 1.0 (float64 $d.worker.gpus) (eq (float64 $d.worker.gpus) 0.0) -}}
+{{- if gt $workerGpus (float64 $d.resources.gpu) -}}
+{{- fail (printf "model.device is cuda: a decode worker takes at least one GPU (%v), but decode.resources.gpu is %v (raise decode.resources.gpu)" $workerGpus $d.resources.gpu) -}}
+{{- end -}}
 {{- end -}}
 {{- if eq (int .Values.workers.rpcPort) (int .Values.workers.kvPort) -}}
 {{- fail (printf "workers.kvPort=%v must differ from workers.rpcPort" .Values.workers.kvPort) -}}
