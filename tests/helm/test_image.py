@@ -92,5 +92,6 @@ def test_the_charts_default_image_is_what_the_readme_says_to_build() -> None:
     assert {(flavor or "cpu", tag) for flavor, tag in built} == {("cpu", f"{repository}:{version}-cpu"), ("cuda", f"{repository}:{version}-cuda")}
     assert f"docker push {repository}:{version}-cpu" in readme and f"docker push {repository}:{version}-cuda" in readme
     cpu = container(one(render(), "Deployment", "-router"))["image"]
-    gpu = container(one(render({"decode": {"resources": {"cpu": 2, "memory": "8Gi", "gpu": 1}}}), "Deployment", "-router"))["image"]
+    one_gpu = {"resources": {"cpu": 2, "memory": "8Gi", "gpu": 1}}  # a GPU in either pool makes the device CUDA, so both need one
+    gpu = container(one(render({"prefill": one_gpu, "decode": one_gpu}), "Deployment", "-router"))["image"]
     assert (cpu, gpu) == (f"{repository}:{version}-cpu", f"{repository}:{version}-cuda")
