@@ -84,7 +84,8 @@ def _run_cluster(config, embedded_redis: bool, with_router: bool = True, keep_wo
         else:
             print(f"splitserve ready: http {r.http_address}  grpc {r.grpc_address}  (model {config.model.path}, {pools(config)}{adopted})", flush=True)
         wait_for_signal()
-        print("splitserve: shutting down", flush=True)
+        print(f"splitserve: shutting down (requests in flight get up to {config.router.drain_timeout_s:g} s to finish)"
+              if with_router else "splitserve: shutting down", flush=True)
     finally:
         running.stop()
     return 0

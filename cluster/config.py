@@ -136,6 +136,9 @@ class RouterSection:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     send_timeout_s: float = 30.0
+    # On SIGTERM / Ctrl-C a router stops taking requests and lets those in flight finish, for at
+    # most this long (then they are aborted); 0: abort them at once
+    drain_timeout_s: float = 30.0
     # Browser pages from these origins may call the HTTP API ("*": any); empty: no CORS headers,
     # so browsers refuse cross-origin calls (other clients are unaffected)
     cors_origins: list[str] = field(default_factory=list)
@@ -189,6 +192,7 @@ class ClusterConfig:
             ("router.http_port", 0 <= self.router.http_port < 65536, "a port in 0..65535 (0 = any free)"),
             ("router.grpc_port", 0 <= self.router.grpc_port < 65536, "a port in 0..65535 (0 = any free)"),
             ("router.max_retries", self.router.max_retries >= 0, ">= 0"),
+            ("router.drain_timeout_s", self.router.drain_timeout_s >= 0, ">= 0"),
             *((f"router.{k}", getattr(self.router, k) > 0, "> 0") for k in (
                 "max_concurrent_requests", "max_request_bytes", "max_header_bytes", "header_timeout_s", "body_timeout_s", "send_timeout_s")),
             ("routing.local_prefill_tokens", self.routing.local_prefill_tokens >= 0, ">= 0 (0: never prefill on the decode worker)"),

@@ -144,7 +144,7 @@ class Router:
                                                                max_concurrent_rpcs=backstop, tls=self.config.tls)
             limits = HTTPLimits(rc.max_request_bytes, rc.max_header_bytes, rc.header_timeout_s, rc.body_timeout_s, rc.send_timeout_s)
             config = uvicorn.Config(front_door(self.app, limits, rc.cors_origins), http=http_protocol(limits), ws="none", limit_concurrency=backstop,
-                                    log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                                    log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=rc.drain_timeout_s,
                                     **({"ssl_certfile": self.config.tls.cert, "ssl_keyfile": self.config.tls.key} if self.config.tls else {}))
             self.http = uvicorn.Server(config)
             http_task = asyncio.ensure_future(self.http.serve(sockets=[self._sock]))
@@ -154,8 +154,10 @@ class Router:
             return
         self._started.set()
         await self._stopping.wait()
+        # drain: both listeners close (new connections are refused, new calls UNAVAILABLE), the
+        # requests in flight finish, for at most drain_timeout_s; then the rest are aborted
         self.http.should_exit = True
-        await asyncio.gather(http_task, self.grpc.stop(2), return_exceptions=True)
+        await asyncio.gather(http_task, self.grpc.stop(rc.drain_timeout_s), return_exceptions=True)
         await self.view.close_channels()
 
     @property
@@ -169,7 +171,7 @@ class Router:
     def stop(self) -> None:
         if self._stopping is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stopping.set)
-            self._thread.join(15)
+            self._thread.join(self.config.router.drain_timeout_s + 15)
         self.kv_events.stop()
         self.view.stop()
         self._sock.close()

@@ -198,3 +198,37 @@ def test_a_streamed_client_that_leaves_before_its_first_token_ends_its_request(m
     finally:
         os.kill(p.popen.pid, signal.SIGCONT)
     c.assert_idle()
+
+
+def test_a_stopped_router_finishes_the_requests_in_flight_and_refuses_new_ones(make_cluster) -> None:
+    """SIGTERM (a rollout, a scale-down): the router closes its listeners and lets the streams
+    in flight run to their end within router.drain_timeout_s. It gave them 2 s: every rollout
+    cut the generations in flight."""
+    import http.client
+
+    c = make_cluster(router={"drain_timeout_s": 60}).start(("prefill", []), ("decode", []))
+    router = c.routers[0]
+    u = urllib.parse.urlparse(c.http)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {"prompt": [7] * 20, "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200
+    with c.client(timeout=60) as sdk:
+        over_grpc = sdk.generate_stream([8] * 20, max_tokens=1500, temperature=0, ignore_eos=True)
+        first = next(over_grpc)
+        assert r.readline().startswith(b"data: ")  # both are under way
+        started = time.monotonic()
+        router.popen.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        with pytest.raises(OSError):  # the listener is closed: a new client goes to another router
+            socket.create_connection((u.hostname, u.port), timeout=2).close()
+        grpc_tokens = len(first.token_ids) + sum(len(chunk.token_ids) for chunk in over_grpc)
+    events = [json.loads(line[6:]) for line in r.read().split(b"\n") if line.startswith(b"data: {")]
+    assert grpc_tokens == 1500
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 1500
+    assert router.popen.wait(60) == 0, "\n".join(router.log)
+    took = time.monotonic() - started
+    assert took > 2.0, f"the streams took {took:.1f} s: too short to tell a drain from the old 2 s cut (raise max_tokens)"
+    c.assert_idle()

@@ -220,7 +220,8 @@ def test_given_values_reach_cluster_yaml() -> None:
     docs = render({"cluster": {"name": "llm-b", "blockSize": 32, "heartbeatSeconds": 2, "heartbeatTtlSeconds": 9, "maxRestarts": 2, "maxReplicas": 8},
                    "model": {"path": "/models/x", "dtype": "bfloat16", "maxModelLen": 8192},
                    "prefill": {"maxPrefillChunk": 1024, "kvCacheMemory": "2GiB"}, "decode": {"maxRunningRequests": 32},
-                   "router": {"policy": "round_robin", "requestTimeoutS": 30, "maxRetries": 3, "corsOrigins": ["https://a.example", "*"]},
+                   "router": {"policy": "round_robin", "requestTimeoutS": 30, "maxRetries": 3, "corsOrigins": ["https://a.example", "*"],
+                              "drainTimeoutS": 120},
                    "slo": {"ttftMs": 800, "tpotMs": 40}, "kvTransfer": {"leaseSeconds": 12},
                    "routing": {"localPrefillTokens": 0, "balanceFactor": 1.5, "balanceWindow": 16, "indexCapacityBlocks": 5000},
                    "auth": {"clusterToken": "given-token", "apiKeys": ["k1", "k2"], "adminKeys": ["a1"], "redisPassword": "pw-1"}})
@@ -228,6 +229,8 @@ def test_given_values_reach_cluster_yaml() -> None:
     assert (c.name, c.block_size, c.heartbeat_seconds, c.heartbeat_ttl_seconds, c.max_restarts) == ("llm-b", 32, 2.0, 9.0, 2)
     assert (c.model.dtype, c.model.max_model_len, c.prefill.max_prefill_chunk, c.prefill.kv_cache_memory) == ("bfloat16", 8192, 1024, 2 << 30)
     assert (c.router.policy, c.router.request_timeout_s, c.router.max_retries, c.decode.max_running_requests) == ("round_robin", 30.0, 3, 32)
+    router = one(docs, "Deployment", "-router")["spec"]["template"]["spec"]
+    assert c.router.drain_timeout_s == 120.0 and router["terminationGracePeriodSeconds"] == 135  # the preStop pause and the drain fit
     assert (c.slo.ttft_ms, c.slo.tpot_ms, c.kv_transfer.lease_seconds) == (800.0, 40.0, 12.0)
     r = c.routing
     assert (r.local_prefill_tokens, r.balance_factor, r.balance_window, r.index_capacity_blocks) == (0, 1.5, 16, 5000)
