@@ -84,10 +84,11 @@ def keep_freed_buffers() -> bool:
 
 RAW_SERVICE = "splitserve.kv.KVBytes"
 RAW_PUSH = f"/{RAW_SERVICE}/Push"
+TOUCH_TIMEOUT = 10.0  # a touch is one small message; a receiver that cannot take it in this is lost
 
 
 class _PushSession:
-    """One Push stream on the receiver: payloads, commits and aborts, for any requests. A
+    """One Push stream on the receiver: payloads, commits, aborts and touches, for any requests. A
     stream that breaks fails the transfers it left open."""
 
     def __init__(self, receiver: KVReceiver, context: grpc.ServicerContext) -> None:
@@ -136,6 +137,8 @@ class _PushSession:
         elif kind == "abort":
             self.receiver.abort(msg.abort.request_id, msg.abort.secret, msg.abort.reason)
             self.open.discard(msg.abort.request_id)
+        elif kind == "touch":
+            self.receiver.touch(msg.touch.request_id, msg.touch.secret)
 
 
 class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
@@ -318,6 +321,15 @@ class GrpcSender(KVSender):
             self._finish(request_id)
         except TransferError as e:
             logger.debug("abort of %s: %s", request_id, e)
+
+    def touch(self, request_id: str, secret: str) -> None:
+        # a call of its own: the request's streams (and their deadline) start with its KV
+        msg = kv_pb2.KVMessage(touch=kv_pb2.KVTouch(request_id=request_id, secret=secret))
+        push = self._raw_push if self.raw else self.stub.Push
+        try:
+            push(iter([msg.SerializeToString() if self.raw else msg]), timeout=TOUCH_TIMEOUT, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise _rpc_error(e, "KV touch") from None
 
     def _end(self, request_id: str, calls: list[_Stream]) -> None:
         """End these calls and wait for their results; a refused call ends the request."""

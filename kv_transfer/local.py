@@ -53,3 +53,6 @@ class LocalSender(KVSender):
 
     def abort(self, request_id: str, secret: str, reason: str) -> None:
         self.receiver.abort(request_id, secret, reason)
+
+    def touch(self, request_id: str, secret: str) -> None:
+        self.receiver.touch(request_id, secret)

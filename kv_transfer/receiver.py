@@ -72,6 +72,10 @@ class KVReceiver:
         if t.state.value != "complete":
             raise TransferError(t.reason, t.status or "INTERNAL")
 
+    def touch(self, request_id: str, secret: str) -> None:
+        if self.table.get(request_id) is not None:  # one that already ended has nothing to keep
+            self.table.touch(request_id, secret)
+
     def abort(self, request_id: str, secret: str, reason: str) -> None:
         if self.table.get(request_id) is None:
             return  # already gone (landed, expired, aborted here): nothing to abort

@@ -41,6 +41,10 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def abort(self, request_id: str, secret: str, reason: str) -> None: ...
 
+    @abc.abstractmethod
+    def touch(self, request_id: str, secret: str) -> None:
+        """Tell the receiver the request's KV is still to come (its lease restarts)."""
+
     def finish(self, request_id: str) -> None:
         """End this sender's part of a request without committing it (another sender of a
         context-parallel group commits); returns once what was sent is delivered."""
@@ -52,7 +56,7 @@ class KVSender(abc.ABC):
 @dataclass
 class _Job:
     request_id: str
-    kind: str  # "payload" | "commit" | "flush" | "abort"
+    kind: str  # "payload" | "commit" | "flush" | "abort" | "touch"
     secret: str = ""
     header: PayloadHeader | None = None
     kv: torch.Tensor | None = None
@@ -102,6 +106,16 @@ class KVPusher:
         with self._lock:
             self._failed.setdefault(request_id, TransferError(f"aborted: {reason}"))
         self._put(_Job(request_id, "abort", secret, reason=reason))
+
+    def failure(self, request_id: str) -> BaseException | None:
+        """The error that already failed the request here (or broke the pusher), if any."""
+        with self._lock:
+            return self.broken or self._failed.get(request_id)
+
+    def touch(self, request_id: str, secret: str) -> None:
+        """Queue a touch: the request is still coming (queued here behind other work), so the
+        receiver keeps its reservation for another lease."""
+        self._put(_Job(request_id, "touch", secret))
 
     def close(self) -> None:
         """Finish what is queued, then close the connection; later calls fail at once."""
@@ -162,6 +176,8 @@ class KVPusher:
         elif job.kind == "payload":
             self.sender.send(job.header, job.kv)
             self.bytes_sent += job.header.byte_length
+        elif job.kind == "touch":
+            self.sender.touch(job.request_id, job.secret)
         elif job.kind == "flush":
             self.sender.finish(job.request_id)
             job.done.set_result(None)

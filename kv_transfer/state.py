@@ -6,7 +6,8 @@ Life cycle of an entry:
     RESERVED | RECEIVING --no progress for lease_seconds--> EXPIRED
 A sender's payloads, commit and abort carry the reservation's one-time secret; one without it
 is refused (WrongSecretError) and changes nothing.
-The lease counts from the reservation and restarts at each payload, so a long transfer that
+The lease counts from the reservation and restarts at each payload, and at each touch (a sender
+whose prefill is queued behind other work saying it still means to send), so a long transfer that
 keeps moving is never cut off, and a silent one is. A terminal entry is reported exactly once
 through `on_done`, and only when no payload write into its blocks is still in flight, so the
 owner can free or admit the blocks without racing a writer.
@@ -131,6 +132,15 @@ class TransferTable:
                 return t
         self._report(done)
         raise PayloadError(bad)
+
+    def touch(self, request_id: str, secret: str) -> bool:
+        """Restart the lease of a transfer still waiting for KV; False if it has ended."""
+        with self._lock:
+            t = self._authorized(request_id, secret)
+            if t.state.terminal:
+                return False
+            t.deadline = max(t.deadline, self._clock() + t.lease_seconds)
+            return True
 
     def end_payload(self, t: Transfer, layer: int, block_ids: Sequence[int], nbytes: int, error: str | None = None) -> None:
         """`error`: why the payload could not be landed (the transfer fails with INTERNAL)."""

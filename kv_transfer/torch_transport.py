@@ -219,6 +219,11 @@ class TorchKVServer:
                 seen.discard(rid)
             except TransferError as e:
                 logger.info("refused KV abort for %s: %s", rid, e)
+        elif h["kind"] == "touch":
+            try:
+                self.receiver.touch(rid, h.get("secret", ""))
+            except TransferError as e:
+                logger.info("refused KV touch for %s: %s", rid, e)
 
 
 class TorchSender(KVSender):
@@ -259,6 +264,10 @@ class TorchSender(KVSender):
 
     def abort(self, request_id: str, secret: str, reason: str) -> None:
         header = {"kind": "abort", "request_id": request_id, "secret": secret, "reason": reason}
+        self._guarded(lambda: (self.pair.send_header(header), self.pair.flush()))
+
+    def touch(self, request_id: str, secret: str) -> None:
+        header = {"kind": "touch", "request_id": request_id, "secret": secret}
         self._guarded(lambda: (self.pair.send_header(header), self.pair.flush()))
 
     def close(self) -> None:

@@ -94,17 +94,27 @@ class KVAbort(_message.Message):
     secret: str
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
 
+class KVTouch(_message.Message):
+    __slots__ = ("request_id", "secret")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    secret: str
+    def __init__(self, request_id: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
+
 class KVMessage(_message.Message):
-    __slots__ = ("handshake", "payload", "commit", "abort")
+    __slots__ = ("handshake", "payload", "commit", "abort", "touch")
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    TOUCH_FIELD_NUMBER: _ClassVar[int]
     handshake: HandshakeRequest
     payload: KVPayload
     commit: KVCommit
     abort: KVAbort
-    def __init__(self, handshake: _Optional[_Union[HandshakeRequest, _Mapping]] = ..., payload: _Optional[_Union[KVPayload, _Mapping]] = ..., commit: _Optional[_Union[KVCommit, _Mapping]] = ..., abort: _Optional[_Union[KVAbort, _Mapping]] = ...) -> None: ...
+    touch: KVTouch
+    def __init__(self, handshake: _Optional[_Union[HandshakeRequest, _Mapping]] = ..., payload: _Optional[_Union[KVPayload, _Mapping]] = ..., commit: _Optional[_Union[KVCommit, _Mapping]] = ..., abort: _Optional[_Union[KVAbort, _Mapping]] = ..., touch: _Optional[_Union[KVTouch, _Mapping]] = ...) -> None: ...
 
 class PushResult(_message.Message):
     __slots__ = ("payloads", "bytes")

@@ -57,7 +57,7 @@ class KVTransferServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
-        """gRPC transport: a client stream of payloads, commits and aborts, for any requests.
+        """gRPC transport: a client stream of payloads, commits, aborts and touches, for any requests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,6 +78,23 @@ def test_lease_expires_without_progress_and_restarts_on_payloads() -> None:
     assert [x.request_id for x in done] == ["idle", "busy"]
 
 
+def test_a_touch_restarts_the_lease_of_a_transfer_still_waiting() -> None:
+    """A sender whose prefill is queued behind other work touches the reservation: its lease
+    restarts, as at a payload; a transfer that has ended stays ended; a stranger changes nothing."""
+    t, done, clock = table()
+    t.reserve("queued", [1], 3, lease_seconds=10, secret="s")
+    clock.now = 8
+    assert t.touch("queued", "s")
+    with pytest.raises(WrongSecretError):
+        t.touch("queued", "not-it")
+    clock.now = 17.9
+    assert t.expire() == [] and t.get("queued").state is TransferState.RESERVED
+    clock.now = 18.1
+    assert [x.request_id for x in t.expire()] == ["queued"]
+    assert not t.touch("queued", "s") and t.get("queued").state is TransferState.EXPIRED
+    assert [x.request_id for x in done] == ["queued"]
+
+
 def test_report_waits_for_a_write_in_flight() -> None:
     t, done, clock = table()
     t.reserve("r", [1], 3, lease_seconds=1)

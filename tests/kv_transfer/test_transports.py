@@ -169,6 +169,29 @@ def test_abort_fails_the_transfer_on_the_receiver(transport) -> None:
     pusher.close()
 
 
+def test_touches_keep_a_reservation_past_its_lease_and_the_kv_lands_after(transport) -> None:
+    """A queued request's sender touches its reservation every third of the lease: the receiver
+    keeps it for three leases and more, then the KV comes and the transfer completes."""
+    import time
+
+    kind, rx, hub = transport
+    pusher = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
+    rx.table.reserve("queued", [3, 4, 5, 6], num_tokens=15, lease_seconds=1.5, secret=SECRET)
+    rx.table.reserve("silent", [7], num_tokens=4, lease_seconds=1.5, secret=SECRET)
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        pusher.touch("queued", SECRET)
+        time.sleep(0.5)
+        rx.table.expire()  # as the decode worker's loop does between steps
+    assert rx.table.get("silent").state is TransferState.EXPIRED
+    assert rx.table.get("queued").state is TransferState.RESERVED
+    kv = torch.randn(LAYERS, 4, 2, BS, KH, D)
+    send_request(pusher, "queued", [3, 4, 5, 6], kv, 15)
+    assert rx.table.wait("queued", timeout=10).state is TransferState.COMPLETE
+    assert torch.equal(rx.cache[:, [3, 4, 5, 6]], kv)
+    pusher.close()
+
+
 def test_payload_for_unreserved_blocks_fails_the_request_not_the_connection(transport) -> None:
     kind, rx, hub = transport
     pusher = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
