@@ -90,7 +90,8 @@ class Controller:
         # a worker silent in the registry whose process Ray will not restart (its restarts are
         # used up) is stopped for good here, and replaced below like any missing worker
         for wid in self.backend.dead([w for w in alive if w not in records]):
-            logger.warning("worker %s died and Ray will not restart it (max_restarts used up): replacing it", wid)
+            logger.warning("worker %s died and Ray will not restart it (its restarts used up, or a context-parallel group, "
+                           "which is replaced whole): replacing it", wid)
             self.backend.stop(wid)
             self.registry.forget(wid)
             del alive[wid]

@@ -38,7 +38,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kv_transfer.errors import HandshakeError, PeerUnavailableError, request_status
 from splitserve.kv_transfer.layout import FirstToken, KVLayout, TransferDescriptor
 from splitserve.kv_transfer.wire import dtype_name
-from splitserve.prefill_worker.pushers import PusherPool, PushError
+from splitserve.prefill_worker.pushers import LeaseKeeper, PusherPool, PushError
 from splitserve.prefill_worker.ring_attention import (
     LinkModel,
     Ring,
@@ -144,6 +144,7 @@ class CPRank:
         self.pushers = PusherPool(f"{sender_id}-r{rank}", self.layout, device=str(self.device), token=token, tls=tls)
         self.abort_flag = False
         self.deadline = float("inf")
+        self.layers_done = 0  # rank 0: the group's progress, which keeps queued requests' leases
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     # ---- the group's control channel (rank 0 -> everyone) ---------------------------------
@@ -255,13 +256,18 @@ class CPRank:
         scale = self.config.head_dim ** -0.5
         rope = m.rotary_emb(pos, h.dtype)
         for i, layer in enumerate(m.layers):
-            if self.agree(self.abort_flag or time.monotonic() > self.deadline):
-                raise CPError("ABORTED", f"prefill of {job.request_id} aborted (or past its deadline)")
+            # once a layer the ranks stop together: an abort, the deadline, or a rank whose KV
+            # could not be delivered (the decode side refused it or is gone: no use computing on)
+            failure = self.first_failure(*self._stop_reason(job.request_id, pusher))
+            if failure is not None:
+                undelivered = pusher.failure(job.request_id)
+                raise CPError(*failure, receiver_lost=self.agree(isinstance(undelivered, PeerUnavailableError)))
             q, k, v = layer.self_attn.project(layer.input_layernorm(h), rope)
             out, _ = ring_attention(self.ring, q, k, v, pos, pos, scale, variant)  # [t, H, D] float32
             h = h + layer.self_attn.o_proj(out.to(h.dtype).flatten(1))
             h = h + layer.mlp(layer.post_attention_layernorm(h), self.mlp_chunk)
             self._push(pusher, job.request_id, desc, i, ranges, k, v)
+            self.layers_done += 1
         if self.rank != 0:
             return None
         last = int((pos == len(job.prompt) - 1).nonzero()[0, 0])  # rank 0 holds the last chunk
@@ -270,6 +276,15 @@ class CPRank:
         row = SampleRow.of(SamplingParams(**job.params), job.prompt[:n_prompt], job.prompt[n_prompt:], self.config.eos_token_ids)
         s = sample(logits, [row], self.generator)
         return FirstToken(s.tokens[0], s.logprobs[0], tuple(s.top_logprobs[0]))
+
+    def _stop_reason(self, request_id: str, pusher) -> tuple[str | None, str]:
+        if self.abort_flag:
+            return "ABORTED", f"prefill of {request_id} aborted"
+        if time.monotonic() > self.deadline:
+            return "DEADLINE_EXCEEDED", f"prefill of {request_id} passed its deadline"
+        if (undelivered := pusher.failure(request_id)) is not None:
+            return request_status(undelivered), f"could not deliver its KV of {request_id}: {undelivered}"
+        return None, ""
 
     def _push(self, pusher, rid: str, desc: TransferDescriptor, layer: int, ranges, k: torch.Tensor, v: torch.Tensor) -> None:
         """Ship this rank's blocks of one layer ([n, 2, bs, KH, D]) and let them go."""
@@ -304,6 +319,7 @@ class CPPrefillWorker:
         self.broken: str | None = None
         self._turn = threading.Lock()
         self._waiting: dict[str, int] = {}
+        self._aborted: dict[str, str] = {}  # queued requests aborted before their turn: why
         self._current: str | None = None
         self._closed = threading.Event()
         threading.Thread(target=self._keep_alive, args=(keepalive_s,), name=f"cp-keepalive-{worker_id}", daemon=True).start()
@@ -335,17 +351,12 @@ class CPPrefillWorker:
         prompt, position = list(prompt) + list(output_prefix), len(output_prefix)  # a continuation's KV is computed with its prompt's
         check_descriptor(descriptor, len(prompt), self.layout.block_size)
         arrival = time.monotonic()
-        self._waiting[request_id] = len(prompt)
-        try:
-            if not self._turn.acquire(timeout=timeout):
-                raise PrefillError("DEADLINE_EXCEEDED", f"prefill of {request_id!r} waited {timeout:g} s for the group")
-        finally:
-            self._waiting.pop(request_id, None)
+        self._wait_turn(request_id, descriptor, len(prompt), timeout)
         try:
             if self.broken:
                 raise PrefillError("UNAVAILABLE", f"context-parallel group {self.worker_id} is broken ({self.broken}); it must be restarted")
             start = time.monotonic()
-            self._current, self.rank0.abort_flag, self.rank0.deadline = request_id, False, arrival + timeout
+            self.rank0.deadline = arrival + timeout
             job = CPJob(request_id, list(prompt), asdict(params), descriptor_to_dict(descriptor), position=position)
             try:
                 try:
@@ -363,9 +374,44 @@ class CPPrefillWorker:
             self._current = None
             self._turn.release()
 
+    def _wait_turn(self, request_id: str, descriptor: TransferDescriptor, n_tokens: int, timeout: float) -> None:
+        """Wait for the group, one request at a time. Meanwhile an abort ends the wait at once,
+        and the decode worker is told the KV is still coming while the group makes progress."""
+        from splitserve.prefill_worker.worker import PrefillError
+
+        end = time.monotonic() + timeout
+        self._waiting[request_id] = n_tokens
+        keeper = None
+        try:
+            while not self._turn.acquire(timeout=max(0.0, min(0.2, end - time.monotonic()))):
+                if request_id in self._aborted:
+                    raise PrefillError("ABORTED", f"prefill of {request_id!r} aborted while queued: {self._aborted[request_id]}")
+                if time.monotonic() >= end:
+                    raise PrefillError("DEADLINE_EXCEEDED", f"prefill of {request_id!r} waited {timeout:g} s for the group")
+                if keeper is None:
+                    try:
+                        keeper = LeaseKeeper(self.rank0.pushers.get(descriptor), request_id, descriptor, lambda: self.rank0.layers_done)
+                    except PushError as e:  # no use waiting for a decode worker that cannot be reached
+                        raise PrefillError(e.status, str(e), receiver_lost=isinstance(e.__cause__, PeerUnavailableError)) from e
+                keeper.tick()
+            if request_id in self._aborted:  # aborted as its turn came
+                self._turn.release()
+                raise PrefillError("ABORTED", f"prefill of {request_id!r} aborted while queued: {self._aborted[request_id]}")
+            self._current, self.rank0.abort_flag = request_id, False  # (before it leaves the queue: an abort finds it in one)
+        except PrefillError:
+            if keeper is not None and keeper.touches:  # the receiver knows of it: say it ends
+                keeper.pusher.abort(request_id, descriptor.secret, "prefill aborted while queued")
+            raise
+        finally:
+            self._waiting.pop(request_id, None)
+            self._aborted.pop(request_id, None)
+
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         if self._current == request_id:
             self.rank0.abort_flag = True
+            return True
+        if request_id in self._waiting:
+            self._aborted[request_id] = reason
             return True
         return False
 
@@ -464,6 +510,9 @@ def follower_main(argv: list[str] | None = None) -> None:
     rank = CPRank(**follower_rank_args(parser, args))
     try:
         rank.follow()
+    except RuntimeError as e:  # a gloo error between jobs: rank 0 (or another rank) is gone, and the group with it
+        logger.warning("rank %d leaves: the group broke (%s)", args.rank, str(e).splitlines()[0][:300])
+        raise SystemExit(1) from None
     finally:
         rank.close()
 

@@ -4,6 +4,8 @@ and again after a connection broke; concurrent first requests share one connect.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 from splitserve.kv_transfer.connect import connect
 from splitserve.kv_transfer.errors import TransferError
@@ -16,6 +18,27 @@ from splitserve.proto.tls import TLSFiles
 
 class PushError(StatusError):
     """No connection to a decode worker's KV endpoint."""
+
+
+class LeaseKeeper:
+    """Keeps a queued request's reservation on the decode worker: while the work ahead of it
+    moves (`progress()` changes), the request is touched every third of its lease, so waiting
+    its turn behind a long prefill is not taken for a stalled worker. Work that stops moving
+    touches nothing, and the lease frees the reservation as before."""
+
+    def __init__(self, pusher: KVPusher, request_id: str, descriptor: TransferDescriptor, progress: Callable[[], int]) -> None:
+        self.pusher, self.request_id, self.secret, self.progress = pusher, request_id, descriptor.secret, progress
+        # a third of what is left of the lease (by the decode host's clock: kept within 0.5..10 s)
+        self.every = min(10.0, max(0.5, (descriptor.lease_expiry_unix - time.time()) / 3))
+        self.last, self.seen = time.monotonic(), progress()
+        self.touches = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every and (seen := self.progress()) != self.seen:
+            self.pusher.touch(self.request_id, self.secret)
+            self.last, self.seen = now, seen
+            self.touches += 1
 
 
 class PusherPool:

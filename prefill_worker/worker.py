@@ -5,6 +5,8 @@ A request's journey here:
                the request joins the engine's queue as prefill-only
     each step  after every layer, the KV of the blocks this step filled is copied out and
                queued on that peer's pusher thread, so sending overlaps the next layers
+               while it waits there behind other prompts, its reservation is touched (the
+               lease restarts) as long as the engine makes progress (finishes layers)
     first token sampled -> commit queued behind the request's payloads
     commit delivered    -> blocks released (into the prefix cache), the caller gets the token
     any failure         -> the request is aborted here, the decode side is told, the caller
@@ -28,7 +30,7 @@ from splitserve.kv_transfer.errors import HandshakeError, PeerUnavailableError, 
 from splitserve.kv_transfer.layout import FirstToken, KVLayout, TransferDescriptor
 from splitserve.kv_transfer.local import LocalHub
 from splitserve.kv_transfer.sender import KVPusher
-from splitserve.prefill_worker.pushers import PusherPool, PushError
+from splitserve.prefill_worker.pushers import LeaseKeeper, PusherPool, PushError
 from splitserve.proto.status import StatusError
 from splitserve.proto.tls import TLSFiles
 
@@ -76,6 +78,7 @@ class PrefillWorker:
         self.pushers = PusherPool(worker_id, self.layout, hub=hub, device=engine.config.device, token=token, tls=tls)
         self.accepting = True  # False once draining: queued prefills finish, no new ones
         self._lock = threading.Lock()
+        self.layers_done = 0  # the engine's progress, which keeps queued requests' leases
         engine.on_layer_done = self._on_layer_done
         self.loop = EngineLoop(engine, self._on_outputs, on_crash=self._on_crash, name=f"prefill-{worker_id}")
         self.loop.start()
@@ -105,11 +108,17 @@ class PrefillWorker:
             with self._lock:
                 self._jobs.pop(request_id, None)
             raise
-        try:
-            return job.future.result(timeout)
-        except TimeoutError:
-            self.abort(request_id, f"prefill deadline of {timeout:g} s exceeded")
-            raise PrefillError("DEADLINE_EXCEEDED", f"prefill of {request_id!r} did not finish within {timeout:g} s") from None
+        end = time.monotonic() + timeout
+        keeper = LeaseKeeper(job.pusher, request_id, descriptor, lambda: self.layers_done)
+        while True:
+            try:
+                return job.future.result(max(0.0, min(0.25, end - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= end:
+                    self.abort(request_id, f"prefill deadline of {timeout:g} s exceeded")
+                    raise PrefillError("DEADLINE_EXCEEDED", f"prefill of {request_id!r} did not finish within {timeout:g} s") from None
+                if job.first_scheduled is None and job.pushed_tokens == 0:  # still queued behind other prompts
+                    keeper.tick()
 
     def _pusher(self, d: TransferDescriptor) -> KVPusher:
         try:
@@ -119,6 +128,7 @@ class PrefillWorker:
 
     # ---- hooks on the engine loop thread -------------------------------------------------
     def _on_layer_done(self, layer: int, scheduled: list[ScheduledRequest]) -> None:
+        self.layers_done += 1
         bs = self.block_size
         for s in scheduled:
             job = self._jobs.get(s.request.request_id)

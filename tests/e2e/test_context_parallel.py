@@ -174,3 +174,4 @@ def test_the_workers_engine_flags_reach_every_rank_of_its_cp_group(spawn, long_m
     r = run_disaggregated(group.address, decode.address, "cp-onednn", prompt, GREEDY, transport="grpc", timeout=120)
     assert r.token_ids == LLM(str(long_model), dtype="float32", linear_kernel="onednn").generate([prompt], GREEDY)[0].token_ids
     group.stop()
+
