@@ -12,7 +12,9 @@ A request's journey: rank 0 takes it from the Prefill RPC -> broadcasts it to th
 all ranks run the layers (checking together, once a layer, whether to abort) -> every rank
 flushes its pushes -> an all-reduce agrees everything went out -> rank 0 commits.
 A rank that dies breaks the group: the request fails with UNAVAILABLE, its decode-side
-reservation is aborted, and the group refuses work until it is restarted.
+reservation is aborted, and the group refuses work until it is restarted. So does a rank that
+stops (its connections up, its collectives never answered): after STALL_LEASES leases with no
+layer finished the group is marked broken.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # one operation of the group: jo
 IDLE_TIMEOUT = datetime.timedelta(hours=24)
 KEEPALIVE_SECONDS = 600.0
 KEEPALIVE = "{}"  # a job text no job has
+# A job whose group finishes no layer for this many leases (at least STALL_MIN_SECONDS) has a rank
+# that stopped (SIGSTOP, a hung GPU or host) while its connections stay up: the collectives would
+# wait GROUP_TIMEOUT. Its reservation has long expired; the group is marked broken.
+STALL_LEASES = 4
+STALL_MIN_SECONDS = 20.0
 
 
 def rank_device(device: str, rank: int, world: int, gpu_per_rank: bool, gpus: int | None = None) -> torch.device:
@@ -322,7 +329,9 @@ class CPPrefillWorker:
         self._aborted: dict[str, str] = {}  # queued requests aborted before their turn: why
         self._current: str | None = None
         self._closed = threading.Event()
+        self._stall_s = STALL_MIN_SECONDS  # the current job's (see STALL_LEASES)
         threading.Thread(target=self._keep_alive, args=(keepalive_s,), name=f"cp-keepalive-{worker_id}", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"cp-watch-{worker_id}", daemon=True).start()
 
     def _keep_alive(self, every: float) -> None:
         """While the group is idle, tell the followers so now and then (see KEEPALIVE_SECONDS)."""
@@ -337,6 +346,20 @@ class CPPrefillWorker:
                 logger.warning("context-parallel group %s %s", self.worker_id, self.broken)
             finally:
                 self._turn.release()
+
+    def _watch(self) -> None:
+        """Mark the group broken when its job stops making progress (see STALL_LEASES): new
+        requests are refused at once instead of queueing behind it, and the controller replaces
+        the group (the stuck collective itself ends only when the rank dies or GROUP_TIMEOUT)."""
+        seen, since = None, time.monotonic()
+        while not self._closed.wait(0.5):
+            progress = (self._current, self.rank0.layers_done)
+            if progress[0] is None or progress != seen:
+                seen, since = progress, time.monotonic()
+            elif not self.broken and time.monotonic() - since > self._stall_s:
+                self.broken = f"no progress for {time.monotonic() - since:.0f} s in the prefill of {progress[0]} (a rank stopped or hung)"
+                self.rank0.abort_flag = True
+                logger.warning("context-parallel group %s: %s", self.worker_id, self.broken)
 
     def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, descriptor: TransferDescriptor, timeout: float,
                 output_prefix: list[int] = ()):
@@ -354,7 +377,7 @@ class CPPrefillWorker:
         self._wait_turn(request_id, descriptor, len(prompt), timeout)
         try:
             if self.broken:
-                raise PrefillError("UNAVAILABLE", f"context-parallel group {self.worker_id} is broken ({self.broken}); it must be restarted")
+                raise self._broken_error()
             start = time.monotonic()
             self.rank0.deadline = arrival + timeout
             job = CPJob(request_id, list(prompt), asdict(params), descriptor_to_dict(descriptor), position=position)
@@ -380,10 +403,13 @@ class CPPrefillWorker:
         from splitserve.prefill_worker.worker import PrefillError
 
         end = time.monotonic() + timeout
+        stall_s = max(STALL_MIN_SECONDS, STALL_LEASES * (descriptor.lease_expiry_unix - time.time()))  # (by the decode host's clock)
         self._waiting[request_id] = n_tokens
         keeper = None
         try:
             while not self._turn.acquire(timeout=max(0.0, min(0.2, end - time.monotonic()))):
+                if self.broken:  # behind a job that will not end
+                    raise self._broken_error()
                 if request_id in self._aborted:
                     raise PrefillError("ABORTED", f"prefill of {request_id!r} aborted while queued: {self._aborted[request_id]}")
                 if time.monotonic() >= end:
@@ -397,7 +423,8 @@ class CPPrefillWorker:
             if request_id in self._aborted:  # aborted as its turn came
                 self._turn.release()
                 raise PrefillError("ABORTED", f"prefill of {request_id!r} aborted while queued: {self._aborted[request_id]}")
-            self._current, self.rank0.abort_flag = request_id, False  # (before it leaves the queue: an abort finds it in one)
+            # (before it leaves the queue: an abort finds it in one or the other)
+            self._stall_s, self._current, self.rank0.abort_flag = stall_s, request_id, False
         except PrefillError:
             if keeper is not None and keeper.touches:  # the receiver knows of it: say it ends
                 keeper.pusher.abort(request_id, descriptor.secret, "prefill aborted while queued")
@@ -405,6 +432,11 @@ class CPPrefillWorker:
         finally:
             self._waiting.pop(request_id, None)
             self._aborted.pop(request_id, None)
+
+    def _broken_error(self):
+        from splitserve.prefill_worker.worker import PrefillError
+
+        return PrefillError("UNAVAILABLE", f"context-parallel group {self.worker_id} is broken ({self.broken}); it must be restarted")
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         if self._current == request_id:

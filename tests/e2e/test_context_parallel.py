@@ -175,3 +175,39 @@ def test_the_workers_engine_flags_reach_every_rank_of_its_cp_group(spawn, long_m
     assert r.token_ids == LLM(str(long_model), dtype="float32", linear_kernel="onednn").generate([prompt], GREEDY)[0].token_ids
     group.stop()
 
+
+def test_a_stopped_rank_marks_the_group_broken_and_requests_are_refused_at_once(spawn, long_model, prompt) -> None:
+    """A follower that stops (SIGSTOP: a hung host or GPU) keeps its connections, so the group's
+    collectives would wait 30 minutes. The request under way fails at its lease, and once the job
+    has made no progress for STALL_MIN_SECONDS (here: more than 4 leases of 2 s) the group says
+    it is broken: requests are refused UNAVAILABLE at once, naming why (before, each queued behind
+    the stuck job until its own lease ran out, and the group never said it was broken)."""
+    import os
+    import signal
+
+    from splitserve.prefill_worker.cp import STALL_MIN_SECONDS
+
+    group = spawn("splitserve.prefill_worker", "--model", str(long_model), "--dtype", "float32", "--cp-degree", "2")
+    decode = WorkerStub(spawn("splitserve.decode_worker", "--model", str(long_model), "--dtype", "float32", "--transports", "grpc,torch",
+                              "--lease-seconds", "2").address)
+    (follower,) = children(group.popen.pid)
+    os.kill(follower, signal.SIGSTOP)
+    try:
+        t, errors = under_way(group, decode, "cp-stuck", prompt, "torch")
+        t.join(60)
+        assert len(errors) == 1 and isinstance(errors[0], StatusError) and errors[0].status == "UNAVAILABLE", errors
+        end, refusal = time.monotonic() + STALL_MIN_SECONDS + 30, None
+        while refusal is None and time.monotonic() < end:
+            start = time.monotonic()
+            with pytest.raises(StatusError) as e:
+                run_disaggregated(group.address, decode.address, f"cp-next-{start}", prompt[:100], GREEDY, transport="torch", timeout=30)
+            assert e.value.status == "UNAVAILABLE", e.value
+            if "broken" in str(e.value):
+                refusal, took = e.value, time.monotonic() - start
+        assert refusal is not None, "the group never said it was broken"
+        assert "no progress for" in str(refusal) and "a rank stopped or hung" in str(refusal), refusal
+        assert took < 2, took  # refused at once, not after waiting for its lease behind the stuck job
+        assert reserved(decode) == 0
+    finally:
+        os.kill(follower, signal.SIGKILL)
+        os.kill(follower, signal.SIGCONT)
