@@ -57,8 +57,10 @@ GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # one operation of the group: jo
 # Between jobs the followers wait in a broadcast on the control group, with this timeout of its
 # own; rank 0 broadcasts a keep-alive when the group has been idle KEEPALIVE_SECONDS, so that wait
 # never reaches it (a follower whose wait timed out would leave, and the group would be broken).
+# The keep-alive also finds a rank that died while the group was idle (the group says it is
+# broken and is replaced), so it is frequent: it costs one small broadcast.
 IDLE_TIMEOUT = datetime.timedelta(hours=24)
-KEEPALIVE_SECONDS = 600.0
+KEEPALIVE_SECONDS = 30.0
 KEEPALIVE = "{}"  # a job text no job has
 # A job whose group finishes no layer for this many leases (at least STALL_MIN_SECONDS) has a rank
 # that stopped (SIGSTOP, a hung GPU or host) while its connections stay up: the collectives would

@@ -385,3 +385,19 @@ def test_every_pod_runs_as_the_images_non_root_user() -> None:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
     shm = [v for g in [ray["headGroupSpec"], *ray["workerGroupSpecs"]] for v in g["template"]["spec"]["volumes"] if v["name"] == "dshm"]
     assert len(shm) == 3 and all(v["emptyDir"]["medium"] == "Memory" for v in shm)
+
+
+def test_each_pods_disruption_budget_selects_exactly_its_pods() -> None:
+    """A node drain evicts at most maxUnavailable pods of each pool (and of the routers): each
+    budget's selector matches its own pods' labels, and no other pod's."""
+    docs = render({"prefill": {"podDisruptionBudget": {"maxUnavailable": 2}}})
+    ray = one(docs, "RayCluster")["spec"]
+    pods = {g["groupName"]: g["template"]["metadata"]["labels"] for g in ray["workerGroupSpecs"]}
+    pods["ray-head"] = ray["headGroupSpec"]["template"]["metadata"]["labels"]
+    pods.update({d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")})
+    budgets = {d["metadata"]["name"].rsplit("-", 1)[-1]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == {"prefill", "decode", "router"}
+    assert (budgets["prefill"]["maxUnavailable"], budgets["decode"]["maxUnavailable"]) == (2, 1)
+    for name, budget in budgets.items():
+        selected = {pod for pod, labels in pods.items() if budget["selector"]["matchLabels"].items() <= labels.items()}
+        assert selected == {next(p for p in pods if p == name or p.endswith(f"-{name}"))}, (name, selected)
