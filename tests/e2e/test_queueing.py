@@ -53,25 +53,31 @@ def queued(group, decode: WorkerStub, rid: str, prompt: list[int], transport: st
     return t
 
 
+def served_after_waiting_past_its_lease(prefill, decode: WorkerStub, deep_model: Path, transport: str, seed: int) -> None:
+    """A long prompt, then a short one queued behind it: the short one waits past its lease and
+    is served, with the single engine's tokens."""
+    rng = random.Random(seed)
+    long_prompt = [rng.randrange(3, 500) for _ in range(4000)]
+    short = [rng.randrange(3, 500) for _ in range(300)]
+    results: dict = {}
+    first, errors = under_way(prefill, decode, f"long-{seed}", long_prompt, transport)
+    second = queued(prefill, decode, f"short-{seed}", short, transport, results)
+    first.join(300)
+    second.join(300)
+    assert not errors, errors
+    r = results[f"short-{seed}"]
+    assert not isinstance(r, BaseException), r
+    assert r.timings["prefill_queue"] > LEASE, r.timings  # it did wait past its lease (else this test proves nothing)
+    assert r.token_ids == LLM(str(deep_model), dtype="float32").generate([short], GREEDY)[0].token_ids
+    assert reserved(decode) == 0
+
+
 def test_a_request_queued_behind_a_long_cp_prefill_keeps_its_reservation(queueing, deep_model: Path) -> None:
     """A CP group runs one prompt at a time, so a request may wait its turn for longer than the
     decode worker's lease. While the group makes progress the group keeps the queued request's
     reservation (the lease restarts at its touches): it is served, not failed UNAVAILABLE as a
     stalled prefill worker's (what happened before)."""
-    group, decode = queueing
-    rng = random.Random(11)
-    long_prompt = [rng.randrange(3, 500) for _ in range(4000)]
-    short = [3 + (i * 19) % 470 for i in range(300)]
-    results: dict = {}
-    first, _ = under_way(group, decode, "long", long_prompt, "torch")
-    second = queued(group, decode, "short", short, "torch", results)
-    first.join(300)
-    second.join(300)
-    r = results["short"]
-    assert not isinstance(r, BaseException), r
-    assert r.timings["prefill_queue"] > LEASE, r.timings  # it did wait past its lease (else this test proves nothing)
-    assert r.token_ids == LLM(str(deep_model), dtype="float32").generate([short], GREEDY)[0].token_ids
-    assert reserved(decode) == 0
+    served_after_waiting_past_its_lease(*queueing, deep_model, "torch", seed=11)
 
 
 def test_a_queued_request_that_is_aborted_leaves_the_queue_at_once(queueing) -> None:
@@ -103,17 +109,4 @@ def test_a_request_queued_behind_a_full_engine_keeps_its_reservation(spawn, deep
     """The same for a plain prefill worker whose engine takes one prompt at a time: the second
     prompt waits for the first, past its lease, and is served."""
     prefill = spawn("splitserve.prefill_worker", "--model", str(deep_model), "--dtype", "float32", "--max-num-seqs", "1")
-    rng = random.Random(13)
-    long_prompt = [rng.randrange(3, 500) for _ in range(4000)]
-    short = [3 + (i * 23) % 470 for i in range(200)]
-    results: dict = {}
-    first, errors = under_way(prefill, decode, "engine-long", long_prompt, "grpc")
-    second = queued(prefill, decode, "engine-short", short, "grpc", results)
-    first.join(300)
-    second.join(300)
-    assert not errors, errors
-    r = results["engine-short"]
-    assert not isinstance(r, BaseException), r
-    assert r.timings["prefill_queue"] > LEASE, r.timings
-    assert r.token_ids == LLM(str(deep_model), dtype="float32").generate([short], GREEDY)[0].token_ids
-    assert reserved(decode) == 0
+    served_after_waiting_past_its_lease(prefill, decode, deep_model, "grpc", seed=13)
