@@ -84,7 +84,7 @@ def keep_freed_buffers() -> bool:
 
 RAW_SERVICE = "splitserve.kv.KVBytes"
 RAW_PUSH = f"/{RAW_SERVICE}/Push"
-TOUCH_TIMEOUT = 10.0  # a touch is one small message; a receiver that cannot take it in this is lost
+TOUCH_TIMEOUT = 30.0  # a touch is one small message: a receiver that cannot take it in this long is lost (its transfers fail over)
 
 
 class _PushSession:
