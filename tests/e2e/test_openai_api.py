@@ -244,9 +244,9 @@ def test_kv_caches_smaller_than_the_context_bound_requests_where_they_must(make_
     ids = tok.encode(render_chat(tok.config["chat_template"], MESSAGES, bos_token="<s>", eos_token="</s>"), add_special_tokens=False)
     r = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True})
     assert (r.choices[0].finish_reason, r.usage.prompt_tokens, r.usage.completion_tokens) == ("length", len(ids), 40 * 16 - len(ids))
-    for _ in range(3):
-        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=2000, temperature=0, extra_body={"ignore_eos": True})
-        assert r.usage.completion_tokens == 2000 and r.timings["decode_worker"] == large
+    for _ in range(3):  # 700 tokens: more than the smaller decode cache holds (640) with any prompt
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=700, temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 700 and r.timings["decode_worker"] == large
     for kwargs, field in [({"prompt": PROMPT, "max_tokens": 3500}, "max_tokens"), ({"prompt": [5] * 3300, "max_tokens": 1}, "prompt")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model, **kwargs)

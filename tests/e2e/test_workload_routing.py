@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -81,9 +80,10 @@ def test_several_routers_share_their_inflight_load(make_cluster) -> None:
         wait_until(lambda: sum(c.stats(w).running_requests for w in decode) == 12, 30, "all 12 requests decoding")
         counts = [c.stats(w).running_requests for w in decode]
         assert max(counts) <= 1.5 * min(counts), counts
-        placed = Counter(r.result(300).timings["decode_worker"] for r in running)
-        assert max(placed.values()) <= 1.5 * min(placed.values()), placed
     finally:
         for cl in clients:
-            cl.close()
+            cl.close()  # the placement is what was to see: the clients leave (their requests end)
+    for r in running:
+        r.thread.join(30)
+        assert r.error is not None and "Channel closed" in str(r.error), r.error  # ended by the client here, not failed there
     c.assert_idle()

@@ -176,12 +176,12 @@ def test_touches_keep_a_reservation_past_its_lease_and_the_kv_lands_after(transp
 
     kind, rx, hub = transport
     pusher = KVPusher(connect(kind, rx.endpoint, "p0", LAYOUT, hub=hub), "d0")
-    rx.table.reserve("queued", [3, 4, 5, 6], num_tokens=15, lease_seconds=1.5, secret=SECRET)
-    rx.table.reserve("silent", [7], num_tokens=4, lease_seconds=1.5, secret=SECRET)
-    end = time.monotonic() + 5
+    rx.table.reserve("queued", [3, 4, 5, 6], num_tokens=15, lease_seconds=0.6, secret=SECRET)
+    rx.table.reserve("silent", [7], num_tokens=4, lease_seconds=0.6, secret=SECRET)
+    end = time.monotonic() + 2
     while time.monotonic() < end:
         pusher.touch("queued", SECRET)
-        time.sleep(0.5)
+        time.sleep(0.2)
         rx.table.expire()  # as the decode worker's loop does between steps
     assert rx.table.get("silent").state is TransferState.EXPIRED
     assert rx.table.get("queued").state is TransferState.RESERVED
